@@ -1,0 +1,92 @@
+"""The Conditioner contract: a raw condition (label, map, pose) -> ``Conditioning`` tokens."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from latentgen.components import Component
+
+__all__ = ["Conditioner", "Conditioning"]
+
+
+@dataclass
+class Conditioning:
+    """Tokens a prior is conditioned on.
+
+    Attributes:
+        tokens: ``[B, n]`` long in ``[0, vocab_size)``; for spatial conditions ``n = hc * wc``
+            in row-major order.
+        vocab_size: size of the conditioner's own vocabulary (the prior embeds it separately).
+        grid: ``(hc, wc)`` for spatial conditions, so a sliding window can crop them; else None.
+        drop: ``[B]`` bool, True where the condition is replaced by the prior's learned null
+            embedding (classifier-free guidance and condition dropout). None means keep all.
+    """
+
+    tokens: Tensor
+    vocab_size: int
+    grid: tuple[int, int] | None = None
+    drop: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 2:
+            raise ValueError(f"Conditioning.tokens must be [B, n], got {tuple(self.tokens.shape)}")
+        if self.grid is not None and self.grid[0] * self.grid[1] != self.tokens.shape[1]:
+            raise ValueError(
+                f"Conditioning grid {self.grid} does not match {self.tokens.shape[1]} tokens"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def null(self) -> Conditioning:
+        """The same shape with every row dropped (the unconditional branch of CFG)."""
+        drop = torch.ones(self.batch_size, dtype=torch.bool, device=self.tokens.device)
+        return replace(self, drop=drop)
+
+    def with_drop(self, drop: Tensor) -> Conditioning:
+        return replace(self, drop=drop)
+
+    def repeat(self, n: int) -> Conditioning:
+        """Each row repeated ``n`` times (for several samples per condition)."""
+        drop = None if self.drop is None else self.drop.repeat_interleave(n, 0)
+        return replace(self, tokens=self.tokens.repeat_interleave(n, 0), drop=drop)
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        drop = None if self.drop is None else self.drop.to(device)
+        return replace(self, tokens=self.tokens.to(device), drop=drop)
+
+
+class Conditioner(Component, nn.Module, ABC):
+    """Turns one kind of raw condition into tokens in the conditioner's own vocabulary."""
+
+    kind: ClassVar[str] = "conditioner"
+
+    def __init__(self, config: Any) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Size of this conditioner's token vocabulary."""
+
+    @abstractmethod
+    def encode(self, raw: Any) -> Conditioning:
+        """Raw condition for a batch -> ``Conditioning`` with ``tokens [B, n]``."""
+
+    def num_tokens(self, grid: tuple[int, int] | None = None) -> int:
+        """Tokens per sample; spatial conditioners may depend on the code ``grid``."""
+        return 1
+
+    def forward(self, raw: Any) -> Conditioning:
+        return self.encode(raw)

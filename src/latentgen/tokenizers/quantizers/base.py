@@ -1,0 +1,63 @@
+"""The Quantizer contract: continuous latents ``[B, D, h, w]`` -> nearest codes and their vectors."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from latentgen.components import Component
+
+__all__ = ["Quantizer", "QuantizerOutput"]
+
+
+@dataclass
+class QuantizerOutput:
+    """Attributes:
+    z_q: quantized latents ``[B, D, h, w]`` (straight-through: gradients reach the encoder).
+    indices: codes ``[B, h, w]`` long.
+    loss: scalar quantizer loss (codebook + beta * commitment, KL, ...); 0 when none.
+    stats: scalar diagnostics of this batch (perplexity, ...).
+    """
+
+    z_q: Tensor
+    indices: Tensor
+    loss: Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Quantizer(Component, nn.Module, ABC):
+    """Maps encoder outputs to a finite codebook."""
+
+    kind: ClassVar[str] = "quantizer"
+
+    def __init__(self, config: Any) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+
+    @property
+    @abstractmethod
+    def codebook_size(self) -> int:
+        """Number of codes K."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Channels D of the latents this quantizer takes and returns."""
+
+    @abstractmethod
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """``[B, D, h, w]`` -> ``QuantizerOutput``."""
+
+    @abstractmethod
+    def embed(self, indices: Tensor) -> Tensor:
+        """codes ``[B, h, w]`` -> latents ``[B, D, h, w]`` (the decoder's input)."""
+
+    def usage(self) -> dict[str, float]:
+        """Codebook usage counted since ``reset_usage``: usage fraction, perplexity, dead codes."""
+        return {}
+
+    def reset_usage(self) -> None:
+        """Start a new counting pass (e.g. at the start of an evaluation)."""
