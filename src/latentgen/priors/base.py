@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from latentgen.components import Component
@@ -15,10 +16,23 @@ from latentgen.errors import InputError
 from latentgen.specs import SamplerConfig
 from latentgen.tokenizers.base import _check_codes
 
-__all__ = ["Prior", "Conds"]
+__all__ = ["Prior", "Conds", "ConditionSlot"]
 
 #: Conditions by name, as the pipeline's conditioners produced them.
 Conds = Mapping[str, Conditioning]
+
+
+class ConditionSlot(BaseModel):
+    """What a prior's config says about one condition it is built for (``conditions: {name: slot}``).
+
+    The pipeline checks each slot against the conditioner of the same name, so a prior and its
+    conditioners cannot drift apart silently.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: int = Field(ge=1, description="Size of the conditioner's token vocabulary.")
+    num_tokens: int = Field(1, ge=1, description="Tokens per sample (hc*wc for spatial maps).")
 
 
 class Prior(Component, nn.Module, ABC):
