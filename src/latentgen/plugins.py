@@ -95,6 +95,8 @@ class _Manager(pluggy.PluginManager):
 
     def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
         result = super().unregister(plugin, name)
+        gone = name or self.get_name(plugin)
+        self.failures = [f for f in self.failures if f.name != gone]
         for key in [k for k in self.dists if self.get_plugin(k) is None]:
             self.dists.pop(key, None)
         _invalidate_registry()

@@ -1,8 +1,12 @@
-"""Built-in datasets registered through the same hook as third-party plugins."""
+"""Built-in datasets, registered through the same hook as third-party plugins."""
 
-from latentgen.hookspecs import hookimpl
+from latentgen.hookspecs import RegisterFn, hookimpl
 
 
 @hookimpl
-def register_datasets(register):  # type: ignore[no-untyped-def]
-    pass
+def register_datasets(register: RegisterFn) -> None:
+    from latentgen.data.folder import ImageFolderDataset
+    from latentgen.data.shapes import ShapesDataset
+
+    register(ShapesDataset)
+    register(ImageFolderDataset)

@@ -1,0 +1,141 @@
+"""``toy.ngram``: a count-based model of each code given its causal neighbours (left, up, ...)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from latentgen import ComponentConfig, ConditionSlot, InputError, Prior, SamplerConfig
+from latentgen.priors.base import Conds
+from latentgen.priors.sampling import draw
+
+
+class NGramPriorConfig(ComponentConfig):
+    type: Literal["toy.ngram"] = "toy.ngram"
+    vocab_size: int = Field(16, ge=2, le=256, description="Codes K.")
+    order: int = Field(
+        3, ge=1, le=4,
+        description="n: each code depends on n-1 causal neighbours: left, up, up-left.",
+    )
+    alpha: float = Field(0.1, gt=0, description="Add-alpha smoothing of the counts.")
+    conditions: dict[str, ConditionSlot] = Field(
+        default_factory=dict,
+        description="At most one single-token condition (e.g. a class label): one table each.",
+    )
+
+
+class NGramPrior(Prior):
+    """``p(c[i,j] | left, up, up-left, label)`` from counts; outside the grid reads symbol K.
+
+    The neighbours all come earlier in raster order, so sampling stays autoregressive.
+    """
+
+    Config = NGramPriorConfig
+
+    def __init__(self, config: NGramPriorConfig) -> None:
+        super().__init__(config)
+        if len(config.conditions) > 1 or any(s.num_tokens != 1 for s in config.conditions.values()):
+            raise InputError(
+                "toy.ngram supports at most one single-token condition (a class label)."
+            )
+        k, ctx = config.vocab_size, config.order - 1  # ctx neighbours, each K+1 symbols
+        self._tables = next(iter(config.conditions.values())).vocab_size if config.conditions \
+            else 1
+        # Context digits run over K+1 symbols: K is the "before the start" symbol.
+        self.register_buffer("counts", torch.zeros(self._tables, (k + 1) ** ctx, k))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    @property
+    def condition_names(self) -> tuple[str, ...]:
+        return tuple(self.config.conditions)
+
+    def _table_index(self, conds: Conds | None, batch: int) -> Tensor:
+        got = self.check_conds(conds)
+        if not got:
+            return torch.zeros(batch, dtype=torch.long, device=self.counts.device)
+        cond = next(iter(got.values()))
+        return cond.tokens[:, 0].long().to(self.counts.device)
+
+    _NEIGHBOURS = ((0, -1), (-1, 0), (-1, -1))  # (dy, dx): left, up, up-left
+
+    def _contexts(self, grid: Tensor) -> Tensor:
+        """Context id ``[B, h, w]`` of every position of ``grid [B, h, w]``."""
+        k = self.vocab_size
+        b, h, w = grid.shape
+        padded = grid.new_full((b, h + 1, w + 2), k)  # a border of "outside" symbols
+        padded[:, 1:, 1:-1] = grid
+        ids = torch.zeros_like(grid)
+        for dy, dx in self._NEIGHBOURS[: self.config.order - 1]:
+            ids = ids * (k + 1) + padded[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+        return ids
+
+    def _probs(self, table: Tensor, context: Tensor) -> Tensor:
+        c = self.counts[table, context] + self.config.alpha  # [..., K]
+        return c / c.sum(-1, keepdim=True)
+
+    @torch.no_grad()
+    def fit(self, codes: Tensor, conds: Conds | None = None) -> NGramPrior:
+        """Add the n-gram counts of ``codes [B, h, w]`` (call repeatedly to add more data)."""
+        self.check_codes(codes)
+        grid = codes.long()
+        table = self._table_index(conds, grid.shape[0])[:, None, None].expand_as(grid)
+        self.counts.index_put_(
+            (table.reshape(-1), self._contexts(grid).reshape(-1), grid.reshape(-1)),
+            torch.ones(grid.numel(), device=self.counts.device),
+            accumulate=True,
+        )
+        return self
+
+    def log_prob(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
+        self.check_codes(codes)
+        grid = codes.long()
+        table = self._table_index(conds, grid.shape[0])[:, None, None].expand_as(grid)
+        p = self._probs(table, self._contexts(grid))  # [B, h, w, K]
+        return p.gather(-1, grid[..., None]).squeeze(-1).log().flatten(1).sum(-1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        conds: Conds | None = None,
+        grid: tuple[int, int] = (8, 8),
+        sampler: SamplerConfig | None = None,
+        generator: Any = None,
+        num_samples: int | None = None,
+        prefix: Tensor | None = None,
+    ) -> Tensor:
+        sampler = sampler or SamplerConfig()
+        got = self.check_conds(conds)
+        b = next(iter(got.values())).batch_size if got else (num_samples or 1)
+        h, w = grid
+        k = self.vocab_size
+        table = self._table_index(conds, b)
+        out = torch.full((b, h, w), k, dtype=torch.long, device=self.counts.device)
+        given = None
+        if prefix is not None:
+            if tuple(prefix.shape) != (b, h, w):
+                raise InputError(f"prefix must be [{b}, {h}, {w}], got {tuple(prefix.shape)}.")
+            given = prefix.to(out.device).long()
+        for i in range(h):
+            for j in range(w):
+                context = torch.zeros(b, dtype=torch.long, device=out.device)
+                for dy, dx in self._NEIGHBOURS[: self.config.order - 1]:
+                    y, x = i + dy, j + dx
+                    inside = 0 <= y and 0 <= x < w
+                    context = context * (k + 1) + (out[:, y, x] if inside else k)
+                probs = self._probs(table, context)  # [B, K]
+                nxt = draw(probs.log(), sampler, generator)
+                if given is not None:
+                    nxt = torch.where(given[:, i, j] >= 0, given[:, i, j], nxt)
+                out[:, i, j] = nxt
+        return out
+
+    def bits_per_code(self, codes: Tensor, conds: Conds | None = None) -> float:
+        """Mean negative log-likelihood in bits per code."""
+        return float(-self.log_prob(codes, conds).sum() / codes.numel() / math.log(2))

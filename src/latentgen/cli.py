@@ -1,0 +1,162 @@
+"""The ``latentgen`` command line: plugins, schema, sample, demo, and the training commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from latentgen import __version__
+from latentgen.errors import LatentgenError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """Turns latentgen's own errors into one clean line and exit code 1 (no traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LatentgenError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="latentgen")
+def main() -> None:
+    """latentgen: two-stage image generation built from plugins."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--hook", default=None, help="Only plugins implementing this hook.")
+def plugins(as_json: bool, hook: str | None) -> None:
+    """List every plugin, its version and components, and plugins that failed to load."""
+    from latentgen import plugins as plugins_mod
+    from latentgen import registry
+
+    infos = plugins_mod.plugin_infos()
+    by_dist: dict[str, dict[str, Any]] = {}
+    for info in infos:
+        row = by_dist.setdefault(
+            info.dist,
+            {"name": info.dist, "version": info.version, "hooks": [], "components": {},
+             "builtin": info.builtin, "error": None},
+        )
+        row["hooks"] = sorted(set(row["hooks"]) | set(info.hooks))
+    registry_error = None
+    try:
+        for entry in registry.entries():
+            row = by_dist.setdefault(
+                entry.plugin,
+                {"name": entry.plugin, "version": entry.version, "hooks": [], "components": {},
+                 "builtin": False, "error": None},
+            )
+            row["components"].setdefault(entry.kind, []).append(entry.type)
+    except LatentgenError as e:  # e.g. a duplicate type: still list what we can
+        registry_error = str(e)
+    failures = [
+        {"name": f.dist, "version": f.version, "hooks": [], "components": {},
+         "builtin": False, "error": f.error}
+        for f in plugins_mod.plugin_failures()
+    ]
+    rows = [r for r in by_dist.values() if hook is None or hook in r["hooks"]]
+    if as_json:
+        out: Any = rows + failures
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(f"{'plugin':<20} {'version':<9} components")
+        for r in rows:
+            comps = " | ".join(f"{k}: {', '.join(v)}" for k, v in r["components"].items())
+            click.echo(f"{r['name']:<20} {r['version']:<9} {comps or '(none)'}")
+        if failures:
+            click.echo("failed to load:")
+            for f in failures:
+                click.echo(f"{f['name']:<20} {f['version']:<9} {f['error']}")
+    if registry_error:
+        click.echo(f"error: {registry_error}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("kind", required=False)
+def schema(kind: str | None) -> None:
+    """Print the JSON Schema of installed component configs (one KIND, or the whole spec)."""
+    from latentgen.schema import kind_schema, pipeline_schema
+
+    click.echo(json.dumps(kind_schema(kind) if kind else pipeline_schema(), indent=2))
+
+
+def _parse_condition(value: str) -> Any:
+    """CLI condition values: JSON (``3``, ``[3, 7]``, ``"shirt"``) or a bare string."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+@main.command()
+@click.argument("pipeline_dir", type=click.Path(path_type=Path))
+@click.option("--num", "-n", default=8, show_default=True, type=click.IntRange(1, 4096),
+              help="Number of images.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
+@click.option("--out", "-o", default="samples.png", show_default=True,
+              type=click.Path(path_type=Path), help="PNG grid to write.")
+@click.option("--size", default=None, type=click.IntRange(1), help="Image size (default: card).")
+@click.option("--cond", "-c", multiple=True, metavar="NAME=VALUE",
+              help="A condition, e.g. -c label=3 or -c 'label=[3,7]'. Repeatable.")
+@click.option("--temperature", default=None, type=float)
+@click.option("--top-k", default=None, type=int)
+@click.option("--top-p", default=None, type=float)
+@click.option("--guidance", default=None, type=float, help="Classifier-free guidance scale.")
+@click.option("--nrow", default=None, type=click.IntRange(1), help="Images per grid row.")
+def sample(pipeline_dir: Path, num: int, seed: int, out: Path, size: int | None,
+           cond: tuple[str, ...], temperature: float | None, top_k: int | None,
+           top_p: float | None, guidance: float | None, nrow: int | None) -> None:
+    """Sample NUM images from a saved pipeline and write them as one PNG grid."""
+    import torch
+
+    from latentgen.pipeline import Pipeline
+    from latentgen.utils import image_grid
+
+    pipe = Pipeline.from_pretrained(pipeline_dir)
+    conditions = {}
+    for item in cond:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: write NAME=VALUE, e.g. label=3", param_hint="--cond")
+        conditions[name] = _parse_condition(value)
+    overrides = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                 "guidance_scale": guidance}
+    sampler = pipe.sampler.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    sampler = type(sampler).model_validate(sampler.model_dump())  # re-validate the overrides
+    images = pipe(num, size=size, sampler=sampler,
+                  generator=torch.Generator().manual_seed(seed), **conditions)
+    image_grid(images, nrow=nrow).save(_png_path(out))
+    click.echo(f"wrote {len(images)} images to {out}")
+
+
+def _png_path(out: Path) -> Path:
+    if out.suffix.lower() != ".png":
+        raise click.BadParameter(f"{out}: the output must be a .png file", param_hint="--out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _add_optional_commands() -> None:
+    """Commands that live in their own modules (training, conversion)."""
+    try:
+        from latentgen.training.cli import add_commands
+    except ImportError:  # pragma: no cover - the training package is part of latentgen
+        return
+    add_commands(main)
+
+
+_add_optional_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

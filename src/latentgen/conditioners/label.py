@@ -1,0 +1,78 @@
+"""Class-label conditioning: one token per image, in a vocabulary of ``num_classes`` labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from latentgen.conditioners.base import Conditioner, Conditioning
+from latentgen.errors import InputError
+from latentgen.specs import ComponentConfig
+
+__all__ = ["ClassLabelConditioner", "ClassLabelConfig"]
+
+
+class ClassLabelConfig(ComponentConfig):
+    """Config of ``class_label``."""
+
+    type: Literal["class_label"] = "class_label"
+    num_classes: int = Field(ge=1, le=1_000_000, description="Number of class labels.")
+    class_names: tuple[str, ...] | None = Field(
+        None, description="Optional names, so labels can be given as strings ('shirt')."
+    )
+
+
+class ClassLabelConditioner(Conditioner):
+    """Labels (ints, names, or a tensor) -> ``tokens [B, 1]`` in ``[0, num_classes)``."""
+
+    Config = ClassLabelConfig
+
+    def __init__(self, config: ClassLabelConfig) -> None:
+        super().__init__(config)
+        if config.class_names is not None and len(config.class_names) != config.num_classes:
+            raise InputError(
+                f"class_label: {len(config.class_names)} class_names for num_classes="
+                f"{config.num_classes}; give exactly one name per class."
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.num_classes)
+
+    def _index(self, label: Any) -> int:
+        if isinstance(label, str):
+            names = self.config.class_names or ()
+            if label not in names:
+                raise InputError(
+                    f"unknown class name {label!r}; known: {', '.join(names) or '(no names set)'}."
+                )
+            return names.index(label)
+        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+            raise InputError(f"a class label must be an int or a class name, got {label!r}.")
+        return int(label)
+
+    def encode(self, raw: int | str | Sequence[int | str] | Tensor) -> Conditioning:
+        if isinstance(raw, Tensor):
+            if raw.is_floating_point() or raw.dim() > 1:
+                raise InputError(
+                    f"labels must be an integer tensor [B], got {raw.dtype} {tuple(raw.shape)}."
+                )
+            labels = raw.reshape(-1).long()
+        else:
+            items = [raw] if isinstance(raw, (int, str, np.integer)) else list(raw)
+            labels = torch.tensor([self._index(x) for x in items], dtype=torch.long)
+        if labels.numel() == 0:
+            raise InputError("no labels given: pass at least one, e.g. label=[3].")
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(
+                f"label {bad} is outside [0, {self.vocab_size}); this conditioner has "
+                f"num_classes={self.vocab_size}."
+            )
+        return Conditioning(tokens=labels[:, None], vocab_size=self.vocab_size)

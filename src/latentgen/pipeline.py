@@ -1,0 +1,501 @@
+"""``Pipeline``: a tokenizer, a prior, named conditioners and a default sampler, saved as one dir.
+
+    >>> pipe = Pipeline.from_spec(spec)                          # doctest: +SKIP
+    >>> images = pipe(label=[3, 7], size=(64, 64), generator=torch.Generator().manual_seed(0))
+    >>> pipe.save_pretrained("out/shapes")                       # atomic
+    >>> pipe = Pipeline.from_pretrained("out/shapes", prior=other_prior)  # swap one component
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationError
+from torch import Tensor, nn
+
+from latentgen import __version__, registry
+from latentgen.checkpoint import (
+    atomic_directory,
+    atomic_write_json,
+    load_module,
+    load_tensors,
+    read_json,
+    save_tensors,
+    sha256_file,
+)
+from latentgen.conditioners.base import Conditioner, Conditioning
+from latentgen.errors import CheckpointError, InputError, SpecError, UnknownComponentError
+from latentgen.priors.base import Prior
+from latentgen.specs import ComponentConfig, PipelineSpec, SamplerConfig, _friendly, load_spec
+from latentgen.tokenizers.base import Tokenizer
+
+__all__ = ["Pipeline", "PIPELINE_FILE", "FORMAT", "FORMAT_VERSION"]
+
+PIPELINE_FILE = "pipeline.json"
+FORMAT = "latentgen.pipeline"
+FORMAT_VERSION = 1
+# format_version -> function upgrading pipeline.json's dict to the next version.
+_MIGRATIONS: dict[int, Any] = {}
+
+
+def _check_fit(tokenizer: Tokenizer, prior: Prior, conditioners: Mapping[str, Conditioner]) -> None:
+    """Raise a ``SpecError`` when the components cannot work together."""
+    if prior.vocab_size != tokenizer.vocab_size:
+        raise SpecError(
+            f"the prior predicts {prior.vocab_size} codes but the tokenizer has "
+            f"{tokenizer.vocab_size}: set the prior's vocab_size to {tokenizer.vocab_size}."
+        )
+    want, have = set(prior.condition_names), set(conditioners)
+    if want != have:
+        raise SpecError(
+            f"the prior is built for conditions {sorted(want) or 'none'} but the pipeline has "
+            f"conditioners {sorted(have) or 'none'}. Make the prior config's `conditions` and "
+            "the spec's `conditioners` name the same conditions."
+        )
+    slots = getattr(prior.config, "conditions", None) or {}
+    for name, cond in conditioners.items():
+        slot = slots.get(name)
+        if slot is not None and slot.vocab_size != cond.vocab_size:
+            raise SpecError(
+                f"conditioner '{name}' has a vocabulary of {cond.vocab_size} tokens but the "
+                f"prior's slot for it expects {slot.vocab_size}: set "
+                f"prior.conditions.{name}.vocab_size = {cond.vocab_size}."
+            )
+
+
+def _component_of(kind: str, value: Any, what: str) -> Any:
+    """An override for ``from_pretrained``/``replace``: a built module, a config or a mapping."""
+    if isinstance(value, nn.Module):
+        return value
+    if isinstance(value, ComponentConfig | Mapping):
+        return registry.build(kind, value)
+    raise SpecError(
+        f"{what} must be a built {kind}, its config, or a mapping with 'type'; got "
+        f"{type(value).__name__}."
+    )
+
+
+def _apply_overrides(parts: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Swap components named in ``overrides`` into ``parts`` (tokenizer, prior, conditioners,
+    sampler); shared by ``Pipeline.replace`` and ``Pipeline.from_pretrained``."""
+    parts = dict(parts, conditioners=dict(parts["conditioners"]))
+    for key, value in overrides.items():
+        if key in ("tokenizer", "prior"):
+            parts[key] = _component_of(key, value, key)
+        elif key == "sampler":
+            parts[key] = value if isinstance(value, SamplerConfig) else SamplerConfig(**value)
+        elif key == "conditioners":
+            parts[key] = {
+                n: _component_of("conditioner", v, f"conditioner '{n}'")
+                for n, v in dict(value).items()
+            }
+        elif key in parts["conditioners"]:
+            parts["conditioners"][key] = _component_of("conditioner", value, f"conditioner '{key}'")
+        else:
+            names = ", ".join(parts["conditioners"]) or "none here"
+            raise SpecError(
+                f"unknown component '{key}': use tokenizer, prior, sampler, conditioners, or a "
+                f"conditioner name ({names})."
+            )
+    return parts
+
+
+class Pipeline:
+    """Tokenizer + prior + conditioners + default sampler: generate, encode, decode, score."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prior: Prior,
+        conditioners: Mapping[str, Conditioner] | None = None,
+        sampler: SamplerConfig | None = None,
+        card: Mapping[str, Any] | None = None,
+    ) -> None:
+        conditioners = dict(conditioners or {})
+        if not isinstance(tokenizer, Tokenizer):
+            raise SpecError(f"tokenizer must be a latentgen.Tokenizer, got {type(tokenizer)}")
+        if not isinstance(prior, Prior):
+            raise SpecError(f"prior must be a latentgen.Prior, got {type(prior)}")
+        for name, c in conditioners.items():
+            if not isinstance(c, Conditioner):
+                raise SpecError(f"conditioner '{name}' must be a latentgen.Conditioner")
+        _check_fit(tokenizer, prior, conditioners)
+        self.tokenizer = tokenizer
+        self.prior = prior
+        self.conditioners = conditioners
+        self.sampler = sampler or SamplerConfig()
+        self.card: dict[str, Any] = dict(card or {})
+        self.spec  # noqa: B018 -- validate now that the configs form a spec
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: PipelineSpec | Mapping[str, Any] | str | os.PathLike[str]) -> Pipeline:
+        """Build a pipeline with fresh weights from a spec, a mapping or a JSON/YAML file."""
+        if not isinstance(spec, PipelineSpec):
+            spec = load_spec(spec if isinstance(spec, Mapping) else Path(spec))
+        tokenizer = registry.build("tokenizer", spec.tokenizer)
+        prior = registry.build("prior", spec.prior)
+        conds = {n: registry.build("conditioner", c) for n, c in spec.conditioners.items()}
+        return cls(tokenizer, prior, conds, spec.sampler)
+
+    @property
+    def spec(self) -> PipelineSpec:
+        """The spec of the current components (always in step with them)."""
+        try:
+            return PipelineSpec(
+                tokenizer=self.tokenizer.config,
+                prior=self.prior.config,
+                conditioners={n: c.config for n, c in self.conditioners.items()},
+                sampler=self.sampler,
+            )
+        except ValidationError as e:
+            raise _friendly(e, "pipeline") from None
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """``{'tokenizer': ..., 'prior': ..., 'conditioners': {...}}``."""
+        return {
+            "tokenizer": self.tokenizer,
+            "prior": self.prior,
+            "conditioners": dict(self.conditioners),
+        }
+
+    def replace(self, **overrides: Any) -> Pipeline:
+        """A new pipeline sharing every module except those given (by module, config or mapping).
+
+        Keywords: ``tokenizer``, ``prior``, ``sampler``, ``conditioners`` (a whole mapping), or
+        a conditioner's own name to swap just that one.
+        """
+        parts = {
+            "tokenizer": self.tokenizer,
+            "prior": self.prior,
+            "conditioners": dict(self.conditioners),
+            "sampler": self.sampler,
+        }
+        return Pipeline(**_apply_overrides(parts, overrides), card=self.card)
+
+    # -- files ----------------------------------------------------------------------------------
+    def _named_modules(self) -> Iterator[tuple[str, str, Any]]:
+        yield "tokenizer", "tokenizer", self.tokenizer
+        yield "prior", "prior", self.prior
+        for name, cond in self.conditioners.items():
+            yield f"conditioners.{name}", "conditioner", cond
+
+    def save_pretrained(self, path: str | os.PathLike[str], card: Mapping[str, Any] | None = None) -> Path:
+        """Write ``pipeline.json`` and one ``.safetensors`` per component, atomically."""
+        path = Path(path)
+        if card:
+            self.card.update(card)
+        spec = self.spec
+        components: dict[str, Any] = {}
+        with atomic_directory(path) as tmp:
+            for name, kind, module in self._named_modules():
+                info = registry.get(kind, module.config.type)
+                entry: dict[str, Any] = {
+                    "kind": kind,
+                    "type": module.config.type,
+                    "file": None,
+                    "sha256": None,
+                    "provided_by": {"plugin": info.plugin, "version": info.version},
+                }
+                state = module.state_dict()
+                if state:
+                    fname = f"{name}.safetensors"
+                    meta = {
+                        "latentgen.component": name,
+                        "latentgen.type": module.config.type,
+                        "format_version": str(FORMAT_VERSION),
+                    }
+                    save_tensors(tmp / fname, state, meta)
+                    entry["file"] = fname
+                    entry["sha256"] = sha256_file(tmp / fname)
+                components[name] = entry
+            atomic_write_json(
+                tmp / PIPELINE_FILE,
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "latentgen_version": __version__,
+                    "spec": spec.model_dump(mode="json"),
+                    "components": components,
+                    "card": self.card,
+                },
+            )
+        return path
+
+    @staticmethod
+    def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Read and upgrade ``pipeline.json`` of a saved pipeline directory."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{path} is not a directory. A saved pipeline is a directory written by "
+                "Pipeline.save_pretrained (pipeline.json + *.safetensors)."
+            )
+        if not (path / PIPELINE_FILE).is_file():
+            raise CheckpointError(
+                f"{path} is not a latentgen pipeline directory: {PIPELINE_FILE} is missing. "
+                "Save one with Pipeline.save_pretrained(path)."
+            )
+        meta = read_json(path / PIPELINE_FILE, "pipeline file")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CheckpointError(
+                f"{path / PIPELINE_FILE} is not a latentgen pipeline file (format "
+                f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})."
+            )
+        version = meta.get("format_version")
+        while isinstance(version, int) and version < FORMAT_VERSION and version in _MIGRATIONS:
+            meta = _MIGRATIONS[version](meta)
+            version = meta["format_version"]
+        if version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path / PIPELINE_FILE} has format_version {version!r}; this latentgen "
+                f"{__version__} reads version {FORMAT_VERSION}. Upgrade latentgen "
+                "(pip install -U latentgen) to load it."
+            )
+        return meta
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], **overrides: Any) -> Pipeline:
+        """Load a saved pipeline, strictly; keywords swap components as in ``replace``.
+
+        Every file's sha256, keys and shapes are checked; a component type that no installed
+        plugin provides says which distribution to install.
+        """
+        path = Path(path)
+        meta = cls.read_manifest(path)
+        components: dict[str, Any] = meta.get("components", {})
+        for name, entry in components.items():
+            kind, type_ = entry.get("kind"), entry.get("type")
+            try:
+                registry.get(kind, type_)
+            except UnknownComponentError as e:
+                by = entry.get("provided_by") or {}
+                plugin, version = by.get("plugin", "?"), by.get("version", "?")
+                raise UnknownComponentError(
+                    f"{path / PIPELINE_FILE} needs {kind} type '{type_}' (component '{name}') "
+                    f"from {plugin} {version}, which is not installed: pip install "
+                    f"\"{plugin}>={version}\". ({e})"
+                ) from None
+        try:
+            spec = PipelineSpec.model_validate(meta.get("spec"))
+        except ValidationError as e:
+            raise _friendly(e, str(path / PIPELINE_FILE)) from None
+
+        built: dict[str, Any] = {}
+        cond_names = set(spec.conditioners)
+        for name, kind, cfg in (
+            ("tokenizer", "tokenizer", spec.tokenizer),
+            ("prior", "prior", spec.prior),
+            *((f"conditioners.{n}", "conditioner", c) for n, c in spec.conditioners.items()),
+        ):
+            short = name.split(".", 1)[-1]
+            if short in overrides or (short in cond_names and "conditioners" in overrides):
+                continue  # swapped out below: its weights are not needed
+            entry = components.get(name)
+            if entry is None:
+                raise CheckpointError(
+                    f"{path / PIPELINE_FILE} lists no entry for component '{name}'; the file "
+                    "was edited by hand or is damaged. Save the pipeline again."
+                )
+            module = registry.build(kind, cfg)
+            cls._load_weights(path, name, module, entry)
+            built[short] = module
+        parts = {
+            "tokenizer": built.get("tokenizer"),
+            "prior": built.get("prior"),
+            "conditioners": {n: built[n] for n in cond_names if n in built},
+            "sampler": spec.sampler,
+        }
+        return cls(**_apply_overrides(parts, overrides), card=meta.get("card"))
+
+    @staticmethod
+    def _load_weights(path: Path, name: str, module: nn.Module, entry: Mapping[str, Any]) -> None:
+        expected = module.state_dict()
+        fname = entry.get("file")
+        if fname is None:
+            if expected:
+                raise CheckpointError(
+                    f"component '{name}' has weights ({len(expected)} tensors) but "
+                    f"{path / PIPELINE_FILE} records no file for it. Save the pipeline again."
+                )
+            return
+        fpath = path / fname
+        if not fpath.is_file():
+            raise CheckpointError(
+                f"component '{name}': weights file {fpath} is missing. Copy the whole "
+                "directory again, or save the pipeline again."
+            )
+        digest = sha256_file(fpath)
+        if entry.get("sha256") and digest != entry["sha256"]:
+            raise CheckpointError(
+                f"component '{name}': {fpath} has sha256 {digest[:12]}… but pipeline.json "
+                f"records {str(entry['sha256'])[:12]}…; the file was changed or damaged after "
+                "saving. Copy it again from its source, or save the pipeline again."
+            )
+        tensors = load_tensors(fpath, f"component '{name}'")
+        load_module(
+            module,
+            tensors,
+            f"{fname} ({name}, type '{entry.get('type')}')",
+            hint="Was it saved with another config? Compare the weights with the config in "
+            f"{PIPELINE_FILE}.",
+        )
+
+    # -- running --------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for p in self.prior.parameters():
+            return p.device
+        for b in self.prior.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> Pipeline:
+        """Move every component to ``device`` (in place); returns self."""
+        for _, _, module in self._named_modules():
+            module.to(device)
+        return self
+
+    @contextmanager
+    def _eval(self) -> Iterator[None]:
+        modules = [m for _, _, m in self._named_modules()]
+        modes = [m.training for m in modules]
+        try:
+            for m in modules:
+                m.eval()
+            with torch.inference_mode():
+                yield
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+
+    def condition(self, **raw: Any) -> dict[str, Conditioning]:
+        """Encode raw conditions by conditioner name; unknown or missing names are errors."""
+        unknown = sorted(set(raw) - set(self.conditioners))
+        missing = sorted(set(self.conditioners) - set(raw))
+        if unknown or missing:
+            parts = ([f"unknown {unknown}"] if unknown else []) + (
+                [f"missing {missing}"] if missing else [])
+            raise InputError(
+                f"conditions do not match this pipeline ({'; '.join(parts)}): it takes "
+                f"{', '.join(f'{n}=...' for n in self.conditioners) or 'no conditions'}."
+            )
+        device = self.device
+        return {n: self.conditioners[n].encode(v).to(device) for n, v in raw.items()}
+
+    def _grid(self, size: tuple[int, int] | int | None) -> tuple[int, int]:
+        if size is None:
+            size = self.card.get("image_size")
+            if size is None:
+                raise InputError(
+                    "no image size given and the pipeline card has none: pass size=(H, W)."
+                )
+        if isinstance(size, int):
+            size = (size, size)
+        return self.tokenizer.code_grid((int(size[0]), int(size[1])))
+
+    def sample_codes(
+        self,
+        num_images: int | None = None,
+        *,
+        size: tuple[int, int] | int | None = None,
+        sampler: SamplerConfig | Mapping[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+        prefix: Tensor | None = None,
+        **conditions: Any,
+    ) -> Tensor:
+        """Draw code grids ``[B, h, w]`` from the prior (see ``__call__``)."""
+        if sampler is not None and not isinstance(sampler, SamplerConfig):
+            sampler = SamplerConfig(**sampler)
+        grid = self._grid(size)
+        with self._eval():
+            conds = self.condition(**conditions)
+            if conds:
+                b = next(iter(conds.values())).batch_size
+                n = num_images or b
+                if n % b:
+                    raise InputError(
+                        f"num_images={n} must be a multiple of the {b} conditions given "
+                        f"(each condition gets num_images / {b} images)."
+                    )
+                if n != b:
+                    conds = {k: c.repeat(n // b) for k, c in conds.items()}
+            else:
+                n = 1 if num_images is None else num_images
+            if n < 1:
+                raise InputError(f"num_images must be >= 1, got {n}.")
+            return self.prior.sample(
+                conds or None, grid=grid, sampler=sampler or self.sampler,
+                generator=generator, num_samples=n, prefix=prefix,
+            )
+
+    def __call__(
+        self,
+        num_images: int | None = None,
+        *,
+        size: tuple[int, int] | int | None = None,
+        sampler: SamplerConfig | Mapping[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+        output_type: Literal["pil", "tensor"] = "pil",
+        prefix: Tensor | None = None,
+        **conditions: Any,
+    ) -> Any:
+        """Generate images.
+
+        Args:
+            num_images: how many; with conditions, a multiple of their batch (default: one each).
+            size: image size ``(H, W)`` or one int; defaults to the card's ``image_size``.
+            sampler: overrides the pipeline's default sampler for this call.
+            generator: a seeded ``torch.Generator`` makes the draw reproducible.
+            output_type: ``"pil"`` for a list of PIL images, ``"tensor"`` for ``[B, C, H, W]``.
+            prefix: codes ``[B, h, w]`` with -1 where codes are to be drawn (completion).
+            **conditions: raw conditions by conditioner name, e.g. ``label=[3, 7]``.
+        """
+        codes = self.sample_codes(
+            num_images, size=size, sampler=sampler, generator=generator, prefix=prefix,
+            **conditions,
+        )
+        with self._eval():
+            images = self.tokenizer.decode(codes)
+        if output_type == "tensor":
+            return images
+        if output_type != "pil":
+            raise InputError(f"output_type must be 'pil' or 'tensor', got {output_type!r}.")
+        from latentgen.data.base import to_pil
+
+        return to_pil(images)
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Images ``[B, C, H, W]`` in [-1, 1] -> codes ``[B, h, w]``."""
+        with self._eval():
+            return self.tokenizer.encode(images.to(self.device))
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Codes ``[B, h, w]`` -> images ``[B, C, H, W]``."""
+        self.tokenizer.check_codes(codes)
+        with self._eval():
+            return self.tokenizer.decode(codes.to(self.device))
+
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """``decode(encode(images))``."""
+        return self.decode(self.encode(images))
+
+    def log_likelihood(self, images: Tensor, **conditions: Any) -> Tensor:
+        """Log-likelihood ``[B]`` in nats of each image's code grid under the prior."""
+        codes = self.encode(images)
+        with self._eval():
+            conds = self.condition(**conditions)
+            return self.prior.log_prob(codes, conds or None)
+
+    def __repr__(self) -> str:
+        conds = ", ".join(f"{n}={c.config.type}" for n, c in self.conditioners.items())
+        return (
+            f"Pipeline(tokenizer={self.tokenizer.config.type}, prior={self.prior.config.type}"
+            + (f", conditioners[{conds}]" if conds else "") + ")"
+        )
