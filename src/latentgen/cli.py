@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
 from latentgen import __version__
 from latentgen.errors import LatentgenError
@@ -23,6 +24,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except LatentgenError as e:
             raise click.ClickException(str(e)) from None
+        except ValidationError as e:  # a bad option value that a pydantic model refused
+            lines = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+            raise click.ClickException("invalid value: " + "; ".join(lines)) from None
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -121,6 +125,7 @@ def sample(pipeline_dir: Path, num: int, seed: int, out: Path, size: int | None,
     import torch
 
     from latentgen.pipeline import Pipeline
+    from latentgen.specs import SamplerConfig
     from latentgen.utils import image_grid
 
     pipe = Pipeline.from_pretrained(pipeline_dir)
@@ -132,12 +137,22 @@ def sample(pipeline_dir: Path, num: int, seed: int, out: Path, size: int | None,
         conditions[name] = _parse_condition(value)
     overrides = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
                  "guidance_scale": guidance}
-    sampler = pipe.sampler.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    sampler = type(sampler).model_validate(sampler.model_dump())  # re-validate the overrides
+    sampler = SamplerConfig(**{**pipe.sampler.model_dump(),
+                               **{k: v for k, v in overrides.items() if v is not None}})
     images = pipe(num, size=size, sampler=sampler,
                   generator=torch.Generator().manual_seed(seed), **conditions)
     image_grid(images, nrow=nrow).save(_png_path(out))
     click.echo(f"wrote {len(images)} images to {out}")
+
+
+@main.command()
+@click.option("--out", "-o", default="out/demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo(out: Path, seed: int) -> None:
+    """Build a pipeline on the built-in shapes data, save it, and write sample grids."""
+    from latentgen.demo import run_demo
+
+    run_demo(out, seed=seed)
 
 
 def _png_path(out: Path) -> Path:

@@ -41,7 +41,7 @@ class ImageDataset(Component, Dataset[dict[str, Any]], ABC):
 
 def to_tensor(image: Any) -> Tensor:
     """PIL image or HWC uint8 array -> float ``[C, H, W]`` in [-1, 1]."""
-    arr = np.asarray(image)
+    arr = np.array(image)  # a writable copy: torch refuses read-only numpy memory
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.dtype != np.uint8:

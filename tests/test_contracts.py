@@ -1,0 +1,51 @@
+"""Every registered tokenizer, prior and conditioner runs the shared contract suites.
+
+Test classes are made per registered type at collection time, so a new component is covered
+as soon as it registers (and tests/examples.py gives it a config).
+"""
+
+from __future__ import annotations
+
+from examples import example
+
+from latentgen import registry
+from latentgen.testing import ConditionerContract, PriorContract, TokenizerContract
+
+_RAW = {"class_label": ([0, 3, 4], [7])}
+_TOKENIZER_SIZES = {"toy.palette": 16, "vqvae": 16, "vqgan": 16}
+_PRIOR_GRIDS = {"pixelsnail": (4, 4), "transformer": (3, 4), "toy.ngram": (4, 4)}
+
+
+def _name(type_: str) -> str:
+    return "".join(part.capitalize() for part in type_.replace(".", "_").split("_"))
+
+
+for _type in registry.list("tokenizer"):
+    globals()[f"TestTokenizer{_name(_type)}"] = type(
+        f"TestTokenizer{_name(_type)}",
+        (TokenizerContract,),
+        {"config": example("tokenizer", _type),
+         "image_size": _TOKENIZER_SIZES.get(_type, 32)},
+    )
+
+for _type in registry.list("prior"):
+    globals()[f"TestPrior{_name(_type)}"] = type(
+        f"TestPrior{_name(_type)}",
+        (PriorContract,),
+        {"config": example("prior", _type), "grid": _PRIOR_GRIDS.get(_type, (4, 4))},
+    )
+
+for _type in registry.list("conditioner"):
+    raw, bad = _RAW[_type]
+    globals()[f"TestConditioner{_name(_type)}"] = type(
+        f"TestConditioner{_name(_type)}",
+        (ConditionerContract,),
+        {"config": example("conditioner", _type), "raw": raw, "bad_raw": bad},
+    )
+
+
+def test_every_component_has_a_contract_class():
+    made = {n for n in globals() if n.startswith(("TestTokenizer", "TestPrior", "TestConditioner"))}
+    want = len(registry.list("tokenizer")) + len(registry.list("prior")) \
+        + len(registry.list("conditioner"))
+    assert len(made) == want >= 3

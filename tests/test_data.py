@@ -1,0 +1,91 @@
+"""Built-in data: seeded shapes with paired conditions, and users' image folders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from latentgen import registry
+from latentgen.data.shapes import CLASSES, ShapesConfig, ShapesDataset
+from latentgen.errors import DataError
+
+
+def test_shapes_items_are_seeded_and_order_free():
+    a = ShapesDataset(ShapesConfig(size=10, image_size=24, seed=3))
+    b = ShapesDataset(ShapesConfig(size=10, image_size=24, seed=3))
+    for i in (7, 2, 7):
+        x, y = a[i], b[i]
+        assert torch.equal(x["image"], y["image"]) and x["label"] == y["label"]
+    c = ShapesDataset(ShapesConfig(size=10, image_size=24, seed=4))
+    assert not torch.equal(a[0]["image"], c[0]["image"])
+
+
+@pytest.mark.parametrize("size", [8, 33, 64])
+def test_shapes_any_resolution_with_paired_conditions(size):
+    ds = registry.build("dataset", {"type": "shapes", "size": 20, "image_size": size})
+    for i in range(20):
+        item = ds[i]
+        assert item["image"].shape == (3, size, size)
+        assert item["image"].min() >= -1 and item["image"].max() <= 1
+        assert 0 <= item["label"] < len(CLASSES)
+        seg = item["segmentation"]
+        assert seg.shape == (size, size) and seg.dtype == torch.long
+        assert item["depth"].shape == (1, size, size)
+        assert item["pose"].shape == (5, 3)
+        if size >= 33:
+            # The main shape is drawn last (in front), so its class owns the most pixels.
+            counts = torch.bincount(seg.flatten(), minlength=len(CLASSES) + 1)[1:]
+            assert int(counts.argmax()) == item["label"]
+            # The pose centre lies on the main shape (except for the ring's hole).
+            x, y, _ = item["pose"][0].tolist()
+            if CLASSES[item["label"]] != "ring":
+                assert seg[min(int(y * size), size - 1), min(int(x * size), size - 1)] \
+                    == item["label"] + 1
+            # Nearer things have smaller depth: the main shape is in front of the background.
+            fg = seg == item["label"] + 1
+            assert item["depth"][0][fg].mean() < item["depth"][0][seg == 0].mean()
+
+
+def test_shapes_num_classes_bounds():
+    with pytest.raises(ValueError):
+        ShapesConfig(num_classes=len(CLASSES) + 1)
+
+
+def _write(path, colour=(255, 0, 0), size=(20, 12)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_image_folder_reads_and_labels(tmp_path):
+    _write(tmp_path / "cats" / "a.png")
+    _write(tmp_path / "dogs" / "b.jpg", (0, 0, 255))
+    ds = registry.build("dataset", {"type": "image_folder", "root": str(tmp_path), "image_size": 8})
+    assert len(ds) == 2 and ds.classes == ("cats", "dogs")
+    item = ds[1]
+    assert item["image"].shape == (3, 8, 8) and item["label"] == 1
+    assert item["image"][2].mean() > 0.9 and item["image"][0].mean() < -0.9
+
+
+def test_image_folder_corrupt_file_is_named(tmp_path):
+    _write(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    ds = registry.build("dataset", {"type": "image_folder", "root": str(tmp_path), "image_size": 8})
+    idx = [p.name for p in ds.files].index("broken.png")
+    with pytest.raises(DataError, match="broken.png.*skip_corrupt"):
+        ds[idx]
+
+
+def test_image_folder_skip_corrupt_counts(tmp_path):
+    _write(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"garbage")
+    ds = registry.build("dataset", {"type": "image_folder", "root": str(tmp_path),
+                                    "image_size": 8, "skip_corrupt": True})
+    assert len(ds) == 1 and ds.num_skipped == 1 and ds.skipped[0].name == "broken.png"
+
+
+def test_image_folder_empty_or_missing(tmp_path):
+    with pytest.raises(DataError, match="holds no image files"):
+        registry.build("dataset", {"type": "image_folder", "root": str(tmp_path)})
+    with pytest.raises(DataError, match="does not exist"):
+        registry.build("dataset", {"type": "image_folder", "root": str(tmp_path / "nope")})
