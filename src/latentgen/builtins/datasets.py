@@ -5,8 +5,10 @@ from latentgen.hookspecs import RegisterFn, hookimpl
 
 @hookimpl
 def register_datasets(register: RegisterFn) -> None:
+    from latentgen.data.fashion_mnist import FashionMNIST
     from latentgen.data.folder import ImageFolderDataset
     from latentgen.data.shapes import ShapesDataset
 
     register(ShapesDataset)
     register(ImageFolderDataset)
+    register(FashionMNIST)

@@ -1,8 +1,12 @@
-"""Built-in priors registered through the same hook as third-party plugins."""
+"""Built-in priors, registered through the same hook as third-party plugins."""
 
-from latentgen.hookspecs import hookimpl
+from latentgen.hookspecs import RegisterFn, hookimpl
 
 
 @hookimpl
-def register_priors(register):  # type: ignore[no-untyped-def]
-    pass
+def register_priors(register: RegisterFn) -> None:
+    from latentgen.priors.pixelsnail import PixelSNAILPrior
+    from latentgen.priors.transformer import TransformerPrior
+
+    register(TransformerPrior)
+    register(PixelSNAILPrior)

@@ -5,4 +5,12 @@ from latentgen.hookspecs import hookimpl
 
 @hookimpl
 def register_quantizers(register):  # type: ignore[no-untyped-def]
-    pass
+    # Imported here, not at module level: loading the plugin list must stay cheap.
+    from latentgen.tokenizers.quantizers.fsq import FSQuantizer
+    from latentgen.tokenizers.quantizers.gumbel import GumbelQuantizer
+    from latentgen.tokenizers.quantizers.vq import EMAQuantizer, VectorQuantizer
+
+    register(VectorQuantizer)
+    register(EMAQuantizer)
+    register(GumbelQuantizer)
+    register(FSQuantizer)
