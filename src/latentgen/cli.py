@@ -162,16 +162,14 @@ def _png_path(out: Path) -> Path:
     return out
 
 
-def _add_optional_commands() -> None:
-    """Commands that live in their own modules (training, conversion)."""
-    try:
-        from latentgen.training.cli import add_commands
-    except ImportError:  # pragma: no cover - the training package is part of latentgen
-        return
+def _add_training_commands() -> None:
+    """``train``, ``reconstruct`` and ``eval`` live with the training engine."""
+    from latentgen.training.cli import add_commands
+
     add_commands(main)
 
 
-_add_optional_commands()
+_add_training_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

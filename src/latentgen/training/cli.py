@@ -1,0 +1,513 @@
+"""Training and evaluation commands: ``latentgen train tokenizer|prior``, ``reconstruct``, ``eval``.
+
+    latentgen train tokenizer --config vqgan.yaml            # stage 1 -> runs/NAME/final/
+    latentgen train prior --config prior.yaml --resume       # stage 2 -> runs/NAME/final/ pipeline
+    latentgen eval tokenizer runs/vqgan --data data.yaml     # PSNR, SSIM, LPIPS, codebook usage
+    latentgen eval prior runs/prior/final --data data.yaml   # NLL in bits per code
+    latentgen reconstruct runs/vqgan a.png b.png -o recon/
+
+Several GPUs: ``torchrun --nproc-per-node 8 --no-python latentgen train prior --config ...``.
+The lead's ``latentgen.cli`` calls ``add_commands(main)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from latentgen.errors import DataError, SpecError
+
+__all__ = ["add_commands", "eval_group", "reconstruct", "train"]
+
+_CONFIG = click.Path(exists=True, dir_okay=False, path_type=Path)
+_SOURCE = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def add_commands(group: click.Group) -> None:
+    """Attach ``train``, ``reconstruct`` and ``eval`` to the ``latentgen`` group."""
+    group.add_command(train)
+    group.add_command(reconstruct)
+    group.add_command(eval_group)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA GPU is visible; use --device cpu", param_hint="--device")
+    return torch.device(name)
+
+
+def _load_mapping(path: Path) -> Any:
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as e:  # yaml.YAMLError / JSONDecodeError
+        raise SpecError(f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {e}") from e
+
+
+def _dataset_from_file(path: Path) -> Any:
+    """A dataset from a YAML/JSON file holding a dataset config, or a train config's ``data``."""
+    from latentgen import registry
+
+    data = _load_mapping(path)
+    if isinstance(data, Mapping) and "type" not in data and "data" in data:
+        data = data["data"]
+    if not isinstance(data, Mapping) or "type" not in data:
+        raise SpecError(
+            f"{path} must hold a dataset config ({{type: shapes, ...}}) or a train config with a "
+            "`data:` section."
+        )
+    return registry.build("dataset", data)
+
+
+def _trainer_config(cfg: Any, run_dir: Path | None) -> Any:
+    from latentgen.training.config import TrainerConfig
+
+    if run_dir is None:
+        return cfg
+    data = cfg.model_dump()
+    data.update(runs_dir=run_dir.parent, run_name=run_dir.name)
+    return TrainerConfig.model_validate(data)
+
+
+def _seed(seed: int) -> None:
+    # Model weights are drawn before the trainer seeds its own streams: seed them too, so a
+    # config file rebuilds the same initial model (rank 0's is broadcast to the others anyway).
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _save_train_config(run_dir: Path, cfg: Any, is_main: bool) -> None:
+    if is_main:
+        from latentgen.checkpoint import atomic_write_json
+
+        atomic_write_json(run_dir / "train_config.json", cfg.model_dump(mode="json"))
+
+
+def _report(result: Any) -> None:
+    click.echo(f"trained to step {result.step} ({result.skipped_steps} step(s) skipped)")
+    if result.checkpoint is not None:
+        click.echo(f"last checkpoint: {result.checkpoint}")
+    if result.export is not None:
+        click.echo(f"exported: {result.export}")
+    for k, v in result.metrics.items():
+        if k not in ("step", "time") and isinstance(v, float):
+            click.echo(f"  {k}: {v:.6g}")
+
+
+# -- train -----------------------------------------------------------------------------------------
+@click.group()
+def train() -> None:
+    """Train a tokenizer (stage 1) or a prior on its codes (stage 2)."""
+
+
+@train.command("tokenizer")
+@click.option(
+    "--config",
+    "-c",
+    "config_path",
+    required=True,
+    type=_CONFIG,
+    help="YAML/JSON with `tokenizer` (or `spec`), `data` and `trainer`.",
+)
+@click.option("--resume", is_flag=True, help="Continue from the run's latest checkpoint.")
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the run here instead of trainer.runs_dir/trainer.run_name.",
+)
+def train_tokenizer(config_path: Path, resume: bool, run_dir: Path | None) -> None:
+    """Train a tokenizer; the result is written to RUN_DIR/final/ (tokenizer.json + weights)."""
+    from latentgen import registry
+    from latentgen.training.config import TokenizerTrainConfig, load_train_config
+    from latentgen.training.distributed import init_distributed, shutdown_distributed
+    from latentgen.training.loop import Trainer
+    from latentgen.training.tasks import TokenizerTask
+
+    cfg = load_train_config(config_path, TokenizerTrainConfig)
+    tcfg = _trainer_config(cfg.trainer, run_dir)
+    info = init_distributed(tcfg.device)
+    try:
+        _seed(tcfg.seed)
+        tokenizer = registry.build("tokenizer", cfg.tokenizer_config)
+        dataset = registry.build("dataset", cfg.data)
+        n = min(cfg.grid_images, len(dataset))
+        grid = torch.stack([dataset[i]["image"] for i in range(n)]) if n else None  # [n, C, H, W]
+        task = TokenizerTask(tokenizer, grid_images=grid, disc_lr=cfg.disc_lr)
+        _save_train_config(tcfg.run_dir, cfg, info.is_main)
+        result = Trainer(task, dataset, tcfg, dist=info).fit(resume=resume)
+        if info.is_main:
+            _report(result)
+    finally:
+        shutdown_distributed()
+
+
+@train.command("prior")
+@click.option(
+    "--config",
+    "-c",
+    "config_path",
+    required=True,
+    type=_CONFIG,
+    help="YAML/JSON with `spec`, `tokenizer_path`, `data` and `trainer`.",
+)
+@click.option("--resume", is_flag=True, help="Continue from the run's latest checkpoint.")
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the run here instead of trainer.runs_dir/trainer.run_name.",
+)
+@click.option(
+    "--rebuild-cache",
+    is_flag=True,
+    help="Encode the dataset again even if a code cache exists (e.g. a new tokenizer).",
+)
+@click.option(
+    "--cache-only",
+    is_flag=True,
+    help="Build (or check) the code cache and stop, e.g. before a multi-GPU launch.",
+)
+def train_prior(
+    config_path: Path, resume: bool, run_dir: Path | None, rebuild_cache: bool, cache_only: bool
+) -> None:
+    """Train a prior on cached codes; the result is a pipeline in RUN_DIR/final/."""
+    from torch.utils.data import default_collate
+
+    from latentgen import registry
+    from latentgen.data.code_cache import (
+        open_or_build_code_cache,
+        tokenizer_fingerprint,
+    )
+    from latentgen.pipeline import Pipeline
+    from latentgen.training.config import PriorTrainConfig, load_train_config
+    from latentgen.training.distributed import init_distributed, shutdown_distributed
+    from latentgen.training.loop import Trainer
+    from latentgen.training.tasks import PriorTask, load_tokenizer
+
+    cfg = load_train_config(config_path, PriorTrainConfig)
+    tcfg = _trainer_config(cfg.trainer, run_dir)
+    info = init_distributed(tcfg.device)
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer_path)
+        spec_tokenizer: Any = cfg.spec.tokenizer
+        want = spec_tokenizer.model_dump(mode="json")
+        have = tokenizer.config.model_dump(mode="json")
+        if want != have:
+            from latentgen.training.checkpoints import describe_differences
+
+            raise SpecError(
+                f"the spec's tokenizer config does not match the trained tokenizer in "
+                f"{cfg.tokenizer_path}: {describe_differences(have, want)} (trained -> spec). "
+                "Copy the trained tokenizer's config into spec.tokenizer."
+            )
+        tokenizer.to(info.device).eval()
+        keys = cfg.cache_keys()
+        cache_path = cfg.code_cache or tcfg.run_dir / "code_cache"
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        if info.is_main:
+            dataset = registry.build("dataset", cfg.data)
+            cache = open_or_build_code_cache(
+                tokenizer,
+                dataset,
+                cache_path,
+                cfg.encode_batch_size,
+                sorted(set(keys.values())),
+                rebuild=rebuild_cache,
+                device=info.device,
+                num_workers=tcfg.num_workers,
+                progress=sys.stderr.isatty(),
+            )
+        else:
+            cache = _wait_for_cache(cache_path, fingerprint)
+        if cache_only:
+            if info.is_main:
+                click.echo(f"code cache {cache_path}: {len(cache)} grids of {cache.grid}")
+            return
+        _seed(tcfg.seed)
+        prior = registry.build("prior", cfg.spec.prior)
+        conds = {n: registry.build("conditioner", c) for n, c in cfg.spec.conditioners.items()}
+        Pipeline(tokenizer, prior, conds, cfg.spec.sampler)  # checks that the parts fit together
+        n = min(cfg.grid_samples, len(cache))
+        task = PriorTask(
+            prior,
+            conds,
+            tokenizer=tokenizer,
+            condition_keys=keys,
+            cond_drop_prob=cfg.cond_drop_prob,
+            grid_batch=default_collate([cache[i] for i in range(n)]),
+            data_fingerprint=cache.fingerprint,
+            sampler=cfg.spec.sampler,
+        )
+        _save_train_config(tcfg.run_dir, cfg, info.is_main)
+        result = Trainer(task, cache, tcfg, dist=info).fit(resume=resume)
+        if info.is_main:
+            _report(result)
+    finally:
+        shutdown_distributed()
+
+
+def _wait_for_cache(path: Path, fingerprint: str, poll_s: float = 5.0) -> Any:
+    """Other ranks wait on the file system, not in a collective, while rank 0 encodes.
+
+    Encoding a big dataset can outlast a collective's timeout (10 min for NCCL); if rank 0
+    fails, torchrun stops the whole group, so this never waits for nothing.
+    """
+    import time
+
+    from latentgen.data.code_cache import CACHE_FILE, CodeCache
+    from latentgen.errors import CheckpointError
+
+    while True:
+        if (path / CACHE_FILE).is_file():
+            try:
+                return CodeCache(path, expect_fingerprint=fingerprint)
+            except CheckpointError:
+                pass  # a stale cache that rank 0 is about to replace
+        time.sleep(poll_s)
+
+
+# -- reconstruct -----------------------------------------------------------------------------------
+@click.command()
+@click.argument("source", type=_SOURCE)
+@click.argument(
+    "images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--out",
+    "-o",
+    default="recon",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the reconstructions (<name>.png each).",
+)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+def reconstruct(source: Path, images: tuple[Path, ...], out: Path, device: str) -> None:
+    """Encode and decode IMAGES with the tokenizer of SOURCE (pipeline, export or run dir)."""
+    from PIL import Image
+
+    from latentgen.data.base import to_pil, to_tensor
+    from latentgen.metrics.image import psnr
+    from latentgen.training.tasks import load_tokenizer
+
+    dev = _device(device)
+    tok = load_tokenizer(source).to(dev).eval()
+    mode = "RGB" if tok.in_channels == 3 else "L"
+    out.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        try:
+            x = to_tensor(Image.open(path).convert(mode))[None].to(dev)  # [1, C, H, W]
+        except OSError as e:
+            raise DataError(f"cannot read image {path}: {e}") from None
+        with torch.no_grad():
+            codes = tok.encode(x)  # [1, h, w]
+            recon = tok.decode(codes).clamp(-1, 1)
+        target = out / f"{path.stem}.png"
+        to_pil(recon)[0].save(target)
+        click.echo(
+            f"{path} -> {target}  codes {tuple(codes.shape[1:])}  "
+            f"PSNR {float(psnr(recon.float(), x.float())[0]):.2f} dB"
+        )
+
+
+# -- eval ------------------------------------------------------------------------------------------
+@click.group("eval")
+def eval_group() -> None:
+    """Measure a trained tokenizer or prior on a dataset."""
+
+
+def _loader(data_path: Path, batch_size: int, limit: int | None) -> Any:
+    from torch.utils.data import DataLoader, Subset
+
+    dataset = _dataset_from_file(data_path)
+    if limit is not None:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    if len(dataset) == 0:
+        raise DataError(f"the dataset of {data_path} is empty.")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def _print_results(results: Mapping[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    width = max(len(k) for k in results)
+    for k, v in results.items():
+        click.echo(f"{k:>{width}}: {v:.6g}" if isinstance(v, float) else f"{k:>{width}}: {v}")
+
+
+@eval_group.command("tokenizer")
+@click.argument("source", type=_SOURCE)
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=_CONFIG,
+    help="Dataset config file (or a train config with `data:`).",
+)
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--limit", default=None, type=click.IntRange(1), help="Use the first N images.")
+@click.option(
+    "--lpips/--no-lpips",
+    default=True,
+    show_default=True,
+    help="Also LPIPS (skipped with a note when its weights are not on disk).",
+)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def eval_tokenizer(
+    source: Path,
+    data_path: Path,
+    batch_size: int,
+    limit: int | None,
+    lpips: bool,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Reconstruction quality (PSNR, SSIM, LPIPS) and codebook usage of SOURCE's tokenizer."""
+    from latentgen.errors import WeightsNotFoundError
+    from latentgen.metrics.codebook import CodebookUsage
+    from latentgen.metrics.image import psnr, ssim
+    from latentgen.training.tasks import load_tokenizer
+
+    dev = _device(device)
+    tok = load_tokenizer(source).to(dev).eval()
+    lp = None
+    note = None
+    if lpips:
+        from latentgen.metrics.lpips import LPIPS
+
+        try:
+            lp = LPIPS.from_pretrained().to(dev)
+        except WeightsNotFoundError as e:
+            note = f"LPIPS skipped: {e}"
+    usage = CodebookUsage(tok.vocab_size)
+    sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
+    count = 0
+    with torch.no_grad():
+        for batch in _loader(data_path, batch_size, limit):
+            x = batch["image"].to(dev)  # [B, C, H, W]
+            codes = tok.encode(x)
+            recon = tok.decode(codes).clamp(-1, 1).float()
+            usage.update(codes)
+            sums["psnr"] += float(psnr(recon, x.float()).sum())
+            sums["ssim"] += float(ssim(recon, x.float()).sum())
+            if lp is not None:
+                sums["lpips"] += float(lp(recon, x.float()).sum())
+            count += int(x.shape[0])
+    results: dict[str, Any] = {
+        "images": count,
+        "psnr_db": sums["psnr"] / count,
+        "ssim": sums["ssim"] / count,
+    }
+    if lp is not None:
+        results["lpips"] = sums["lpips"] / count
+    stats = usage.compute()
+    results.update(
+        codebook_usage=stats["usage"],
+        perplexity=stats["perplexity"],
+        dead_codes=int(stats["dead_codes"]),
+        codebook_size=tok.vocab_size,
+    )
+    if note and not as_json:
+        click.echo(note, err=True)
+    _print_results(results, as_json)
+
+
+@eval_group.command("prior")
+@click.argument("pipeline_dir", type=_SOURCE)
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=_CONFIG,
+    help="Dataset config file (or a train config with `data:`).",
+)
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--limit", default=None, type=click.IntRange(1), help="Use the first N images.")
+@click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    metavar="NAME=KEY",
+    help="Dataset key of a conditioner's data (default: its name).",
+)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def eval_prior(
+    pipeline_dir: Path,
+    data_path: Path,
+    batch_size: int,
+    limit: int | None,
+    keys: tuple[str, ...],
+    device: str,
+    as_json: bool,
+) -> None:
+    """Negative log-likelihood of the dataset's codes under PIPELINE_DIR's prior (bits per code)."""
+    from latentgen.pipeline import Pipeline
+
+    dev = _device(device)
+    pipe = Pipeline.from_pretrained(pipeline_dir).to(dev)
+    mapping = {}
+    for item in keys:
+        name, sep, key = item.partition("=")
+        if not sep or name not in pipe.conditioners:
+            raise click.BadParameter(
+                f"{item!r}: use NAME=KEY with NAME one of {sorted(pipe.conditioners) or 'none'}.",
+                param_hint="--key",
+            )
+        mapping[name] = key
+    pipe.prior.eval()
+    nats, codes_seen, images = 0.0, 0, 0
+    pixels = 0
+    with torch.no_grad():
+        for batch in _loader(data_path, batch_size, limit):
+            x = batch["image"].to(dev)
+            codes = pipe.tokenizer.encode(x)  # [B, h, w]
+            conds = {}
+            for name, cond in pipe.conditioners.items():
+                key = mapping.get(name, name)
+                if key not in batch:
+                    raise DataError(
+                        f"conditioner '{name}' needs dataset key '{key}', but items have "
+                        f"{sorted(batch)}; map it with --key {name}=<key>."
+                    )
+                conds[name] = cond.encode(batch[key]).to(dev)
+            nats -= float(pipe.prior.log_prob(codes, conds or None).sum())
+            codes_seen += codes.numel()
+            images += int(x.shape[0])
+            pixels += x[0].numel() * int(x.shape[0])
+    per_code = nats / codes_seen
+    _print_results(
+        {
+            "images": images,
+            "nll_nats_per_code": per_code,
+            "bits_per_dim": per_code / math.log(2.0),
+            "bits_per_image_dim": nats / pixels / math.log(2.0),
+        },
+        as_json,
+    )

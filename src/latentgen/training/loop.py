@@ -1,0 +1,597 @@
+"""The training loop shared by both stages: ``Trainer(task, dataset, config).fit(resume=...)``.
+
+    task = TokenizerTask(tokenizer, grid_images=images[:8])
+    result = Trainer(task, dataset, TrainerConfig(run_name="vqgan", max_steps=20_000,
+                                                  batch_size=8, lr=4.5e-6)).fit()
+
+What the trainer does around ``task.train_step`` (see ``tasks.py`` for the task side):
+
+- data order: a permutation per epoch from a seeded generator whose state is checkpointed, cut
+  into one global batch per step and sharded by rank, so any (epoch, index) is replayable;
+- AMP (bf16 autocast on CUDA), gradient accumulation, all-reduce across ranks, clipping;
+- a NaN/inf guard: a step whose loss or gradient is not finite on any rank is skipped on every
+  rank; ``max_bad_steps`` in a row stop training with ``TrainingDivergedError``;
+- EMA of the weights, a warmup + cosine schedule, ``metrics.jsonl``, PNG grids, a tqdm bar;
+- atomic checkpoints in ``run_dir/checkpoints/step-N/`` from which ``fit(resume=True)``
+  continues bit for bit (weights, optimizer moments, RNGs, data position).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from latentgen.checkpoint import atomic_write_bytes, load_module, load_tensors
+from latentgen.errors import CheckpointError, DataError, LatentgenError, SpecError
+from latentgen.training import checkpoints as ckpt
+from latentgen.training.config import TrainerConfig
+from latentgen.training.distributed import (
+    DistInfo,
+    all_reduce_grads,
+    all_reduce_mean,
+    all_true,
+    barrier,
+    broadcast_module,
+    gather_json,
+    init_distributed,
+)
+from latentgen.training.ema import EMA
+from latentgen.training.tasks import Task, WarmupCosine
+
+__all__ = ["TrainResult", "Trainer", "TrainingDivergedError"]
+
+
+class TrainingDivergedError(LatentgenError):
+    """Too many steps in a row had a non-finite loss or gradient; training stopped."""
+
+
+class _NonFiniteStep(Exception):
+    """Raised inside a step to abandon it on every rank (caught by the trainer)."""
+
+
+@dataclass
+class TrainResult:
+    """What ``Trainer.fit`` returns."""
+
+    step: int
+    run_dir: Path
+    checkpoint: Path | None
+    export: Path | None
+    skipped_steps: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Position:
+    """Where the data stream is: the epoch, samples consumed in it, and the order's seed state."""
+
+    epoch: int
+    index: int
+    epoch_state: Tensor  # generator state that draws this epoch's permutation
+
+
+class _StepContext:
+    """``tasks.StepContext`` implementation handed to ``task.train_step``."""
+
+    def __init__(self, trainer: Trainer, step: int, micro_batches: list[Any]) -> None:
+        self.step = step
+        self.micro_batches = micro_batches
+        self.device = trainer.dist.device
+        self._trainer = trainer
+        self._loss_ok: dict[str, Tensor] = {}
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self._trainer.amp
+        )
+
+    def backward(self, loss: Tensor, optimizer: str) -> None:
+        params = self._trainer._params_of(optimizer)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise SpecError(
+                f"ctx.backward takes a scalar loss tensor, got "
+                f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}."
+            )
+        ok = torch.isfinite(loss.detach())
+        prev = self._loss_ok.get(optimizer)
+        self._loss_ok[optimizer] = ok if prev is None else (prev & ok)
+        # inputs= keeps gradients out of other optimizers' parameters (the discriminator during
+        # the generator's update) without toggling requires_grad.
+        (loss.float() / len(self.micro_batches)).backward(inputs=params)
+
+    def update(self, optimizer: str) -> float:
+        t = self._trainer
+        params = t._params_of(optimizer)
+        all_reduce_grads(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = _total_norm(grads, self.device)
+        loss_ok = self._loss_ok.pop(optimizer, torch.ones((), dtype=torch.bool))
+        local_ok = bool((loss_ok.to(norm.device) & torch.isfinite(norm)).item())
+        # Ranks must agree, or one would step while another skips and the weights would drift.
+        if not all_true(local_ok, self.device):
+            raise _NonFiniteStep(optimizer)
+        if t.config.grad_clip is not None and grads:
+            # Same rule as torch.nn.utils.clip_grad_norm_, reusing the norm computed above.
+            coef = (t.config.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+        t.optimizers[optimizer].step()
+        t.optimizers[optimizer].zero_grad(set_to_none=True)
+        return float(norm)
+
+
+def _total_norm(grads: list[Tensor], device: torch.device) -> Tensor:
+    """Global L2 norm of a list of gradients (fp32), 0 for none."""
+    if not grads:
+        return torch.zeros((), device=device)
+    norms = torch._foreach_norm(grads)  # one norm per tensor
+    return torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
+
+
+class _MicroBatches:
+    """This rank's micro-batch index lists for the given steps of one epoch's permutation.
+
+    Step ``s`` takes the global batch ``perm[s*gb : (s+1)*gb]``; rank ``r`` its ``r``-th slice of
+    ``batch_size * grad_accum``, cut into ``grad_accum`` micro-batches. Lazy, so an epoch of a
+    large dataset is not materialised as Python lists.
+    """
+
+    def __init__(self, perm: Tensor, steps: range, gb: int, rank: int, cfg: TrainerConfig) -> None:
+        self.perm, self.steps, self.gb, self.rank = perm, steps, gb, rank
+        self.batch_size, self.accum = cfg.batch_size, cfg.grad_accum
+
+    def __len__(self) -> int:
+        return len(self.steps) * self.accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_rank = self.batch_size * self.accum
+        for s in self.steps:
+            start = s * self.gb + self.rank * per_rank
+            for chunk in self.perm[start : start + per_rank].split(self.batch_size):
+                yield chunk.tolist()
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    # The DataLoader seeds torch per worker from its own generator; derive numpy/random from it.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+@contextlib.contextmanager
+def _preserved_rng(device: torch.device) -> Iterator[None]:
+    """Run a block (grids, sampling) without moving any RNG stream the training step uses."""
+    state = ckpt.capture_rng(device)
+    try:
+        yield
+    finally:
+        ckpt.restore_rng(state, device)
+
+
+class Trainer:
+    """Trains a ``Task`` on a map-style dataset; one instance per run.
+
+    Args:
+        task: the models, optimizers and step (``TokenizerTask``, ``PriorTask`` or your own).
+        dataset: map-style dataset; items are collated with ``collate_fn``.
+        config: trainer options.
+        dist: process placement; None reads the torchrun environment (``init_distributed``).
+        collate_fn: batches a list of items (default: ``torch.utils.data.default_collate``).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        dataset: Dataset[Any],
+        config: TrainerConfig,
+        *,
+        dist: DistInfo | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> None:
+        self.task = task
+        self.dataset = dataset
+        self.config = config
+        self.dist = dist if dist is not None else init_distributed(config.device)
+        self.collate_fn = collate_fn or default_collate
+        dev = self.dist.device
+        bf16_ok = dev.type != "cuda" or torch.cuda.is_bf16_supported()
+        self.amp = config.amp == "bf16" or (config.amp == "auto" and dev.type == "cuda" and bf16_ok)
+        self.run_dir = config.run_dir
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, WarmupCosine] = {}
+        self.emas: dict[str, EMA] = {}
+        self._params: dict[str, list[nn.Parameter]] = {}
+        self.step = 0
+        self.skipped_steps = 0
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _params_of(self, optimizer: str) -> list[nn.Parameter]:
+        if optimizer not in self._params:
+            raise SpecError(
+                f"unknown optimizer '{optimizer}'; this task has {sorted(self._params)}. Use one "
+                "of the names its optimizer_parameters() returns."
+            )
+        return self._params[optimizer]
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all ranks."""
+        return self.config.batch_size * self.config.grad_accum * self.dist.world_size
+
+    def _log(self, msg: str) -> None:
+        if self.dist.is_main:
+            print(f"latentgen: {msg}", file=sys.stderr)
+
+    # -- data --------------------------------------------------------------------------------------
+    def _steps_per_epoch(self) -> int:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        steps = n // self.global_batch
+        if steps == 0:
+            raise DataError(
+                f"the dataset has {n} samples, fewer than one step's global batch of "
+                f"{self.global_batch} (batch_size {self.config.batch_size} x grad_accum "
+                f"{self.config.grad_accum} x {self.dist.world_size} process(es)). Lower "
+                "batch_size or grad_accum, or use more data."
+            )
+        return steps
+
+    def _batches(self, pos: _Position) -> Iterator[tuple[list[Any], _Position]]:
+        """Yield (this rank's micro-batches, position after them) forever, epoch by epoch."""
+        cfg, d = self.config, self.dist
+        n = len(self.dataset)  # type: ignore[arg-type]
+        gb = self.global_batch
+        steps = self._steps_per_epoch()
+        while True:
+            gen = torch.Generator()
+            gen.set_state(pos.epoch_state)
+            perm = torch.randperm(n, generator=gen)  # [n], this epoch's order
+            next_state = gen.get_state()
+            first = -(-pos.index // gb)  # ceil: a resume with another world size skips a partial
+            if first < steps:
+                micro = _MicroBatches(perm, range(first, steps), gb, d.rank, cfg)
+                loader = DataLoader(
+                    self.dataset,
+                    batch_sampler=micro,
+                    num_workers=cfg.num_workers,
+                    collate_fn=self.collate_fn,
+                    pin_memory=d.device.type == "cuda",
+                    worker_init_fn=_worker_init if cfg.num_workers else None,
+                    # Its own generator: the default one would consume the global torch RNG
+                    # whenever an iterator starts, and resumes would drift.
+                    generator=torch.Generator().manual_seed(
+                        (cfg.seed * 1_000_003 + pos.epoch * 7919 + d.rank) % 2**63
+                    ),
+                )
+                it = iter(loader)
+                for s in range(first, steps):
+                    batches = [next(it) for _ in range(cfg.grad_accum)]
+                    yield batches, _Position(pos.epoch, (s + 1) * gb, pos.epoch_state)
+            pos = _Position(pos.epoch + 1, 0, next_state)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _resolve_resume(self, resume: bool | str | Path) -> Path | None:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if resume is False:
+            if latest is not None:
+                raise CheckpointError(
+                    f"run dir {self.run_dir} already has checkpoints (latest {latest.name}). "
+                    "Pass --resume (fit(resume=True)) to continue it, or pick another run_name."
+                )
+            return None
+        if resume is True:
+            if latest is None:
+                raise CheckpointError(
+                    f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}. Drop "
+                    "--resume to start the run, or check run_name and runs_dir."
+                )
+            return latest
+        path = Path(resume)
+        if (path / ckpt.TRAINER_FILE).is_file():
+            return path
+        found = ckpt.latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(
+                f"{path} is neither a checkpoint (no {ckpt.TRAINER_FILE}) nor a run dir with "
+                "checkpoints/step-N; give a checkpoint path or True."
+            )
+        return found
+
+    def _meta(self, pos: _Position) -> dict[str, Any]:
+        from latentgen import __version__
+
+        desc = self.task.describe()
+        first_ema = next(iter(self.emas.values()), None)
+        return {
+            "latentgen_version": __version__,
+            "step": self.step,
+            "epoch": pos.epoch,
+            "index": pos.index,
+            "world_size": self.dist.world_size,
+            "global_batch": self.global_batch,
+            "skipped_steps": self.skipped_steps,
+            "ema_updates": first_ema.num_updates if first_ema else 0,
+            "spec_hash": ckpt.spec_hash(desc),
+            "task": desc,
+            "resume": self.config.resume_view(),
+            "config": self.config.model_dump(mode="json"),
+            "time": time.time(),
+        }
+
+    def _save(self, pos: _Position) -> Path:
+        path = ckpt.checkpoint_dir(self.run_dir, self.step)
+        dev = self.dist.device
+        rng = gather_json(ckpt.capture_rng(dev), dev)  # a collective: every rank is here
+        error: BaseException | None = None
+        if self.dist.is_main:
+            assert rng is not None
+            try:
+                ckpt.write_checkpoint(
+                    path,
+                    meta=self._meta(pos),
+                    modules={n: m.state_dict() for n, m in self.task.modules().items()},
+                    ema={n: e.state_dict() for n, e in self.emas.items()},
+                    optimizers={n: o.state_dict() for n, o in self.optimizers.items()},
+                    schedulers={n: s.state_dict() for n, s in self.schedulers.items()},
+                    rng=rng,
+                    sampler_state=pos.epoch_state,
+                )
+                ckpt.prune_checkpoints(self.run_dir, self.config.keep_last)
+            except BaseException as e:  # report on every rank, not hang the others
+                error = e
+        # Doubles as the barrier after the write: no rank runs ahead of a missing checkpoint.
+        if not all_true(error is None, dev):
+            if error is not None:
+                raise error
+            raise CheckpointError(f"rank 0 failed to write checkpoint {path}; see its log.")
+        return path
+
+    def _load(self, path: Path) -> _Position:
+        meta = ckpt.read_trainer_json(path)
+        desc = self.task.describe()
+        want = ckpt.spec_hash(desc)
+        if meta.get("spec_hash") != want:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was made for spec "
+                f"{str(meta.get('spec_hash'))[:12]} "
+                f"but this run's spec is {want[:12]}. Differences (checkpoint -> now): "
+                f"{ckpt.describe_differences(meta.get('task', {}), desc)}. Use the config that "
+                "made the checkpoint, or start a new run with another run_name."
+            )
+        now = self.config.resume_view()
+        if meta.get("resume") != now:
+            old = meta.get("resume") or {}
+            hint = ""
+            if {k for k in now if old.get(k) != now[k]} == {"decay_steps"}:
+                hint = (
+                    f" To train longer on the same schedule, set decay_steps: "
+                    f"{old.get('decay_steps')} (the schedule then stays at its floor)."
+                )
+            raise CheckpointError(
+                f"cannot resume from {path}: its trainer options differ from this run's, so it "
+                f"would not continue the same run. Differences (checkpoint -> now): "
+                f"{ckpt.describe_differences(meta.get('resume', {}), now)}. Restore those "
+                "options, or start a new run with another run_name." + hint
+            )
+        ckpt.verify_files(path, meta)
+        for name, module in self.task.modules().items():
+            f = path / f"model.{name}.safetensors"
+            load_module(module, load_tensors(f, what=str(f)), what=str(f))
+        for name, ema in self.emas.items():
+            f = path / f"ema.{name}.safetensors"
+            ema.load_state_dict(load_tensors(f, what=str(f)), int(meta.get("ema_updates", 0)))
+        for name, opt in self.optimizers.items():
+            try:
+                opt.load_state_dict(ckpt.load_state(path, f"optimizer.{name}"))
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{path}: optimizer '{name}' does not fit: {e}") from None
+        for name, sched in self.schedulers.items():
+            sched.load_state_dict(ckpt.load_state(path, f"scheduler.{name}"))
+        ranks, sampler_state = ckpt.read_rng(path)
+        if int(meta["world_size"]) != self.dist.world_size:
+            self._log(
+                f"resuming a {meta['world_size']}-process run on {self.dist.world_size}: data "
+                "order continues, per-rank random streams restart (not bit for bit)."
+            )
+        if self.dist.rank < len(ranks) and int(meta["world_size"]) == self.dist.world_size:
+            ckpt.restore_rng(ranks[self.dist.rank], self.dist.device)
+        else:
+            _seed_all(self.config.seed + 7919 * int(meta["step"]) + self.dist.rank)
+        self.step = int(meta["step"])
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        return _Position(int(meta["epoch"]), int(meta["index"]), sampler_state)
+
+    def _truncate_metrics(self) -> None:
+        # A resumed run rewrites the steps after its checkpoint; drop their old lines.
+        path = self.run_dir / "metrics.jsonl"
+        if not (self.dist.is_main and path.is_file()):
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) <= self.step:
+                    keep.append(line)
+            except (json.JSONDecodeError, AttributeError, ValueError):
+                continue  # a line torn by a crash
+        atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+    # -- logging and grids -------------------------------------------------------------------------
+    def _write_metrics(self, record: Mapping[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _grid(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        with _preserved_rng(self.dist.device), contextlib.ExitStack() as stack:
+            for ema in self.emas.values():
+                stack.enter_context(ema.average_parameters())
+            image = self.task.make_grid(self.step)
+        if image is None:
+            return None
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        path = self.run_dir / "grids" / f"step-{self.step}.png"
+        atomic_write_bytes(path, buf.getvalue())
+        return path
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self, resume: bool | str | Path = False) -> TrainResult:
+        """Train to ``config.max_steps``; ``resume`` continues the latest (or a given) checkpoint.
+
+        Returns the final step, the last checkpoint and the exported model's path.
+        """
+        cfg, d, task = self.config, self.dist, self.task
+        task.to(d.device)
+        modules = task.modules()
+        for m in modules.values():
+            m.train()
+        self.optimizers = task.configure_optimizers(cfg)
+        self.schedulers = task.configure_schedulers(self.optimizers, cfg)
+        self._params = {
+            name: [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+            for name, opt in self.optimizers.items()
+        }
+        start = self._resolve_resume(resume)
+        if start is None:
+            for m in modules.values():
+                broadcast_module(m)  # every rank starts from rank 0's weights
+        if cfg.ema_decay is not None:
+            self.emas = {n: EMA(modules[n], cfg.ema_decay) for n in task.ema_modules()}
+        _seed_all(cfg.seed + d.rank)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        pos = _Position(0, 0, gen.get_state())
+        if start is not None:
+            pos = self._load(start)  # restores the RNGs last, right before the first step
+            self._truncate_metrics()
+            self._log(f"resumed from {start} at step {self.step}")
+        steps_per_epoch = self._steps_per_epoch()
+        last_ckpt: Path | None = start
+        last_metrics: dict[str, Any] = {}
+        if self.step >= cfg.max_steps:
+            self._log(f"step {self.step} >= max_steps {cfg.max_steps}: nothing to train.")
+            return TrainResult(self.step, self.run_dir, last_ckpt, None, self.skipped_steps)
+
+        show = d.is_main and (
+            cfg.progress == "on" or (cfg.progress == "auto" and sys.stderr.isatty())
+        )
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not show, dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        t_window, steps_window = time.perf_counter(), 0
+        consecutive_bad = 0
+        batches = self._batches(pos)
+        try:
+            while self.step < cfg.max_steps:
+                micro, next_pos = next(batches)
+                micro = [_to_device(b, d.device) for b in micro]
+                for sched in self.schedulers.values():
+                    sched.set_step(self.step)
+                try:
+                    logs = task.train_step(_StepContext(self, self.step, micro))
+                except _NonFiniteStep as e:
+                    for opt in self.optimizers.values():
+                        opt.zero_grad(set_to_none=True)
+                    consecutive_bad += 1
+                    self.skipped_steps += 1
+                    self._log(
+                        f"step {self.step}: non-finite loss or gradient for optimizer '{e}', "
+                        f"step skipped ({consecutive_bad} in a row, {self.skipped_steps} in all)."
+                    )
+                    if consecutive_bad >= cfg.max_bad_steps:
+                        raise TrainingDivergedError(
+                            f"{consecutive_bad} steps in a row (steps "
+                            f"{self.step - consecutive_bad + 1}..{self.step}) had a non-finite "
+                            f"loss or gradient; training stopped. The last good checkpoint is "
+                            f"{last_ckpt or '(none written yet)'}. Lower lr, set grad_clip, or "
+                            "use amp='off', then continue with --resume."
+                        ) from None
+                else:
+                    consecutive_bad = 0
+                    for ema in self.emas.values():
+                        ema.update()
+                    for k, v in logs.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                        counts[k] = counts.get(k, 0) + 1
+                self.step += 1
+                pos = next_pos
+                steps_window += 1
+                bar.update(1)
+
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    # Per key: a term that only some steps log (the GAN loss after disc_start)
+                    # is averaged over those steps.
+                    means = {k: v / counts[k] for k, v in sorted(sums.items())}
+                    means = all_reduce_mean(means, d.device)
+                    elapsed = max(time.perf_counter() - t_window, 1e-9)
+                    rate = steps_window * self.global_batch / elapsed
+                    last_metrics = {
+                        "step": self.step,
+                        "epoch": self.step / steps_per_epoch,
+                        **means,
+                        **{f"lr/{n}": s.get_lr()[0] for n, s in self.schedulers.items()},
+                        "samples_per_s": rate,
+                        "skipped_steps": self.skipped_steps,
+                        "time": time.time(),
+                    }
+                    self._write_metrics(last_metrics)
+                    if "loss" in means:
+                        bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{rate:.1f}")
+                    sums, counts = {}, {}
+                    t_window, steps_window = time.perf_counter(), 0
+                if cfg.grid_every and self.step % cfg.grid_every == 0:
+                    self._grid()
+                if (
+                    self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps
+                ) and consecutive_bad == 0:
+                    last_ckpt = self._save(pos)
+        finally:
+            bar.close()
+        export = self._export()
+        return TrainResult(
+            self.step, self.run_dir, last_ckpt, export, self.skipped_steps, last_metrics
+        )
+
+    def _export(self) -> Path | None:
+        out = None
+        if self.dist.is_main:
+            with contextlib.ExitStack() as stack:
+                for ema in self.emas.values():
+                    stack.enter_context(ema.average_parameters())
+                out = self.task.export(self.run_dir / "final")
+            if out is not None:
+                self._log(f"exported the trained model to {out}")
+        barrier()
+        return out
