@@ -5,4 +5,9 @@ from latentgen.hookspecs import hookimpl
 
 @hookimpl
 def register_tokenizers(register):  # type: ignore[no-untyped-def]
-    pass
+    # Imported here, not at module level: loading the plugin list must stay cheap.
+    from latentgen.tokenizers.vqgan import VQGAN
+    from latentgen.tokenizers.vqvae import VQVAE
+
+    register(VQVAE)
+    register(VQGAN)

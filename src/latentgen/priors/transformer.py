@@ -1,0 +1,611 @@
+"""Decoder-only GPT prior over row-major code sequences, with prefix conditioning and a KV cache.
+
+The sequence the model reads is ``[condition prefixes] + [SOS] + codes``: each condition is
+embedded with its own table and position embedding, a dropped condition (``Conditioning.drop``)
+is replaced by a learned null embedding (classifier-free guidance, arXiv 2207.12598), and the
+output at the position before code ``i`` predicts code ``i``. Sampling runs the prefix once into a
+preallocated key/value cache and then feeds one code per step.
+
+``layout="taming"`` instead reproduces the minGPT of Taming Transformers (Esser et al., arXiv
+2012.09841) exactly: condition tokens share the code embedding table, one position table spans
+the whole sequence, and the last condition token (or a start token) predicts the first code.
+``latentgen.priors.taming_gpt.convert_taming_gpt`` maps their checkpoints onto this layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from latentgen.conditioners.base import Conditioning
+from latentgen.errors import InputError
+from latentgen.priors.attention import AttentionBackend, get_backend, get_backend_instance
+from latentgen.priors.base import ConditionSlot, Conds, Prior
+from latentgen.priors.sampling import draw_fast, guide
+from latentgen.specs import ComponentConfig, SamplerConfig
+
+__all__ = ["TransformerPrior", "TransformerPriorConfig"]
+
+
+class TransformerPriorConfig(ComponentConfig):
+    """Config of the GPT prior (Radford et al. 2019; as used in arXiv 2012.09841)."""
+
+    type: Literal["transformer"] = "transformer"
+    vocab_size: int = Field(1024, ge=2, description="Number of codes K (the tokenizer's codebook).")
+    block_size: int = Field(
+        256,
+        ge=1,
+        description="Most code positions the model has positions for (h*w of the largest grid).",
+    )
+    n_layer: int = Field(8, ge=1, description="Number of transformer blocks.")
+    n_head: int = Field(8, ge=1, description="Attention heads per block; must divide n_embd.")
+    n_embd: int = Field(512, ge=1, description="Width of the residual stream.")
+    embd_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the input embeddings.")
+    attn_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention weights.")
+    resid_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on each block's attention and MLP outputs."
+    )
+    positions: Literal["learned", "rope"] = Field(
+        "learned",
+        description="'learned': a learned position table (GPT-2); 'rope': rotary embeddings on "
+        "queries and keys (RoFormer, arXiv 2104.09864).",
+    )
+    rope_base: float = Field(10000.0, gt=1, description="RoPE frequency base (positions='rope').")
+    mlp: Literal["gelu"] = Field("gelu", description="Block MLP: Linear(4x) -> GELU -> Linear.")
+    bias: bool = Field(True, description="Biases in the linear layers and LayerNorms.")
+    layer_norm_eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon.")
+    attention: str = Field(
+        "auto",
+        description="Attention backend name ('auto', 'sdpa', 'xformers', 'flex', 'math' or a "
+        "plugin's); 'auto' picks the fastest that works on the device and dtype.",
+    )
+    conditions: dict[str, ConditionSlot] = Field(
+        default_factory=dict,
+        description="Conditions by name (vocab_size, num_tokens each); their prefixes come in "
+        "this order. Empty: unconditional.",
+    )
+    cond_dropout: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Training probability of replacing a sample's conditions with the learned "
+        "null embeddings, so that classifier-free guidance works (arXiv 2207.12598).",
+    )
+    tie_embeddings: bool = Field(
+        False,
+        description="Use the code embedding table as the output head (Press & Wolf, arXiv "
+        "1608.05859). The head then has no weight of its own in the state dict.",
+    )
+    layout: Literal["prefix", "taming"] = Field(
+        "prefix",
+        description="'prefix': own embedding table and positions per condition, then a learned "
+        "SOS. 'taming': Taming Transformers' minGPT layout (arXiv 2012.09841): condition tokens "
+        "share the code table (at cond_offsets), one position table over the whole sequence, no "
+        "SOS after a condition.",
+    )
+    cond_offsets: dict[str, int] = Field(
+        default_factory=dict,
+        description="layout='taming' only: a condition's token t is looked up at row t + offset "
+        "of the shared code table (default 0, as in Taming Transformers).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TransformerPriorConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick a width "
+                f"that is a multiple of the head count, e.g. {self.n_head * 64}."
+            )
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"positions='rope' needs an even head width, got n_embd/n_head = "
+                f"{self.n_embd // self.n_head}."
+            )
+        if self.layout == "taming":
+            if self.positions != "learned":
+                raise ValueError(
+                    "layout='taming' uses a learned position table: set positions='learned'."
+                )
+            unknown = sorted(set(self.cond_offsets) - set(self.conditions))
+            if unknown:
+                raise ValueError(
+                    f"cond_offsets names {unknown}, which are not in conditions "
+                    f"{sorted(self.conditions)}."
+                )
+            for name, slot in self.conditions.items():
+                off = self.cond_offsets.get(name, 0)
+                if off < 0 or off + slot.vocab_size > self.vocab_size:
+                    raise ValueError(
+                        f"condition {name!r} (vocab {slot.vocab_size}) at offset {off} does not "
+                        f"fit the shared table of vocab_size={self.vocab_size}; raise vocab_size "
+                        f"to at least {max(off, 0) + slot.vocab_size} or lower the offset."
+                    )
+        elif self.cond_offsets:
+            raise ValueError(
+                "cond_offsets only applies to layout='taming' (the prefix layout gives each "
+                "condition its own table); remove it or set layout='taming'."
+            )
+        return self
+
+
+# -- blocks ------------------------------------------------------------------------------------
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of ``x [B, H, T, Dh]`` with ``cos, sin [T, Dh]`` (rotate-half pairing)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class _Attention(nn.Module):
+    def __init__(self, c: int, bias: bool) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(c, 3 * c, bias=bias)  # fused q, k, v projections
+        self.proj = nn.Linear(c, c, bias=bias)
+
+
+class _MLP(nn.Module):
+    def __init__(self, c: int, bias: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(c, 4 * c, bias=bias)
+        self.proj = nn.Linear(4 * c, c, bias=bias)
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block. ``forward`` calls the functional ops directly: in the one-token
+    decode step the per-module call overhead is a large share of the time."""
+
+    def __init__(self, config: TransformerPriorConfig) -> None:
+        super().__init__()
+        c = config.n_embd
+        self.ln1 = nn.LayerNorm(c, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = _Attention(c, config.bias)
+        self.ln2 = nn.LayerNorm(c, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = _MLP(c, config.bias)
+        self.n_head = config.n_head
+        self.eps = config.layer_norm_eps
+
+    def forward(
+        self,
+        x: Tensor,
+        backend: AttentionBackend,
+        rope: tuple[Tensor, Tensor] | None = None,
+        kv: Tensor | None = None,
+        start: int = 0,
+        attn_p: float = 0.0,
+        resid_p: float = 0.0,
+    ) -> Tensor:
+        """``x [B, T, C]`` at positions ``start..start+T``; ``kv [2, B, H, T_max, Dh]``: this
+        layer's key/value cache, written in place."""
+        b, t, c = x.shape
+        h = F.layer_norm(x, (c,), self.ln1.weight, self.ln1.bias, self.eps)
+        qkv = F.linear(h, self.attn.qkv.weight, self.attn.qkv.bias)  # [B, T, 3C]
+        qkv = qkv.view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, H, T, Dh] each
+        if rope is not None:
+            q, k = _rotate(q, *rope), _rotate(k, *rope)
+        if kv is not None:
+            if rope is None:
+                kv[:, :, :, start : start + t] = qkv[1:]  # k and v in one copy
+            else:
+                kv[0, :, :, start : start + t] = k
+                kv[1, :, :, start : start + t] = v
+            # Attend over the filled part only: a shorter key tensor, never a full-length mask.
+            k, v = kv[:, :, :, : start + t].unbind(0)
+        y = backend.attend(q, k, v, causal=True, mask=None, dropout_p=attn_p)  # [B, H, T, Dh]
+        y = F.linear(y.transpose(1, 2).reshape(b, t, c), self.attn.proj.weight, self.attn.proj.bias)
+        if resid_p:
+            y = F.dropout(y, resid_p, training=True)
+        x = x + y
+        h = F.layer_norm(x, (c,), self.ln2.weight, self.ln2.bias, self.eps)
+        h = F.gelu(F.linear(h, self.mlp.fc.weight, self.mlp.fc.bias))  # [B, T, 4C]
+        h = F.linear(h, self.mlp.proj.weight, self.mlp.proj.bias)
+        if resid_p:
+            h = F.dropout(h, resid_p, training=True)
+        return x + h
+
+
+# -- the prior ---------------------------------------------------------------------------------
+class TransformerPrior(Prior):
+    """GPT prior: pre-LN decoder-only transformer over row-major codes (arXiv 2012.09841).
+
+    Conditions become prefix tokens, each with its own embedding table, learned position
+    embedding and learned null embedding (used where ``Conditioning.drop`` is True, and with
+    probability ``cond_dropout`` in training, so that classifier-free guidance works). An
+    unconditional model starts from one learned SOS token. ``layout="taming"`` reproduces the
+    minGPT of Taming Transformers instead (shared token table, one position table, no SOS).
+
+    Args:
+        config: a ``TransformerPriorConfig``; nothing else is needed to rebuild the model.
+
+    Sampling (``sample``) runs the prefix once into a static KV cache ``[L, 2, B, H, T, Dh]``
+    and then one code per step; ``use_cache=False`` re-runs the whole sequence each step (the
+    reference the cache is tested against).
+    """
+
+    Config = TransformerPriorConfig
+
+    def __init__(self, config: TransformerPriorConfig) -> None:
+        super().__init__(config)
+        cfg = config
+        c = cfg.n_embd
+        taming = cfg.layout == "taming"
+        n_cond = sum(s.num_tokens for s in cfg.conditions.values())
+        # n_ctx: tokens before the first code's input; the output at n_ctx - 1 predicts code 0.
+        self.n_ctx = (n_cond or 1) if taming else n_cond + 1
+        # Index in pos_emb of code j's input embedding is _code_pos0 + j.
+        self._code_pos0 = self.n_ctx if taming else 1
+
+        self.tok_emb = nn.Embedding(cfg.vocab_size, c)
+        if not taming:
+            self.cond_emb = nn.ModuleDict(
+                {n: nn.Embedding(s.vocab_size, c) for n, s in cfg.conditions.items()}
+            )
+            self.cond_pos = nn.ParameterDict(
+                {n: nn.Parameter(torch.zeros(s.num_tokens, c)) for n, s in cfg.conditions.items()}
+            )
+        self.cond_null = nn.ParameterDict({n: nn.Parameter(torch.zeros(c)) for n in cfg.conditions})
+        # Learned start token: the SOS of the prefix layout, or an unconditional taming model's
+        # start (their sos token's embedding row).
+        self.sos = nn.Parameter(torch.zeros(c)) if not taming or not n_cond else None
+        if cfg.positions == "learned":
+            n_pos = self.n_ctx + cfg.block_size - 1 if taming else cfg.block_size
+            self.pos_emb: nn.Parameter | None = nn.Parameter(torch.zeros(n_pos, c))
+        else:
+            self.pos_emb = None
+            dh = c // cfg.n_head
+            inv = 1.0 / cfg.rope_base ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh)
+            ang = torch.arange(self.n_ctx + cfg.block_size, dtype=torch.float64)[:, None] * inv
+            ang = torch.cat((ang, ang), dim=-1)  # [T_max, Dh], rotate-half pairing
+            # Not persistent: derived from the config, so they stay out of the state dict.
+            self.register_buffer("rope_cos", ang.cos().float(), persistent=False)
+            self.register_buffer("rope_sin", ang.sin().float(), persistent=False)
+        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(c, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        # A tied head reads tok_emb.weight directly, so no two state-dict keys share storage
+        # (safetensors refuses shared tensors).
+        self.head = None if cfg.tie_embeddings else nn.Linear(c, cfg.vocab_size, bias=False)
+        self._backends: dict[tuple[torch.device, torch.dtype], AttentionBackend] = {}
+        if cfg.attention != "auto":
+            get_backend_instance(cfg.attention)  # an unknown name fails at build time
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        std = 0.02
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                # GPT-2: residual projections scaled by 1/sqrt(2 L) so the residual stream's
+                # variance does not grow with depth.
+                scale = name.endswith(("attn.proj", "mlp.proj"))
+                nn.init.normal_(
+                    module.weight, 0.0, std / math.sqrt(2 * self.config.n_layer) if scale else std
+                )
+                bias = getattr(module, "bias", None)
+                if bias is not None:
+                    nn.init.zeros_(bias)
+        # Free-standing parameters (positions, SOS, null embeddings); LayerNorms keep 1 / 0.
+        for p in (
+            self.sos,
+            self.pos_emb,
+            *self.cond_null.values(),
+            *(self.cond_pos.values() if hasattr(self, "cond_pos") else ()),
+        ):
+            if p is not None:
+                nn.init.normal_(p, 0.0, std)
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    @property
+    def condition_names(self) -> tuple[str, ...]:
+        return tuple(self.config.conditions)
+
+    # -- input checks ----------------------------------------------------------------------
+    def _check_grid(self, h: int, w: int) -> None:
+        if h < 1 or w < 1:
+            raise InputError(f"code grid must be at least 1x1, got {h}x{w}.")
+        if h * w > self.config.block_size:
+            raise InputError(
+                f"code grid {h}x{w} ({h * w} codes) is larger than the positional table "
+                f"(block_size={self.config.block_size}): train with a larger block_size or use "
+                "the sliding window."
+            )
+
+    def _checked_conds(self, conds: Conds | None) -> dict[str, Conditioning]:
+        got = self.check_conds(conds)
+        for name, slot in self.config.conditions.items():
+            c = got[name]
+            if c.vocab_size != slot.vocab_size or c.num_tokens != slot.num_tokens:
+                raise InputError(
+                    f"condition {name!r} has vocab_size={c.vocab_size}, num_tokens="
+                    f"{c.num_tokens}, but {type(self).__name__} was built for vocab_size="
+                    f"{slot.vocab_size}, num_tokens={slot.num_tokens}. Use the conditioner the "
+                    "prior was trained with (or fix conditions in the prior's config)."
+                )
+            if c.tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                raise InputError(
+                    f"condition {name!r} tokens must be integers, got dtype {c.tokens.dtype}."
+                )
+            if c.tokens.numel():
+                lo, hi = int(c.tokens.min()), int(c.tokens.max())
+                if lo < 0 or hi >= slot.vocab_size:
+                    raise InputError(
+                        f"condition {name!r} tokens must lie in [0, {slot.vocab_size}), got "
+                        f"values in [{lo}, {hi}]."
+                    )
+            if c.drop is not None and tuple(c.drop.shape) != (c.batch_size,):
+                raise InputError(
+                    f"condition {name!r} drop mask must have shape [{c.batch_size}], got "
+                    f"{tuple(c.drop.shape)}."
+                )
+        return got
+
+    def _backend(self, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+        key = (device, dtype)
+        backend = self._backends.get(key)
+        if backend is None:
+            backend = get_backend(self.config.attention, device, dtype)
+            self._backends[key] = backend
+        return backend
+
+    # -- forward pieces ---------------------------------------------------------------------
+    def _prefix(
+        self, conds: dict[str, Conditioning], batch: int, drop: Tensor | None = None
+    ) -> Tensor:
+        """Embedded prefix ``[B, n_ctx, C]`` (positions included); ``drop [B]`` drops all conds."""
+        cfg = self.config
+        device = self.tok_emb.weight.device
+        parts = []
+        for name in cfg.conditions:
+            cond = conds[name]
+            tokens = cond.tokens.to(device=device, dtype=torch.long)  # [B, n]
+            if cfg.layout == "taming":
+                e = self.tok_emb(tokens + cfg.cond_offsets.get(name, 0))  # [B, n, C]
+            else:
+                e = self.cond_emb[name](tokens)  # [B, n, C]
+            d = None if cond.drop is None else cond.drop.to(device=device, dtype=torch.bool)
+            if drop is not None:
+                d = drop if d is None else d | drop
+            if d is not None:
+                e = torch.where(d[:, None, None], self.cond_null[name].to(e.dtype), e)
+            if cfg.layout != "taming":
+                e = e + self.cond_pos[name]
+            parts.append(e)
+        if self.sos is not None:
+            sos: Tensor = self.sos
+            if self.pos_emb is not None and cfg.layout != "taming":
+                sos = sos + self.pos_emb[0]  # the SOS is code position 0 of the prefix layout
+            parts.append(sos.expand(batch, 1, -1))  # [B, 1, C]
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [B, n_ctx, C]
+        if self.pos_emb is not None and cfg.layout == "taming":
+            x = x + self.pos_emb[: self.n_ctx]  # one position table over the whole sequence
+        return x
+
+    def _embed_codes(self, codes: Tensor, first: int) -> Tensor:
+        """Input embeddings ``[B, T, C]`` of codes ``[B, T]`` that are codes ``first..first+T``."""
+        x = F.embedding(codes, self.tok_emb.weight)  # [B, T, C]
+        if self.pos_emb is not None:
+            p0 = self._code_pos0 + first
+            x = x + self.pos_emb[p0 : p0 + codes.shape[1]]
+        return x
+
+    def _rope(self, start: int, length: int) -> tuple[Tensor, Tensor] | None:
+        if self.pos_emb is not None:
+            return None
+        cos: Tensor = self.rope_cos[start : start + length]  # type: ignore[index]  # [T, Dh]
+        sin: Tensor = self.rope_sin[start : start + length]  # type: ignore[index]
+        return cos, sin
+
+    def _run(
+        self,
+        x: Tensor,
+        start: int = 0,
+        kv: list[Tensor] | None = None,
+        train: bool = False,
+    ) -> Tensor:
+        """Blocks + final LayerNorm on ``x [B, T, C]`` at positions ``start..start+T``.
+
+        ``kv`` holds each layer's cache ``[2, B, H, T_max, Dh]`` (keys, values), filled in place.
+        """
+        cfg = self.config
+        backend = self._backend(x.device, x.dtype)
+        rope = None if self.pos_emb is not None else self._rope(start, x.shape[1])
+        attn_p = cfg.attn_dropout if train else 0.0
+        resid_p = cfg.resid_dropout if train else 0.0
+        for i, block in enumerate(self.blocks):
+            x = block(x, backend, rope, None if kv is None else kv[i], start, attn_p, resid_p)
+        return F.layer_norm(x, (x.shape[-1],), self.ln_f.weight, self.ln_f.bias, cfg.layer_norm_eps)
+
+    def _head(self, h: Tensor) -> Tensor:
+        weight = self.tok_emb.weight if self.head is None else self.head.weight
+        return F.linear(h, weight)  # [..., K]
+
+    def _code_logits(self, codes: Tensor, conds: Conds | None) -> Tensor:
+        """Teacher-forced logits ``[B, h*w, K]``: entry ``i`` predicts code ``i``."""
+        self.check_codes(codes)
+        b, gh, gw = codes.shape
+        self._check_grid(gh, gw)
+        got = self._checked_conds(conds)
+        if got and next(iter(got.values())).batch_size != b:
+            raise InputError(
+                f"codes have batch size {b} but the conditions have "
+                f"{next(iter(got.values())).batch_size}."
+            )
+        train = self.training
+        drop = None
+        if train and self.config.cond_dropout > 0 and got:
+            drop = torch.rand(b, device=self.tok_emb.weight.device) < self.config.cond_dropout
+        flat = codes.reshape(b, gh * gw).to(self.tok_emb.weight.device, torch.long)  # [B, n]
+        x = torch.cat((self._prefix(got, b, drop), self._embed_codes(flat[:, :-1], 0)), dim=1)
+        if train and self.config.embd_dropout:
+            x = F.dropout(x, self.config.embd_dropout, training=True)
+        h = self._run(x, train=train)  # [B, n_ctx + n - 1, C]
+        return self._head(h[:, self.n_ctx - 1 :])  # [B, n, K]
+
+    # -- Prior API ---------------------------------------------------------------------------
+    def log_prob(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
+        """Total log-likelihood ``[B]`` in nats of each code grid ``[B, h, w]``.
+
+        In training mode dropout and ``cond_dropout`` apply (it is then the training objective);
+        call ``eval()`` for exact likelihoods.
+        """
+        logits = self._code_logits(codes, conds).float()  # [B, n, K]
+        flat = codes.reshape(codes.shape[0], -1).to(logits.device, torch.long)  # [B, n]
+        logp = logits.log_softmax(-1).gather(-1, flat[..., None]).squeeze(-1)  # [B, n]
+        return logp.sum(-1)
+
+    def loss(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
+        """Mean negative log-likelihood per code in nats (fused cross-entropy)."""
+        logits = self._code_logits(codes, conds)
+        target = codes.reshape(-1).to(logits.device, torch.long)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target)
+
+    def sample(
+        self,
+        conds: Conds | None = None,
+        grid: tuple[int, int] = (16, 16),
+        sampler: SamplerConfig | None = None,
+        generator: Any = None,
+        num_samples: int | None = None,
+        prefix: Tensor | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Draw codes ``[B, h, w]`` (see ``Prior.sample``); ``use_cache=False`` is the slow
+        reference that re-runs the whole sequence for every code."""
+        sampler = sampler or SamplerConfig()
+        gh, gw = int(grid[0]), int(grid[1])
+        self._check_grid(gh, gw)
+        got = self._checked_conds(conds)
+        device = self.tok_emb.weight.device
+        if got:
+            b = next(iter(got.values())).batch_size
+            if num_samples is not None and num_samples != b:
+                raise InputError(
+                    f"num_samples={num_samples} but the conditions hold {b} rows; repeat them "
+                    f"instead (Conditioning.repeat(n)) or leave num_samples out."
+                )
+        else:
+            if sampler.guidance_scale != 1.0:
+                raise InputError(
+                    f"guidance_scale={sampler.guidance_scale} needs a conditional prior; this "
+                    "one is unconditional. Use guidance_scale=1."
+                )
+            b = (
+                num_samples
+                if num_samples is not None
+                else (int(prefix.shape[0]) if prefix is not None else 1)
+            )
+            if b < 1:
+                raise InputError(f"num_samples must be >= 1, got {b}.")
+        n = gh * gw
+        given = None
+        if prefix is not None:
+            if not isinstance(prefix, Tensor) or tuple(prefix.shape) != (b, gh, gw):
+                shape = tuple(prefix.shape) if isinstance(prefix, Tensor) else type(prefix)
+                raise InputError(
+                    f"prefix must be a [B, h, w] = [{b}, {gh}, {gw}] tensor of codes with -1 "
+                    f"where codes are to be drawn, got {shape}."
+                )
+            if prefix.dtype.is_floating_point or prefix.dtype == torch.bool:
+                raise InputError(f"prefix must hold integer codes, got dtype {prefix.dtype}.")
+            if prefix.numel():
+                lo, hi = int(prefix.min()), int(prefix.max())
+                if lo < -1 or hi >= self.vocab_size:
+                    raise InputError(
+                        f"prefix codes must lie in [0, {self.vocab_size}) or be -1 (to draw), "
+                        f"got values in [{lo}, {hi}]."
+                    )
+            given = prefix.reshape(b, n).to(device, torch.long)  # [B, n]
+        guided = bool(got) and sampler.guidance_scale != 1.0
+        with torch.inference_mode():
+            x0 = self._sample_prefix(got, b, guided)
+            pick = self._picker(sampler, generator, given, b, guided)
+            decode = self._decode_cached if use_cache else self._decode_uncached
+            out = decode(x0, n, pick, 2 if guided else 1)
+        # Clone outside inference mode: inference tensors cannot be used later in autograd
+        # (e.g. embedded in a training step).
+        return out.clone().view(b, gh, gw)
+
+    # -- sampling internals -----------------------------------------------------------------
+    def _sample_prefix(self, got: dict[str, Conditioning], b: int, guided: bool) -> Tensor:
+        """Prefix embeddings; with guidance ``[2B, n_ctx, C]``: conditional rows, then null rows."""
+        if not guided:
+            return self._prefix(got, b)
+        both = {}
+        for name, c in got.items():
+            keep = torch.zeros(b, dtype=torch.bool) if c.drop is None else c.drop.cpu().bool()
+            drop = torch.cat((keep, torch.ones(b, dtype=torch.bool)))
+            both[name] = Conditioning(
+                tokens=torch.cat((c.tokens, c.tokens)),
+                vocab_size=c.vocab_size,
+                grid=c.grid,
+                drop=drop.to(c.tokens.device),
+            )
+        return self._prefix(both, 2 * b)
+
+    def _picker(
+        self,
+        sampler: SamplerConfig,
+        generator: Any,
+        given: Tensor | None,
+        b: int,
+        guided: bool,
+    ) -> Callable[[Tensor, int], Tensor]:
+        """``pick(logits [B or 2B, K], i) -> codes [B]`` for code ``i``: guide, draw, keep given."""
+        scale = sampler.guidance_scale
+
+        def pick(logits: Tensor, i: int) -> Tensor:
+            if guided:
+                logits = guide(logits[:b], logits[b:], scale)  # [B, K]
+            code = draw_fast(logits, sampler, generator)  # [B]
+            if given is not None:
+                g = given[:, i]
+                code = torch.where(g >= 0, g, code)
+            return code
+
+        return pick
+
+    def _decode_cached(
+        self, x0: Tensor, n: int, pick: Callable[[Tensor, int], Tensor], copies: int
+    ) -> Tensor:
+        """Prefix once into a static KV cache, then one code per step -> codes ``[B, n]``.
+
+        ``x0`` holds ``copies`` stacked batches (2 with guidance: conditional, then null rows);
+        each drawn code is fed to every copy.
+        """
+        cfg = self.config
+        rows, n_ctx, c = x0.shape
+        t_max = n_ctx + n - 1  # the last code is never fed back
+        cache = x0.new_empty(cfg.n_layer, 2, rows, cfg.n_head, t_max, c // cfg.n_head)
+        kv = list(cache.unbind(0))  # per-layer views [2, rows, H, T_max, Dh], made once
+        out = torch.empty(rows // copies, n, dtype=torch.long, device=x0.device)
+        h = self._run(x0, 0, kv)[:, -1]  # [rows, C]
+        for i in range(n):
+            code = pick(self._head(h), i)  # [B]
+            out[:, i] = code
+            if i == n - 1:
+                break
+            feed = out[:, i : i + 1] if copies == 1 else code.repeat(copies)[:, None]  # [rows, 1]
+            h = self._run(self._embed_codes(feed, i), n_ctx + i, kv)[:, 0]  # [rows, C]
+        return out
+
+    def _decode_uncached(
+        self, x0: Tensor, n: int, pick: Callable[[Tensor, int], Tensor], copies: int
+    ) -> Tensor:
+        """Reference decoding: the whole sequence is run again for every code."""
+        rows = x0.shape[0]
+        out = torch.empty(rows // copies, n, dtype=torch.long, device=x0.device)
+        for i in range(n):
+            x = x0
+            if i:
+                codes_in = out[:, :i].repeat(copies, 1)  # [rows, i]
+                x = torch.cat((x0, self._embed_codes(codes_in, 0)), dim=1)
+            h = self._run(x)[:, -1]  # [rows, C]
+            out[:, i] = pick(self._head(h), i)
+        return out
