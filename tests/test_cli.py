@@ -81,3 +81,19 @@ def test_bad_input_is_one_clear_error(saved, args, needle, tmp_path, monkeypatch
     assert res.exit_code != 0
     assert needle in res.output
     assert "Traceback" not in res.output
+
+
+def test_sample_conditions_from_files(saved, tmp_path):
+    import numpy as np
+
+    (tmp_path / "labels.txt").write_text("0\n2\n")
+    (tmp_path / "labels.json").write_text("[1, 2]")
+    np.save(tmp_path / "labels.npy", np.array([2, 0]))
+    for name in ("labels.txt", "labels.json", "labels.npy"):
+        out = tmp_path / f"{name}.png"
+        res = CliRunner().invoke(main, ["sample", str(saved), "-n", "2", "-o", str(out),
+                                        "-c", f"label=@{tmp_path / name}"])
+        assert res.exit_code == 0, res.output
+        assert out.is_file()
+    res = CliRunner().invoke(main, ["sample", str(saved), "-c", "label=@/nonexistent.txt"])
+    assert res.exit_code != 0 and "does not exist" in res.output

@@ -93,7 +93,8 @@ def _failure(name):
     return next(f.error for f in plugin_failures() if f.name == name)
 
 
-def test_register_rejects_non_component(latentgen_plugin, capsys):
+def test_register_rejects_non_component(latentgen_plugin, capsys, monkeypatch):
+    monkeypatch.delenv("LATENTGEN_STRICT_PLUGINS", raising=False)
     latentgen_plugin(_plugin(register_conditioners=lambda register: register(dict)), name="bad")
     assert "class_label" in registry.list("conditioner")  # the host carries on
     assert "not a subclass of Conditioner" in _failure("bad")
@@ -107,7 +108,8 @@ def test_register_in_strict_mode_raises(latentgen_plugin, monkeypatch):
         registry.list("conditioner")
 
 
-def test_register_rejects_non_literal_type(latentgen_plugin):
+def test_register_rejects_non_literal_type(latentgen_plugin, monkeypatch):
+    monkeypatch.delenv("LATENTGEN_STRICT_PLUGINS", raising=False)
     class LooseConfig(ComponentConfig):
         type: str = "loose"
 

@@ -96,11 +96,42 @@ def schema(kind: str | None) -> None:
 
 
 def _parse_condition(value: str) -> Any:
-    """CLI condition values: JSON (``3``, ``[3, 7]``, ``"shirt"``) or a bare string."""
+    """A CLI condition value: JSON (``3``, ``[3, 7]``, ``"shirt"``), a bare string, or ``@FILE``.
+
+    ``@FILE`` reads a ``.json`` file, a ``.npy`` array (no pickles), a text file with one value
+    per line, or an image (returned as a PIL image, for spatial conditioners).
+    """
+    if value.startswith("@"):
+        return _read_condition_file(Path(value[1:]))
     try:
         return json.loads(value)
     except json.JSONDecodeError:
         return value
+
+
+def _read_condition_file(path: Path) -> Any:
+    if not path.is_file():
+        raise click.BadParameter(f"condition file {path} does not exist", param_hint="--cond")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            return json.loads(path.read_text())
+        if suffix == ".npy":
+            import numpy as np
+            import torch
+
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"):
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        return [_parse_condition(ln) for ln in lines]
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(f"cannot read condition file {path}: {e}",
+                                 param_hint="--cond") from None
 
 
 @main.command()
@@ -112,7 +143,8 @@ def _parse_condition(value: str) -> Any:
               type=click.Path(path_type=Path), help="PNG grid to write.")
 @click.option("--size", default=None, type=click.IntRange(1), help="Image size (default: card).")
 @click.option("--cond", "-c", multiple=True, metavar="NAME=VALUE",
-              help="A condition, e.g. -c label=3 or -c 'label=[3,7]'. Repeatable.")
+              help="A condition, e.g. -c label=3, -c 'label=[3,7]' or -c label=@labels.txt "
+                   "(.json, .npy, one value per line, or an image). Repeatable.")
 @click.option("--temperature", default=None, type=float)
 @click.option("--top-k", default=None, type=int)
 @click.option("--top-p", default=None, type=float)

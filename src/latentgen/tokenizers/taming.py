@@ -29,6 +29,7 @@ import collections
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -157,12 +158,19 @@ def read_lightning_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")
+    # Memory-map zip checkpoints: a Lightning file also holds the optimizer's moments (twice the
+    # model), which are then never read from disk.
+    mmap = zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         try:
             obj = torch.load(
-                path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE
+                path,
+                map_location="cpu",
+                weights_only=False,
+                pickle_module=_RESTRICTED_PICKLE,
+                mmap=mmap,
             )
         except Exception as e:
             raise CheckpointError(
@@ -266,17 +274,20 @@ def taming_config(
             int(s) for s in _require(state_dict, "quantize.embedding.weight").shape
         )
 
-    nominal = int(dd.get("resolution", 256))
+    # Their nominal resolution only places attention; 256 for every published model.
+    resolution = int(dd.get("resolution", 256))
     f = 2 ** (len(ch_mult) - 1)
-    if nominal % f:
-        nominal = f * 16
-    resolution = nominal
+    if resolution % f:
+        raise CheckpointError(
+            f"ddconfig.resolution={resolution} is not a multiple of the downsample factor {f}; "
+            "the encoder and decoder would place attention at different levels."
+        )
     if "attn_resolutions" in dd:
         attn = [int(r) for r in dd["attn_resolutions"]]
     else:
         attn = [resolution // 2**i for i in attn_levels]
-    # Keep only resolutions that name a level: their configs sometimes list sizes the model
-    # never reaches (e.g. [16] on a 4-level f8 model of 256 px); those place no attention.
+    # A size the model never reaches places no attention in taming; our config refuses it, so
+    # keep only sizes that name a level (the key check below still compares the layouts).
     levels_res = [resolution // 2**i for i in range(len(ch_mult))]
     attn = [r for r in attn if r in levels_res]
 
