@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from latentgen import Pipeline
 from latentgen.cli import main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "latentgen" / "configs"
 
 
 def _shrink(name: str, tmp: Path) -> Path:

@@ -180,11 +180,16 @@ def sample(pipeline_dir: Path, num: int, seed: int, out: Path, size: int | None,
 @main.command()
 @click.option("--out", "-o", default="out/demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, type=int)
-def demo(out: Path, seed: int) -> None:
-    """Build a pipeline on the built-in shapes data, save it, and write sample grids."""
-    from latentgen.demo import run_demo
+@click.option("--toy", is_flag=True,
+              help="Use the latentgen-toy plugin's counting models instead (seconds, not minutes).")
+def demo(out: Path, seed: int, toy: bool) -> None:
+    """Train a VQGAN and a transformer prior on the built-in shapes data; write image grids."""
+    from latentgen.demo import run_demo, run_toy_demo
 
-    run_demo(out, seed=seed)
+    if toy:
+        run_toy_demo(out, seed=seed)
+    else:
+        run_demo(out, seed=seed)
 
 
 def _png_path(out: Path) -> Path:

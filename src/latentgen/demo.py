@@ -1,26 +1,79 @@
-"""The README's main job: build a pipeline on the built-in shapes data and write sample grids.
+"""The README's main job: train both stages on the built-in shapes data and write image grids.
 
-It uses the outside plugin ``latentgen-toy`` (a k-means palette tokenizer and a counting n-gram
-prior), so it runs in seconds on a CPU and shows a third-party plugin working end to end.
+``run_demo`` trains a small VQGAN (stage 1) and a class-conditional transformer prior (stage 2)
+with the shipped configs (``latentgen/configs/*.yaml``) on a CPU in a few minutes, then samples
+one row per class. ``run_toy_demo`` does the same in seconds with the outside plugin
+``latentgen-toy`` (a k-means palette tokenizer and a counting n-gram prior).
 """
 
 from __future__ import annotations
 
+import shutil
+from importlib import resources
 from pathlib import Path
 
 import torch
+import yaml
 
 from latentgen.data.base import to_pil
 from latentgen.data.shapes import CLASSES, ShapesConfig, ShapesDataset
 from latentgen.pipeline import Pipeline
 from latentgen.utils import image_grid
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "run_toy_demo", "demo_configs"]
 
 
-def run_demo(out: str | Path = "out/demo", num_train: int = 2048, image_size: int = 32,
+def demo_configs(out: Path) -> tuple[Path, Path]:
+    """Write the shipped stage-1 and stage-2 configs into ``out``, with runs under ``out/runs``."""
+    files = resources.files("latentgen") / "configs"
+    tok = yaml.safe_load((files / "shapes-vqgan.yaml").read_text())
+    prior = yaml.safe_load((files / "shapes-transformer.yaml").read_text())
+    runs = out / "runs"
+    tok["trainer"]["runs_dir"] = str(runs)
+    prior["trainer"]["runs_dir"] = str(runs)
+    prior["tokenizer_path"] = str(runs / tok["trainer"]["run_name"])
+    paths = out / "shapes-vqgan.yaml", out / "shapes-transformer.yaml"
+    for path, cfg in zip(paths, (tok, prior)):
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return paths
+
+
+def run_demo(out: str | Path = "out/demo", seed: int = 0) -> dict[str, Path]:
+    """Train the VQGAN, then the prior on its codes, then sample; returns the paths written."""
+    from latentgen.training.cli import train_prior, train_tokenizer
+
+    out = Path(out)
+    shutil.rmtree(out / "runs", ignore_errors=True)  # the demo's own runs start afresh
+    out.mkdir(parents=True, exist_ok=True)
+    tok_cfg, prior_cfg = demo_configs(out)
+    print(f"stage 1: training a VQGAN ({tok_cfg})")
+    train_tokenizer.callback(config_path=tok_cfg, resume=False, run_dir=None)  # type: ignore[misc]
+    print(f"stage 2: training a transformer prior on its codes ({prior_cfg})")
+    train_prior.callback(config_path=prior_cfg, resume=False, run_dir=None,  # type: ignore[misc]
+                         rebuild_cache=False, cache_only=False)
+    final = out / "runs" / yaml.safe_load(prior_cfg.read_text())["trainer"]["run_name"] / "final"
+    pipe = Pipeline.from_pretrained(final)
+    return _write_grids(pipe, out, image_size=32, seed=seed) | {"pipeline": final}
+
+
+def _write_grids(pipe: Pipeline, out: Path, image_size: int, seed: int) -> dict[str, Path]:
+    """One row of samples per class, and held-out originals over their reconstructions."""
+    per_class = 6
+    samples = pipe(label=list(range(len(CLASSES))), num_images=per_class * len(CLASSES),
+                   size=image_size, generator=torch.Generator().manual_seed(seed))
+    image_grid(samples, nrow=per_class).save(out / "samples.png")  # row r holds class r
+    held_out = ShapesDataset(ShapesConfig(size=8, image_size=image_size, seed=seed + 10**6))
+    test = torch.stack([held_out[i]["image"] for i in range(8)])  # [8, 3, S, S]
+    pairs = torch.cat([test, pipe.reconstruct(test)])
+    image_grid(to_pil(pairs), nrow=8).save(out / "reconstructions.png")
+    print(f"samples   -> {out / 'samples.png'} (one row per class: {', '.join(CLASSES)})")
+    print(f"originals over reconstructions -> {out / 'reconstructions.png'}")
+    return {"samples": out / "samples.png", "reconstructions": out / "reconstructions.png"}
+
+
+def run_toy_demo(out: str | Path = "out/demo", num_train: int = 2048, image_size: int = 32,
              seed: int = 0) -> dict[str, Path]:
-    """Fit, save, reload and sample; returns the paths written."""
+    """The toy plugin's pipeline: fit (by counting), save, reload and sample, in seconds."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = ShapesDataset(ShapesConfig(size=num_train, image_size=image_size, seed=seed))
@@ -48,16 +101,6 @@ def run_demo(out: str | Path = "out/demo", num_train: int = 2048, image_size: in
         "value_range": [-1, 1], "downsample": pipe.tokenizer.downsample,
     })
     pipe = Pipeline.from_pretrained(pipe_dir)  # sample from what is on disk
-    per_class = 6
-    samples = pipe(label=list(range(len(CLASSES))), num_images=per_class * len(CLASSES),
-                   generator=torch.Generator().manual_seed(seed))
-    # repeat_interleave order: row r holds class r
-    image_grid(samples, nrow=per_class).save(out / "samples.png")
-    pairs = torch.cat([test[:8], pipe.reconstruct(test[:8])])
-    image_grid(to_pil(pairs), nrow=8).save(out / "reconstructions.png")
     print(f"held-out NLL: {bits:.3f} bits per code ({pipe.tokenizer.vocab_size} codes)")
     print(f"pipeline  -> {pipe_dir}")
-    print(f"samples   -> {out / 'samples.png'} (one row per class: {', '.join(CLASSES)})")
-    print(f"originals over reconstructions -> {out / 'reconstructions.png'}")
-    return {"pipeline": pipe_dir, "samples": out / "samples.png",
-            "reconstructions": out / "reconstructions.png"}
+    return _write_grids(pipe, out, image_size, seed) | {"pipeline": pipe_dir}

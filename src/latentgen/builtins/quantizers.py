@@ -1,10 +1,10 @@
-"""Built-in quantizers registered through the same hook as third-party plugins."""
+"""Built-in quantizers, registered through the same hook as third-party plugins."""
 
-from latentgen.hookspecs import hookimpl
+from latentgen.hookspecs import RegisterFn, hookimpl
 
 
 @hookimpl
-def register_quantizers(register):  # type: ignore[no-untyped-def]
+def register_quantizers(register: RegisterFn) -> None:
     # Imported here, not at module level: loading the plugin list must stay cheap.
     from latentgen.tokenizers.quantizers.fsq import FSQuantizer
     from latentgen.tokenizers.quantizers.gumbel import GumbelQuantizer

@@ -116,7 +116,8 @@ class Downsample(nn.Module):
     """Halve the resolution with a 3x3 stride-2 conv after padding right and bottom by one.
 
     The asymmetric (0, 1, 0, 1) padding keeps the reference models' pixel alignment; a
-    symmetric ``padding=1`` conv would shift every feature by half a pixel.
+    symmetric ``padding=1`` conv would shift every output by one input pixel, and pretrained
+    weights would no longer fit.
     """
 
     def __init__(self, channels: int) -> None:

@@ -198,15 +198,15 @@ class VQGAN(VQAutoencoder):
         # directly, as the reference does, would run LPIPS's and the discriminator's backward
         # twice. The gradients are the same (test_vqgan checks it).
         logs: dict[str, float] = {"gan_weight": ramp}
-        # fp32 leaf: under fp16 autocast, per-pixel gradients of a mean (about 1/numel) would
-        # be subnormal halves; the loss scaler only scales the final backward.
+        # An fp32 leaf keeps the per-pixel gradients (about 1/numel each) out of fp16's
+        # subnormal range under autocast; the loss scaler only scales the final backward.
         leaf = recon.detach().float().requires_grad_(True)
         nll = self._nll_loss(images, leaf, logs)
         gen = self._scored(leaf)
         (g_nll,) = torch.autograd.grad(nll, leaf)  # [B, C, H, W]
         (g_gan,) = torch.autograd.grad(gen, leaf)
         last = self.decoder.last_layer
-        # Only the ratio of the norms matters, so fp32 gradients are cast back to recon's dtype.
+        # Vector-Jacobian products through conv_out only, in recon's dtype like any backward.
         (w_nll,) = torch.autograd.grad(recon, last, g_nll.to(recon.dtype), retain_graph=True)
         (w_gan,) = torch.autograd.grad(recon, last, g_gan.to(recon.dtype), retain_graph=True)
         lam = adaptive_weight_from_grads(w_nll, w_gan) * self.config.disc_weight
