@@ -201,9 +201,11 @@ def _png_path(out: Path) -> Path:
 
 def _add_training_commands() -> None:
     """``train``, ``reconstruct`` and ``eval`` live with the training engine."""
+    from latentgen.convert import convert
     from latentgen.training.cli import add_commands
 
     add_commands(main)
+    main.add_command(convert)
 
 
 _add_training_commands()

@@ -369,7 +369,9 @@ class Pipeline:
         try:
             for m in modules:
                 m.eval()
-            with torch.inference_mode():
+            # no_grad, not inference_mode: inference tensors could not be used later in
+            # autograd (e.g. codes from encode() fed to prior.loss() for fine-tuning).
+            with torch.no_grad():
                 yield
         finally:
             for m, mode in zip(modules, modes):
