@@ -36,7 +36,32 @@ def test_train_tokenizer_then_prior_then_sample(tmp_path):
     res = runner.invoke(main, ["train", "prior", "--config",
                                str(_shrink("shapes-transformer.yaml", tmp_path))])
     assert res.exit_code == 0, res.output
+    # stage-1 evaluation, rFID included (a stand-in TorchScript Inception: the real one is
+    # never downloaded)
+    import json
+    import warnings
+
+    import torch
+    from test_metrics import _FakeInception
+
+    fake = tmp_path / "inception.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(_FakeInception()), str(fake))
+    data_cfg = _shrink("shapes-vqgan.yaml", tmp_path)
+    res = runner.invoke(main, ["eval", "tokenizer", str(tmp_path / "runs" / "shapes-vqgan"),
+                               "--data", str(data_cfg), "--limit", "16", "--inception", str(fake),
+                               "--json"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.output[res.output.index("{"):])
+    assert {"psnr_db", "ssim", "lpips", "rfid", "codebook_usage", "perplexity"} <= set(metrics)
+    assert metrics["rfid"] >= 0
+
     final = tmp_path / "runs" / "shapes-transformer" / "final"
+    res = runner.invoke(main, ["eval", "prior", str(final), "--data", str(data_cfg), "--limit",
+                               "8"])
+    assert res.exit_code == 0, res.output
+    assert "bits" in res.output
     pipe = Pipeline.from_pretrained(final)
     assert pipe.spec.prior.type == "transformer" and pipe.spec.tokenizer.type == "vqgan"
     out = tmp_path / "grid.png"

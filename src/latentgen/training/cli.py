@@ -376,6 +376,13 @@ def _print_results(results: Mapping[str, Any], as_json: bool) -> None:
 @click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
 )
+@click.option(
+    "--inception",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Also rFID, with these Inception-v3 weights (NVIDIA's TorchScript "
+    "inception-2015-12-05.pt; latentgen never downloads them).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def eval_tokenizer(
     source: Path,
@@ -384,6 +391,7 @@ def eval_tokenizer(
     limit: int | None,
     lpips: bool,
     device: str,
+    inception: Path | None,
     as_json: bool,
 ) -> None:
     """Reconstruction quality (PSNR, SSIM, LPIPS) and codebook usage of SOURCE's tokenizer."""
@@ -403,6 +411,12 @@ def eval_tokenizer(
             lp = LPIPS.from_pretrained().to(dev)
         except WeightsNotFoundError as e:
             note = f"LPIPS skipped: {e}"
+    fid = None
+    if inception is not None:
+        from latentgen.metrics.fid import GaussianStats, InceptionFeatures
+
+        fid = (InceptionFeatures.from_pretrained(inception).to(dev), GaussianStats(),
+               GaussianStats())
     usage = CodebookUsage(tok.vocab_size)
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     count = 0
@@ -416,6 +430,9 @@ def eval_tokenizer(
             sums["ssim"] += float(ssim(recon, x.float()).sum())
             if lp is not None:
                 sums["lpips"] += float(lp(recon, x.float()).sum())
+            if fid is not None:
+                fid[1].update(fid[0](x.float()))
+                fid[2].update(fid[0](recon))
             count += int(x.shape[0])
     results: dict[str, Any] = {
         "images": count,
@@ -424,6 +441,11 @@ def eval_tokenizer(
     }
     if lp is not None:
         results["lpips"] = sums["lpips"] / count
+    if fid is not None:
+        from latentgen.metrics.fid import frechet_distance
+
+        real, rec = fid[1], fid[2]
+        results["rfid"] = frechet_distance(real.mean, real.cov, rec.mean, rec.cov)
     stats = usage.compute()
     results.update(
         codebook_usage=stats["usage"],
