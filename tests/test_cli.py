@@ -15,13 +15,19 @@ from latentgen.cli import main
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    p = Pipeline.from_spec({
-        "tokenizer": {"type": "toy.palette", "vocab_size": 8, "downsample": 4},
-        "prior": {"type": "toy.ngram", "vocab_size": 8,
-                  "conditions": {"label": {"vocab_size": 3}}},
-        "conditioners": {"label": {"type": "class_label", "num_classes": 3,
-                                   "class_names": ["a", "b", "c"]}},
-    })
+    p = Pipeline.from_spec(
+        {
+            "tokenizer": {"type": "toy.palette", "vocab_size": 8, "downsample": 4},
+            "prior": {
+                "type": "toy.ngram",
+                "vocab_size": 8,
+                "conditions": {"label": {"vocab_size": 3}},
+            },
+            "conditioners": {
+                "label": {"type": "class_label", "num_classes": 3, "class_names": ["a", "b", "c"]}
+            },
+        }
+    )
     p.tokenizer.fit(torch.rand(4, 3, 16, 16) * 2 - 1)
     path = tmp_path_factory.mktemp("pipe") / "p"
     p.save_pretrained(path, card={"image_size": 16})
@@ -49,8 +55,20 @@ def test_schema_kind():
 
 def test_sample_writes_grid(saved, tmp_path):
     out = tmp_path / "grid.png"
-    args = ["sample", str(saved), "-n", "4", "--seed", "1", "-o", str(out), "-c", '"b"',
-            "--top-k", "3"]
+    args = [
+        "sample",
+        str(saved),
+        "-n",
+        "4",
+        "--seed",
+        "1",
+        "-o",
+        str(out),
+        "-c",
+        '"b"',
+        "--top-k",
+        "3",
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code != 0 and "NAME=VALUE" in res.output
     args[-3] = "label=[0, 2]"
@@ -91,8 +109,10 @@ def test_sample_conditions_from_files(saved, tmp_path):
     np.save(tmp_path / "labels.npy", np.array([2, 0]))
     for name in ("labels.txt", "labels.json", "labels.npy"):
         out = tmp_path / f"{name}.png"
-        res = CliRunner().invoke(main, ["sample", str(saved), "-n", "2", "-o", str(out),
-                                        "-c", f"label=@{tmp_path / name}"])
+        res = CliRunner().invoke(
+            main,
+            ["sample", str(saved), "-n", "2", "-o", str(out), "-c", f"label=@{tmp_path / name}"],
+        )
         assert res.exit_code == 0, res.output
         assert out.is_file()
     res = CliRunner().invoke(main, ["sample", str(saved), "-c", "label=@/nonexistent.txt"])

@@ -7,7 +7,6 @@ as soon as it registers (and tests/examples.py gives it a config).
 from __future__ import annotations
 
 from examples import example
-
 from latentgen import registry
 from latentgen.testing import ConditionerContract, PriorContract, TokenizerContract
 
@@ -24,8 +23,7 @@ for _type in registry.list("tokenizer"):
     globals()[f"TestTokenizer{_name(_type)}"] = type(
         f"TestTokenizer{_name(_type)}",
         (TokenizerContract,),
-        {"config": example("tokenizer", _type),
-         "image_size": _TOKENIZER_SIZES.get(_type, 32)},
+        {"config": example("tokenizer", _type), "image_size": _TOKENIZER_SIZES.get(_type, 32)},
     )
 
 for _type in registry.list("prior"):
@@ -46,6 +44,9 @@ for _type in registry.list("conditioner"):
 
 def test_every_component_has_a_contract_class():
     made = {n for n in globals() if n.startswith(("TestTokenizer", "TestPrior", "TestConditioner"))}
-    want = len(registry.list("tokenizer")) + len(registry.list("prior")) \
+    want = (
+        len(registry.list("tokenizer"))
+        + len(registry.list("prior"))
         + len(registry.list("conditioner"))
+    )
     assert len(made) == want >= 3

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from test_taming_convert import N_EMBED, fake_taming_state_dict, images, ref_encode_latents, ref_vq
 
 from latentgen import Pipeline
 from latentgen.cli import main
 from latentgen.training.tasks import load_tokenizer
+from test_taming_convert import N_EMBED, fake_taming_state_dict, images, ref_encode_latents, ref_vq
 
 GRID = 8  # ARCH: resolution 16, f = 2
 C, HEADS = 16, 2
@@ -24,8 +24,13 @@ def _gpt(vocab: int, block: int, n_layer: int = 2, seed: int = 0) -> dict[str, t
     def w(*shape):
         return torch.randn(shape, generator=g) / math.sqrt(shape[-1])
 
-    sd = {"tok_emb.weight": w(vocab, C), "pos_emb": 0.02 * torch.randn(1, block, C, generator=g),
-          "ln_f.weight": torch.ones(C), "ln_f.bias": torch.zeros(C), "head.weight": w(vocab, C)}
+    sd = {
+        "tok_emb.weight": w(vocab, C),
+        "pos_emb": 0.02 * torch.randn(1, block, C, generator=g),
+        "ln_f.weight": torch.ones(C),
+        "ln_f.bias": torch.zeros(C),
+        "head.weight": w(vocab, C),
+    }
     for i in range(n_layer):
         p = f"blocks.{i}."
         for ln in ("ln1", "ln2"):
@@ -59,8 +64,16 @@ def test_convert_taming_transformer_to_pipeline(tmp_path, num_classes):
     first = {f"first_stage_model.{k}": v for k, v in fake_taming_state_dict().items()}
     gpt = _gpt(N_EMBED, GRID * GRID)
     ckpt = _save_ckpt(tmp_path / "net2net.ckpt", {**first, **gpt})
-    args = ["convert", "taming-transformer", str(ckpt), str(tmp_path / "pipe"), "--n-head",
-            str(HEADS), "--image-size", "16"]
+    args = [
+        "convert",
+        "taming-transformer",
+        str(ckpt),
+        str(tmp_path / "pipe"),
+        "--n-head",
+        str(HEADS),
+        "--image-size",
+        "16",
+    ]
     if num_classes:
         args += ["--num-classes", str(num_classes)]
     res = CliRunner().invoke(main, args)
@@ -69,8 +82,9 @@ def test_convert_taming_transformer_to_pipeline(tmp_path, num_classes):
     assert pipe.spec.prior.layout == "taming" and pipe.spec.prior.n_head == HEADS
     assert set(pipe.conditioners) == ({"label"} if num_classes else set())
     conds = {"label": [0, 2]} if num_classes else {}
-    out = pipe(num_images=2, generator=torch.Generator().manual_seed(0), output_type="tensor",
-               **conds)
+    out = pipe(
+        num_images=2, generator=torch.Generator().manual_seed(0), output_type="tensor", **conds
+    )
     assert out.shape == (2, 3, 16, 16)
     codes = pipe.encode(images())
     assert torch.isfinite(pipe.prior.log_prob(codes, pipe.condition(**conds) or None)).all()
@@ -78,8 +92,9 @@ def test_convert_taming_transformer_to_pipeline(tmp_path, num_classes):
 
 def test_convert_refuses_a_vqgan_as_transformer(tmp_path):
     ckpt = _save_ckpt(tmp_path / "vq.ckpt", fake_taming_state_dict())
-    res = CliRunner().invoke(main, ["convert", "taming-transformer", str(ckpt),
-                                    str(tmp_path / "p"), "--n-head", "2"])
+    res = CliRunner().invoke(
+        main, ["convert", "taming-transformer", str(ckpt), str(tmp_path / "p"), "--n-head", "2"]
+    )
     assert res.exit_code != 0 and "taming-vqgan" in res.output
     assert not (tmp_path / "p").exists()
 
@@ -87,6 +102,7 @@ def test_convert_refuses_a_vqgan_as_transformer(tmp_path):
 def test_convert_needs_heads(tmp_path):
     first = {f"first_stage_model.{k}": v for k, v in fake_taming_state_dict().items()}
     ckpt = _save_ckpt(tmp_path / "n.ckpt", {**first, **_gpt(N_EMBED, GRID * GRID)})
-    res = CliRunner().invoke(main, ["convert", "taming-transformer", str(ckpt),
-                                    str(tmp_path / "p")])
+    res = CliRunner().invoke(
+        main, ["convert", "taming-transformer", str(ckpt), str(tmp_path / "p")]
+    )
     assert res.exit_code != 0 and "--n-head" in res.output

@@ -40,8 +40,10 @@ def test_shapes_any_resolution_with_paired_conditions(size):
             # The pose centre lies on the main shape (except for the ring's hole).
             x, y, _ = item["pose"][0].tolist()
             if CLASSES[item["label"]] != "ring":
-                assert seg[min(int(y * size), size - 1), min(int(x * size), size - 1)] \
+                assert (
+                    seg[min(int(y * size), size - 1), min(int(x * size), size - 1)]
                     == item["label"] + 1
+                )
             # Nearer things have smaller depth: the main shape is in front of the background.
             fg = seg == item["label"] + 1
             assert item["depth"][0][fg].mean() < item["depth"][0][seg == 0].mean()
@@ -79,8 +81,10 @@ def test_image_folder_corrupt_file_is_named(tmp_path):
 def test_image_folder_skip_corrupt_counts(tmp_path):
     _write(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"garbage")
-    ds = registry.build("dataset", {"type": "image_folder", "root": str(tmp_path),
-                                    "image_size": 8, "skip_corrupt": True})
+    ds = registry.build(
+        "dataset",
+        {"type": "image_folder", "root": str(tmp_path), "image_size": 8, "skip_corrupt": True},
+    )
     assert len(ds) == 1 and ds.num_skipped == 1 and ds.skipped[0].name == "broken.png"
 
 

@@ -52,5 +52,6 @@ def test_every_hook_is_documented_with_its_signature(hook):
 def test_every_hook_has_a_test(hook):
     tests = (ROOT / "tests" / "test_plugins.py").read_text()
     kind = hook.removeprefix("register_").removesuffix("s")
-    assert f"def test_hook_{hook}(" in tests or f'"{kind}"' in tests, \
+    assert f"def test_hook_{hook}(" in tests or f'"{kind}"' in tests, (
         f"tests/test_plugins.py needs test_hook_{hook}"
+    )

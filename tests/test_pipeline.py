@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from latentgen import Pipeline, PipelineSpec, registry
-from latentgen.errors import CheckpointError, InputError, SpecError, UnknownComponentError
 from latentgen.data.shapes import ShapesConfig, ShapesDataset
+from latentgen.errors import CheckpointError, InputError, SpecError, UnknownComponentError
 
 SPEC = {
     "tokenizer": {"type": "toy.palette", "vocab_size": 8, "downsample": 4},
@@ -36,7 +35,9 @@ def pipe(data):
 
 
 def draw(p, **kw):
-    return p(label=[0, 1, 2], generator=torch.Generator().manual_seed(7), output_type="tensor", **kw)
+    return p(
+        label=[0, 1, 2], generator=torch.Generator().manual_seed(7), output_type="tensor", **kw
+    )
 
 
 def test_generate_pil_and_tensor(pipe):
@@ -87,8 +88,10 @@ def test_save_load_round_trip(pipe, tmp_path):
     assert loaded.spec == pipe.spec
     assert torch.equal(draw(loaded), draw(pipe))
     meta = json.loads((tmp_path / "p" / "pipeline.json").read_text())
-    assert meta["components"]["tokenizer"]["provided_by"] == {"plugin": "latentgen-toy",
-                                                              "version": "0.1.0"}
+    assert meta["components"]["tokenizer"]["provided_by"] == {
+        "plugin": "latentgen-toy",
+        "version": "0.1.0",
+    }
     assert meta["components"]["conditioners.label"]["file"] is None
     assert meta["card"]["image_size"] == 16
     from safetensors import safe_open
@@ -243,8 +246,9 @@ def test_mismatched_components_are_refused():
     with pytest.raises(SpecError, match="conditioners"):
         Pipeline.from_spec({**SPEC, "conditioners": {}})
     with pytest.raises(SpecError, match="vocab_size = 6"):
-        Pipeline.from_spec({**SPEC, "prior": {**SPEC["prior"],
-                                              "conditions": {"label": {"vocab_size": 4}}}})
+        Pipeline.from_spec(
+            {**SPEC, "prior": {**SPEC["prior"], "conditions": {"label": {"vocab_size": 4}}}}
+        )
 
 
 def test_from_spec_accepts_file(tmp_path):
@@ -272,8 +276,10 @@ def test_no_pickle_or_torch_load_on_user_files():
             name = ast.unparse(node.func)
             kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
             if name == "torch.load":
-                safe = kw.get("weights_only") == "True" or "RESTRICTED" in kw.get(
-                    "pickle_module", "").upper()
+                safe = (
+                    kw.get("weights_only") == "True"
+                    or "RESTRICTED" in kw.get("pickle_module", "").upper()
+                )
                 if not safe:
                     offenders.append(f"{f.name}:{node.lineno} torch.load without weights_only")
             if name in ("pickle.load", "pickle.loads"):

@@ -1,4 +1,4 @@
-"""Plugin loading: built-ins through hooks, throwaway plugins, failures that do not take the host down."""
+"""Plugin loading: built-ins through hooks, throwaway plugins, failures that spare the host."""
 
 from __future__ import annotations
 
@@ -54,8 +54,11 @@ def test_builtins_register_through_hooks():
 
 def test_throwaway_plugin_registers_and_unregisters(latentgen_plugin):
     assert "test.echo" not in registry.list("conditioner")
-    latentgen_plugin(_plugin(register_conditioners=lambda register: register(_Echo)),
-                     name="echo-plugin", version="9.9")
+    latentgen_plugin(
+        _plugin(register_conditioners=lambda register: register(_Echo)),
+        name="echo-plugin",
+        version="9.9",
+    )
     info = registry.get("conditioner", "test.echo")
     assert (info.cls, info.plugin, info.version) == (_Echo, "echo-plugin", "9.9")
     built = registry.build("conditioner", {"type": "test.echo"})
@@ -110,6 +113,7 @@ def test_register_in_strict_mode_raises(latentgen_plugin, monkeypatch):
 
 def test_register_rejects_non_literal_type(latentgen_plugin, monkeypatch):
     monkeypatch.delenv("LATENTGEN_STRICT_PLUGINS", raising=False)
+
     class LooseConfig(ComponentConfig):
         type: str = "loose"
 
@@ -129,6 +133,7 @@ def test_isolated_plugins_has_builtins_only(isolated_plugins):
 
 
 # -- hooks: each hook is exercised by a throwaway plugin (named test_hook_<name>) -------------
+
 
 def _tiny_component(kind: str):
     """A minimal registered class of each kind, built on the public base classes."""
@@ -174,8 +179,11 @@ def _tiny_component(kind: str):
 @pytest.mark.parametrize("kind", ["conditioner", "dataset", "attention_backend"])
 def test_hook_for_kind(kind, latentgen_plugin):
     cls = _tiny_component(kind)
-    hook = dict(conditioner="register_conditioners", dataset="register_datasets",
-                attention_backend="register_attention_backends")[kind]
+    hook = dict(
+        conditioner="register_conditioners",
+        dataset="register_datasets",
+        attention_backend="register_attention_backends",
+    )[kind]
     latentgen_plugin(_plugin(**{hook: lambda register: register(cls)}), name=f"tiny-{kind}")
     assert registry.get(kind, "test.tiny").cls is cls
 
@@ -233,6 +241,7 @@ def test_hook_register_quantizers(latentgen_plugin):
 
 # -- entry points, in a subprocess so the real loader runs ---------------------------------------
 
+
 def _fake_dist(root: Path, dist: str, module: str, body: str) -> None:
     (root / f"{module}.py").write_text(textwrap.dedent(body))
     info = root / f"{dist.replace('-', '_')}-0.2.dist-info"
@@ -244,19 +253,25 @@ def _fake_dist(root: Path, dist: str, module: str, body: str) -> None:
 def _run(args, tmp_path, **env):
     full = dict(os.environ, PYTHONPATH=str(tmp_path), **env)
     full.pop("LATENTGEN_STRICT_PLUGINS", None) if "LATENTGEN_STRICT_PLUGINS" not in env else None
-    return subprocess.run([str(BIN / "latentgen"), *args], capture_output=True, text=True,
-                          env=full, timeout=120)
+    return subprocess.run(
+        [str(BIN / "latentgen"), *args], capture_output=True, text=True, env=full, timeout=120
+    )
 
 
 @pytest.fixture
 def broken_dists(tmp_path):
     _fake_dist(tmp_path, "latentgen-broken", "broken_plugin", "import foo_cuda_missing\n")
-    _fake_dist(tmp_path, "latentgen-typo", "typo_plugin", """
+    _fake_dist(
+        tmp_path,
+        "latentgen-typo",
+        "typo_plugin",
+        """
         import latentgen
         @latentgen.hookimpl
         def register_tokenizer(register):
             pass
-    """)
+    """,
+    )
     return tmp_path
 
 
@@ -272,8 +287,12 @@ def test_broken_plugin_does_not_take_host_down(broken_dists):
 
 
 def test_strict_mode_reraises(broken_dists):
-    res = _run(["plugins"], broken_dists, LATENTGEN_STRICT_PLUGINS="1",
-               LATENTGEN_LOAD_PLUGINS="latentgen-broken")
+    res = _run(
+        ["plugins"],
+        broken_dists,
+        LATENTGEN_STRICT_PLUGINS="1",
+        LATENTGEN_LOAD_PLUGINS="latentgen-broken",
+    )
     assert res.returncode != 0
     assert "foo_cuda_missing" in res.stderr
 
@@ -287,10 +306,16 @@ def test_load_plugins_selects(broken_dists):
 
 
 def test_installed_toy_plugin_strict():
-    res = subprocess.run([str(BIN / "latentgen"), "plugins", "--json"], capture_output=True,
-                         text=True, env=dict(os.environ, LATENTGEN_STRICT_PLUGINS="1"))
+    res = subprocess.run(
+        [str(BIN / "latentgen"), "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, LATENTGEN_STRICT_PLUGINS="1"),
+    )
     assert res.returncode == 0, res.stderr
     rows = {r["name"]: r for r in json.loads(res.stdout)}
-    assert rows["latentgen-toy"]["components"] == {"tokenizer": ["toy.palette"],
-                                                   "prior": ["toy.ngram"]}
+    assert rows["latentgen-toy"]["components"] == {
+        "tokenizer": ["toy.palette"],
+        "prior": ["toy.ngram"],
+    }
     assert rows["latentgen-toy"]["version"] == "0.1.0"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from examples import example
 
+from examples import example
 from latentgen import PipelineSpec, SamplerConfig, load_spec, registry
 from latentgen.errors import SpecError, UnknownComponentError
 from latentgen.specs import dump_spec, parse_component
@@ -28,8 +28,7 @@ def test_every_registered_type_round_trips(kind, type_):
     assert parse_component(kind, json.loads(cfg.model_dump_json())) == cfg
     import yaml
 
-    assert parse_component(kind, yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json")))) \
-        == cfg
+    assert parse_component(kind, yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json")))) == cfg
 
 
 @pytest.mark.parametrize("fmt", ["json", "yaml"])
@@ -83,8 +82,15 @@ def test_bad_field_names_field(patch, needle, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad", [{"temperature": -1.0}, {"temperature": 0}, {"top_p": 0.0}, {"top_p": 1.5},
-            {"top_k": 0}, {"guidance_scale": -1}],
+    "bad",
+    [
+        {"temperature": -1.0},
+        {"temperature": 0},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": 0},
+        {"guidance_scale": -1},
+    ],
 )
 def test_sampler_bounds(bad):
     with pytest.raises(ValueError):
@@ -93,7 +99,9 @@ def test_sampler_bounds(bad):
 
 def test_conditioner_names_must_be_identifiers():
     with pytest.raises(ValueError, match="identifier"):
-        PipelineSpec.model_validate({**TOY, "conditioners": {"my-label": TOY["conditioners"]["label"]}})
+        PipelineSpec.model_validate(
+            {**TOY, "conditioners": {"my-label": TOY["conditioners"]["label"]}}
+        )
 
 
 def test_yaml_syntax_error_names_file(tmp_path):

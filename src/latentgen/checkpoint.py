@@ -27,12 +27,12 @@ __all__ = [
     "atomic_directory",
     "atomic_write_bytes",
     "atomic_write_json",
-    "read_json",
-    "save_tensors",
-    "load_tensors",
-    "sha256_file",
     "check_state_dict",
     "load_module",
+    "load_tensors",
+    "read_json",
+    "save_tensors",
+    "sha256_file",
 ]
 
 
@@ -121,7 +121,9 @@ def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{what} {path} is missing.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{what} {path} is not valid JSON ({e}); the file is damaged.") from None
+        raise CheckpointError(
+            f"{what} {path} is not valid JSON ({e}); the file is damaged."
+        ) from None
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

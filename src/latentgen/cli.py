@@ -48,8 +48,14 @@ def plugins(as_json: bool, hook: str | None) -> None:
     for info in infos:
         row = by_dist.setdefault(
             info.dist,
-            {"name": info.dist, "version": info.version, "hooks": [], "components": {},
-             "builtin": info.builtin, "error": None},
+            {
+                "name": info.dist,
+                "version": info.version,
+                "hooks": [],
+                "components": {},
+                "builtin": info.builtin,
+                "error": None,
+            },
         )
         row["hooks"] = sorted(set(row["hooks"]) | set(info.hooks))
     registry_error = None
@@ -57,15 +63,27 @@ def plugins(as_json: bool, hook: str | None) -> None:
         for entry in registry.entries():
             row = by_dist.setdefault(
                 entry.plugin,
-                {"name": entry.plugin, "version": entry.version, "hooks": [], "components": {},
-                 "builtin": False, "error": None},
+                {
+                    "name": entry.plugin,
+                    "version": entry.version,
+                    "hooks": [],
+                    "components": {},
+                    "builtin": False,
+                    "error": None,
+                },
             )
             row["components"].setdefault(entry.kind, []).append(entry.type)
     except LatentgenError as e:  # e.g. a duplicate type: still list what we can
         registry_error = str(e)
     failures = [
-        {"name": f.dist, "version": f.version, "hooks": [], "components": {},
-         "builtin": False, "error": f.error}
+        {
+            "name": f.dist,
+            "version": f.version,
+            "hooks": [],
+            "components": {},
+            "builtin": False,
+            "error": f.error,
+        }
         for f in plugins_mod.plugin_failures()
     ]
     rows = [r for r in by_dist.values() if hook is None or hook in r["hooks"]]
@@ -130,29 +148,57 @@ def _read_condition_file(path: Path) -> Any:
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         return [_parse_condition(ln) for ln in lines]
     except (OSError, ValueError) as e:
-        raise click.BadParameter(f"cannot read condition file {path}: {e}",
-                                 param_hint="--cond") from None
+        raise click.BadParameter(
+            f"cannot read condition file {path}: {e}", param_hint="--cond"
+        ) from None
 
 
 @main.command()
 @click.argument("pipeline_dir", type=click.Path(path_type=Path))
-@click.option("--num", "-n", default=8, show_default=True, type=click.IntRange(1, 4096),
-              help="Number of images.")
+@click.option(
+    "--num",
+    "-n",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 4096),
+    help="Number of images.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
-@click.option("--out", "-o", default="samples.png", show_default=True,
-              type=click.Path(path_type=Path), help="PNG grid to write.")
+@click.option(
+    "--out",
+    "-o",
+    default="samples.png",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="PNG grid to write.",
+)
 @click.option("--size", default=None, type=click.IntRange(1), help="Image size (default: card).")
-@click.option("--cond", "-c", multiple=True, metavar="NAME=VALUE",
-              help="A condition, e.g. -c label=3, -c 'label=[3,7]' or -c label=@labels.txt "
-                   "(.json, .npy, one value per line, or an image). Repeatable.")
+@click.option(
+    "--cond",
+    "-c",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A condition, e.g. -c label=3, -c 'label=[3,7]' or -c label=@labels.txt "
+    "(.json, .npy, one value per line, or an image). Repeatable.",
+)
 @click.option("--temperature", default=None, type=float)
 @click.option("--top-k", default=None, type=int)
 @click.option("--top-p", default=None, type=float)
 @click.option("--guidance", default=None, type=float, help="Classifier-free guidance scale.")
 @click.option("--nrow", default=None, type=click.IntRange(1), help="Images per grid row.")
-def sample(pipeline_dir: Path, num: int, seed: int, out: Path, size: int | None,
-           cond: tuple[str, ...], temperature: float | None, top_k: int | None,
-           top_p: float | None, guidance: float | None, nrow: int | None) -> None:
+def sample(
+    pipeline_dir: Path,
+    num: int,
+    seed: int,
+    out: Path,
+    size: int | None,
+    cond: tuple[str, ...],
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    guidance: float | None,
+    nrow: int | None,
+) -> None:
     """Sample NUM images from a saved pipeline and write them as one PNG grid."""
     import torch
 
@@ -165,14 +211,22 @@ def sample(pipeline_dir: Path, num: int, seed: int, out: Path, size: int | None,
     for item in cond:
         name, sep, value = item.partition("=")
         if not sep:
-            raise click.BadParameter(f"{item!r}: write NAME=VALUE, e.g. label=3", param_hint="--cond")
+            raise click.BadParameter(
+                f"{item!r}: write NAME=VALUE, e.g. label=3", param_hint="--cond"
+            )
         conditions[name] = _parse_condition(value)
-    overrides = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                 "guidance_scale": guidance}
-    sampler = SamplerConfig(**{**pipe.sampler.model_dump(),
-                               **{k: v for k, v in overrides.items() if v is not None}})
-    images = pipe(num, size=size, sampler=sampler,
-                  generator=torch.Generator().manual_seed(seed), **conditions)
+    overrides = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "guidance_scale": guidance,
+    }
+    sampler = SamplerConfig(
+        **{**pipe.sampler.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+    )
+    images = pipe(
+        num, size=size, sampler=sampler, generator=torch.Generator().manual_seed(seed), **conditions
+    )
     image_grid(images, nrow=nrow).save(_png_path(out))
     click.echo(f"wrote {len(images)} images to {out}")
 
@@ -180,8 +234,11 @@ def sample(pipeline_dir: Path, num: int, seed: int, out: Path, size: int | None,
 @main.command()
 @click.option("--out", "-o", default="out/demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--toy", is_flag=True,
-              help="Use the latentgen-toy plugin's counting models instead (seconds, not minutes).")
+@click.option(
+    "--toy",
+    is_flag=True,
+    help="Use the latentgen-toy plugin's counting models instead (seconds, not minutes).",
+)
 def demo(out: Path, seed: int, toy: bool) -> None:
     """Train a VQGAN and a transformer prior on the built-in shapes data; write image grids."""
     from latentgen.demo import run_demo, run_toy_demo

@@ -99,8 +99,7 @@ def convert_taming_transformer(
     from latentgen.priors.taming_gpt import convert_taming_gpt
 
     params = _params(config or {})
-    first = {k[len(_FIRST_STAGE):]: v for k, v in state_dict.items()
-             if k.startswith(_FIRST_STAGE)}
+    first = {k[len(_FIRST_STAGE) :]: v for k, v in state_dict.items() if k.startswith(_FIRST_STAGE)}
     if not first:
         raise CheckpointError(
             "no first_stage_model.* keys: this is not a Net2NetTransformer checkpoint. Use "
@@ -133,7 +132,8 @@ def convert_taming_transformer(
     if num_classes is not None:
         hints["conditions"] = {"label": {"vocab_size": int(num_classes)}}
         conditioners["label"] = registry.build(
-            "conditioner", {"type": "class_label", "num_classes": int(num_classes)})
+            "conditioner", {"type": "class_label", "num_classes": int(num_classes)}
+        )
     else:
         hints["sos_token"] = int(_params(cond_cfg).get("sos_token", params.get("sos_token", 0)))
     prior_cfg, tensors = convert_taming_gpt(state_dict, hints)
@@ -154,8 +154,13 @@ _YAML = click.Path(exists=True, dir_okay=False, path_type=Path)
 @convert.command("taming-vqgan")
 @click.argument("ckpt", type=_CKPT)
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--config", "model_yaml", type=_YAML, default=None,
-              help="Their model.yaml; without it the architecture is read from tensor shapes.")
+@click.option(
+    "--config",
+    "model_yaml",
+    type=_YAML,
+    default=None,
+    help="Their model.yaml; without it the architecture is read from tensor shapes.",
+)
 def taming_vqgan(ckpt: Path, out_dir: Path, model_yaml: Path | None) -> None:
     """Convert a taming-transformers VQGAN (.ckpt) into a latentgen tokenizer directory."""
     from latentgen.training.tasks import save_tokenizer
@@ -168,19 +173,43 @@ def taming_vqgan(ckpt: Path, out_dir: Path, model_yaml: Path | None) -> None:
 @convert.command("taming-transformer")
 @click.argument("ckpt", type=_CKPT)
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--config", "model_yaml", type=_YAML, default=None,
-              help="Their Net2NetTransformer model.yaml (heads, condition stage).")
-@click.option("--n-head", type=click.IntRange(1), default=None,
-              help="Attention heads, when no --config is given (16 in their released models).")
-@click.option("--num-classes", type=click.IntRange(1), default=None,
-              help="Class-conditional models: number of classes, when no --config is given.")
-@click.option("--image-size", type=click.IntRange(1), default=None,
-              help="Recorded in the pipeline card as the default sampling size.")
-def taming_transformer(ckpt: Path, out_dir: Path, model_yaml: Path | None, n_head: int | None,
-                       num_classes: int | None, image_size: int | None) -> None:
+@click.option(
+    "--config",
+    "model_yaml",
+    type=_YAML,
+    default=None,
+    help="Their Net2NetTransformer model.yaml (heads, condition stage).",
+)
+@click.option(
+    "--n-head",
+    type=click.IntRange(1),
+    default=None,
+    help="Attention heads, when no --config is given (16 in their released models).",
+)
+@click.option(
+    "--num-classes",
+    type=click.IntRange(1),
+    default=None,
+    help="Class-conditional models: number of classes, when no --config is given.",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Recorded in the pipeline card as the default sampling size.",
+)
+def taming_transformer(
+    ckpt: Path,
+    out_dir: Path,
+    model_yaml: Path | None,
+    n_head: int | None,
+    num_classes: int | None,
+    image_size: int | None,
+) -> None:
     """Convert a taming-transformers Net2NetTransformer (.ckpt) into a latentgen pipeline."""
-    pipe = convert_taming_transformer(_read_state(ckpt), _read_yaml(model_yaml), n_head,
-                                      num_classes)
+    pipe = convert_taming_transformer(
+        _read_state(ckpt), _read_yaml(model_yaml), n_head, num_classes
+    )
     card: dict[str, Any] = {"source": f"taming-transformers checkpoint {ckpt.name}"}
     if image_size:
         card["image_size"] = image_size

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -20,7 +21,7 @@ from latentgen.data.shapes import CLASSES, ShapesConfig, ShapesDataset
 from latentgen.pipeline import Pipeline
 from latentgen.utils import image_grid
 
-__all__ = ["run_demo", "run_toy_demo", "demo_configs"]
+__all__ = ["demo_configs", "run_demo", "run_toy_demo"]
 
 
 def demo_configs(out: Path) -> tuple[Path, Path]:
@@ -49,8 +50,13 @@ def run_demo(out: str | Path = "out/demo", seed: int = 0) -> dict[str, Path]:
     print(f"stage 1: training a VQGAN ({tok_cfg})")
     train_tokenizer.callback(config_path=tok_cfg, resume=False, run_dir=None)  # type: ignore[misc]
     print(f"stage 2: training a transformer prior on its codes ({prior_cfg})")
-    train_prior.callback(config_path=prior_cfg, resume=False, run_dir=None,  # type: ignore[misc]
-                         rebuild_cache=False, cache_only=False)
+    train_prior.callback(
+        config_path=prior_cfg,
+        resume=False,
+        run_dir=None,  # type: ignore[misc]
+        rebuild_cache=False,
+        cache_only=False,
+    )
     final = out / "runs" / yaml.safe_load(prior_cfg.read_text())["trainer"]["run_name"] / "final"
     pipe = Pipeline.from_pretrained(final)
     return _write_grids(pipe, out, image_size=32, seed=seed) | {"pipeline": final}
@@ -59,8 +65,12 @@ def run_demo(out: str | Path = "out/demo", seed: int = 0) -> dict[str, Path]:
 def _write_grids(pipe: Pipeline, out: Path, image_size: int, seed: int) -> dict[str, Path]:
     """One row of samples per class, and held-out originals over their reconstructions."""
     per_class = 6
-    samples = pipe(label=list(range(len(CLASSES))), num_images=per_class * len(CLASSES),
-                   size=image_size, generator=torch.Generator().manual_seed(seed))
+    samples = pipe(
+        label=list(range(len(CLASSES))),
+        num_images=per_class * len(CLASSES),
+        size=image_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
     image_grid(samples, nrow=per_class).save(out / "samples.png")  # row r holds class r
     held_out = ShapesDataset(ShapesConfig(size=8, image_size=image_size, seed=seed + 10**6))
     test = torch.stack([held_out[i]["image"] for i in range(8)])  # [8, 3, S, S]
@@ -71,35 +81,57 @@ def _write_grids(pipe: Pipeline, out: Path, image_size: int, seed: int) -> dict[
     return {"samples": out / "samples.png", "reconstructions": out / "reconstructions.png"}
 
 
-def run_toy_demo(out: str | Path = "out/demo", num_train: int = 2048, image_size: int = 32,
-             seed: int = 0) -> dict[str, Path]:
+def run_toy_demo(
+    out: str | Path = "out/demo", num_train: int = 2048, image_size: int = 32, seed: int = 0
+) -> dict[str, Path]:
     """The toy plugin's pipeline: fit (by counting), save, reload and sample, in seconds."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = ShapesDataset(ShapesConfig(size=num_train, image_size=image_size, seed=seed))
     images = torch.stack([data[i]["image"] for i in range(num_train)])  # [N, 3, S, S]
     labels = [data[i]["label"] for i in range(num_train)]
-    pipe = Pipeline.from_spec({
-        "tokenizer": {"type": "toy.palette", "vocab_size": 32, "downsample": 4},
-        "prior": {"type": "toy.ngram", "vocab_size": 32, "order": 4, "alpha": 0.01,
-                  "conditions": {"label": {"vocab_size": len(CLASSES)}}},
-        "conditioners": {"label": {"type": "class_label", "num_classes": len(CLASSES),
-                                   "class_names": list(CLASSES)}},
-        "sampler": {"temperature": 0.9, "top_k": 8},
-    })
-    pipe.tokenizer.fit(images[:512], generator=torch.Generator().manual_seed(seed))
+    pipe = Pipeline.from_spec(
+        {
+            "tokenizer": {"type": "toy.palette", "vocab_size": 32, "downsample": 4},
+            "prior": {
+                "type": "toy.ngram",
+                "vocab_size": 32,
+                "order": 4,
+                "alpha": 0.01,
+                "conditions": {"label": {"vocab_size": len(CLASSES)}},
+            },
+            "conditioners": {
+                "label": {
+                    "type": "class_label",
+                    "num_classes": len(CLASSES),
+                    "class_names": list(CLASSES),
+                }
+            },
+            "sampler": {"temperature": 0.9, "top_k": 8},
+        }
+    )
+    tokenizer: Any = pipe.tokenizer  # the toy classes' own fit() methods
+    prior: Any = pipe.prior
+    tokenizer.fit(images[:512], generator=torch.Generator().manual_seed(seed))
     codes = pipe.encode(images)
-    pipe.prior.fit(codes, pipe.condition(label=labels))
+    prior.fit(codes, pipe.condition(label=labels))
     held_out = ShapesDataset(ShapesConfig(size=64, image_size=image_size, seed=seed + 10**6))
     test = torch.stack([held_out[i]["image"] for i in range(64)])
     test_labels = [held_out[i]["label"] for i in range(64)]
-    bits = float(-pipe.log_likelihood(test, label=test_labels).mean()
-                 / (pipe.encode(test)[0].numel() * torch.log(torch.tensor(2.0))))
+    bits = float(
+        -pipe.log_likelihood(test, label=test_labels).mean()
+        / (pipe.encode(test)[0].numel() * torch.log(torch.tensor(2.0)))
+    )
 
-    pipe_dir = pipe.save_pretrained(out / "pipeline", card={
-        "image_size": image_size, "dataset": "shapes (built-in, synthetic)",
-        "value_range": [-1, 1], "downsample": pipe.tokenizer.downsample,
-    })
+    pipe_dir = pipe.save_pretrained(
+        out / "pipeline",
+        card={
+            "image_size": image_size,
+            "dataset": "shapes (built-in, synthetic)",
+            "value_range": [-1, 1],
+            "downsample": pipe.tokenizer.downsample,
+        },
+    )
     pipe = Pipeline.from_pretrained(pipe_dir)  # sample from what is on disk
     print(f"held-out NLL: {bits:.3f} bits per code ({pipe.tokenizer.vocab_size} codes)")
     print(f"pipeline  -> {pipe_dir}")

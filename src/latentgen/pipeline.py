@@ -1,9 +1,9 @@
 """``Pipeline``: a tokenizer, a prior, named conditioners and a default sampler, saved as one dir.
 
-    >>> pipe = Pipeline.from_spec(spec)                          # doctest: +SKIP
-    >>> images = pipe(label=[3, 7], size=(64, 64), generator=torch.Generator().manual_seed(0))
-    >>> pipe.save_pretrained("out/shapes")                       # atomic
-    >>> pipe = Pipeline.from_pretrained("out/shapes", prior=other_prior)  # swap one component
+>>> pipe = Pipeline.from_spec(spec)                          # doctest: +SKIP
+>>> images = pipe(label=[3, 7], size=(64, 64), generator=torch.Generator().manual_seed(0))
+>>> pipe.save_pretrained("out/shapes")                       # atomic
+>>> pipe = Pipeline.from_pretrained("out/shapes", prior=other_prior)  # swap one component
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from latentgen.priors.base import Prior
 from latentgen.specs import ComponentConfig, PipelineSpec, SamplerConfig, _friendly, load_spec
 from latentgen.tokenizers.base import Tokenizer
 
-__all__ = ["Pipeline", "PIPELINE_FILE", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "PIPELINE_FILE", "Pipeline"]
 
 PIPELINE_FILE = "pipeline.json"
 FORMAT = "latentgen.pipeline"
@@ -186,7 +186,9 @@ class Pipeline:
         for name, cond in self.conditioners.items():
             yield f"conditioners.{name}", "conditioner", cond
 
-    def save_pretrained(self, path: str | os.PathLike[str], card: Mapping[str, Any] | None = None) -> Path:
+    def save_pretrained(
+        self, path: str | os.PathLike[str], card: Mapping[str, Any] | None = None
+    ) -> Path:
         """Write ``pipeline.json`` and one ``.safetensors`` per component, atomically."""
         path = Path(path)
         if card:
@@ -280,7 +282,7 @@ class Pipeline:
                 raise UnknownComponentError(
                     f"{path / PIPELINE_FILE} needs {kind} type '{type_}' (component '{name}') "
                     f"from {plugin} {version}, which is not installed: pip install "
-                    f"\"{plugin}>={version}\". ({e})"
+                    f'"{plugin}>={version}". ({e})'
                 ) from None
         try:
             spec = PipelineSpec.model_validate(meta.get("spec"))
@@ -383,7 +385,8 @@ class Pipeline:
         missing = sorted(set(self.conditioners) - set(raw))
         if unknown or missing:
             parts = ([f"unknown {unknown}"] if unknown else []) + (
-                [f"missing {missing}"] if missing else [])
+                [f"missing {missing}"] if missing else []
+            )
             raise InputError(
                 f"conditions do not match this pipeline ({'; '.join(parts)}): it takes "
                 f"{', '.join(f'{n}=...' for n in self.conditioners) or 'no conditions'}."
@@ -433,8 +436,12 @@ class Pipeline:
             if n < 1:
                 raise InputError(f"num_images must be >= 1, got {n}.")
             return self.prior.sample(
-                conds or None, grid=grid, sampler=sampler or self.sampler,
-                generator=generator, num_samples=n, prefix=prefix,
+                conds or None,
+                grid=grid,
+                sampler=sampler or self.sampler,
+                generator=generator,
+                num_samples=n,
+                prefix=prefix,
             )
 
     def __call__(
@@ -460,7 +467,11 @@ class Pipeline:
             **conditions: raw conditions by conditioner name, e.g. ``label=[3, 7]``.
         """
         codes = self.sample_codes(
-            num_images, size=size, sampler=sampler, generator=generator, prefix=prefix,
+            num_images,
+            size=size,
+            sampler=sampler,
+            generator=generator,
+            prefix=prefix,
             **conditions,
         )
         with self._eval():
@@ -499,5 +510,6 @@ class Pipeline:
         conds = ", ".join(f"{n}={c.config.type}" for n, c in self.conditioners.items())
         return (
             f"Pipeline(tokenizer={self.tokenizer.config.type}, prior={self.prior.config.type}"
-            + (f", conditioners[{conds}]" if conds else "") + ")"
+            + (f", conditioners[{conds}]" if conds else "")
+            + ")"
         )

@@ -32,8 +32,8 @@ __all__ = [
     "plugin_infos",
     "plugin_version",
     "register_plugin",
-    "unregister_plugin",
     "reset_plugins",
+    "unregister_plugin",
 ]
 
 ENTRY_POINT_GROUP = "latentgen"
@@ -128,9 +128,7 @@ def _unknown_hook_message(bad: list[str]) -> str:
         close = difflib.get_close_matches(name, _hook_names(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         parts.append(f"'{name}'{hint}")
-    return (
-        f"implements unknown hook(s) {', '.join(parts)}; known hooks: {', '.join(_hook_names())}"
-    )
+    return f"implements unknown hook(s) {', '.join(parts)}; known hooks: {', '.join(_hook_names())}"
 
 
 def _add(pm: _Manager, plugin: Any, name: str, dist: str, version: str) -> None:
@@ -213,8 +211,10 @@ def get_plugin_manager() -> pluggy.PluginManager:
         if os.environ.get("LATENTGEN_TRACE_PLUGINS", "").lower() in ("1", "true", "yes"):
 
             def before(hook_name: str, impls: Any, kwargs: Any) -> None:
-                print(f"latentgen: hook {hook_name} -> {[i.plugin_name for i in impls]}",
-                      file=sys.stderr)
+                print(
+                    f"latentgen: hook {hook_name} -> {[i.plugin_name for i in impls]}",
+                    file=sys.stderr,
+                )
 
             def after(outcome: Any, hook_name: str, impls: Any, kwargs: Any) -> None:
                 print(f"latentgen: hook {hook_name} done", file=sys.stderr)

@@ -30,7 +30,7 @@ from latentgen.errors import (
 )
 from latentgen.specs import ComponentConfig
 
-__all__ = ["ComponentInfo", "kinds", "list", "get", "build", "entries", "kind_of"]
+__all__ = ["ComponentInfo", "build", "entries", "get", "kind_of", "kinds", "list"]
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,7 @@ _KINDS: dict[str, _Kind] = {
         _Kind("tokenizer", "register_tokenizers", "latentgen.tokenizers.base:Tokenizer"),
         _Kind("prior", "register_priors", "latentgen.priors.base:Prior"),
         _Kind("conditioner", "register_conditioners", "latentgen.conditioners.base:Conditioner"),
-        _Kind(
-            "quantizer", "register_quantizers", "latentgen.tokenizers.quantizers.base:Quantizer"
-        ),
+        _Kind("quantizer", "register_quantizers", "latentgen.tokenizers.quantizers.base:Quantizer"),
         _Kind(
             "attention_backend",
             "register_attention_backends",
@@ -65,8 +63,8 @@ class ComponentInfo:
 
     kind: str
     type: str
-    cls: type[Any]
-    config_cls: type[ComponentConfig]
+    cls: builtins.type[Any]
+    config_cls: builtins.type[ComponentConfig]
     plugin: str
     version: str
 
@@ -90,7 +88,8 @@ def _invalidate() -> None:
 
 def _base(kind: _Kind) -> type[Any]:
     mod, _, cls = kind.base.partition(":")
-    return getattr(importlib.import_module(mod), cls)  # type: ignore[no-any-return]
+    base: type[Any] = getattr(importlib.import_module(mod), cls)
+    return base
 
 
 def _check_class(kind: _Kind, cls: Any, plugin: str) -> tuple[str, type[ComponentConfig]]:
@@ -127,8 +126,13 @@ def _collect() -> dict[str, dict[str, ComponentInfo]]:
             plugin = impl.plugin_name
             dist, version = plugins.plugin_version(plugin)
 
-            def register(cls: Any, _kind: _Kind = kind, _dist: str = dist, _ver: str = version,
-                         _plugin: str = plugin) -> None:
+            def register(
+                cls: Any,
+                _kind: _Kind = kind,
+                _dist: str = dist,
+                _ver: str = version,
+                _plugin: str = plugin,
+            ) -> None:
                 type_name, config_cls = _check_class(_kind, cls, _plugin)
                 prev = table[_kind.name].get(type_name)
                 info = ComponentInfo(_kind.name, type_name, cls, config_cls, _dist, _ver)
@@ -178,7 +182,7 @@ def _check_kind(kind: str) -> None:
         )
 
 
-def list(kind: str, pattern: str = "*") -> builtins.list[str]:  # noqa: A001 (registry verb)
+def list(kind: str, pattern: str = "*") -> builtins.list[str]:
     """Sorted type names of ``kind`` matching the fnmatch ``pattern``."""
     _check_kind(kind)
     return sorted(t for t in _table()[kind] if fnmatch.fnmatchcase(t, pattern))
@@ -189,11 +193,11 @@ def entries(kind: str | None = None) -> builtins.list[ComponentInfo]:
     if kind is not None:
         _check_kind(kind)
     table = _table()
-    return [table[k][t] for k in (kind,) if k is not None for t in sorted(table[k])] if kind \
-        else [table[k][t] for k in _KINDS for t in sorted(table[k])]
+    wanted = (kind,) if kind is not None else tuple(_KINDS)
+    return [table[k][t] for k in wanted for t in sorted(table[k])]
 
 
-def get(kind: str, type: str) -> ComponentInfo:  # noqa: A002 (the spec's own word)
+def get(kind: str, type: str) -> ComponentInfo:
     """The registered component ``type`` of ``kind``; unknown types list the known ones."""
     _check_kind(kind)
     table = _table()[kind]
@@ -232,7 +236,9 @@ def build(kind_or_config: str | ComponentConfig, config: Any = None) -> Any:
     else:
         kind = kind_or_config
         if config is None:
-            raise SpecError(f"build('{kind}') needs a config, e.g. build('{kind}', {{'type': ...}}).")
+            raise SpecError(
+                f"build('{kind}') needs a config, e.g. build('{kind}', {{'type': ...}})."
+            )
         if not isinstance(config, ComponentConfig | Mapping):
             raise SpecError(
                 f"build('{kind}', ...) takes a mapping or a ComponentConfig, got "

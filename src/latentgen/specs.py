@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -30,9 +30,9 @@ __all__ = [
     "PipelineSpec",
     "SamplerConfig",
     "component_field",
-    "parse_component",
-    "load_spec",
     "dump_spec",
+    "load_spec",
+    "parse_component",
 ]
 
 
@@ -52,16 +52,12 @@ class ComponentConfig(BaseModel):
     def type_name(cls) -> str:
         """The single string of this config's ``type: Literal[...]`` field."""
         field = cls.model_fields.get("type")
-        args = getattr(field.annotation, "__args__", ()) if field is not None else ()
-        if (
-            field is None
-            or getattr(field.annotation, "__origin__", None) is not Literal
-            or len(args) != 1
-            or not isinstance(args[0], str)
-        ):
+        ann = field.annotation if field is not None else None
+        args: tuple[Any, ...] = tuple(get_args(ann))
+        if get_origin(ann) is not Literal or len(args) != 1 or not isinstance(args[0], str):
             raise SpecError(
-                f"{cls.__module__}.{cls.__qualname__} must declare `type: Literal[\"name\"] = "
-                f"\"name\"` with exactly one string; got {field.annotation if field else None!r}."
+                f'{cls.__module__}.{cls.__qualname__} must declare `type: Literal["name"] = '
+                f'"name"` with exactly one string; got {field.annotation if field else None!r}.'
             )
         return str(args[0])
 
@@ -106,9 +102,12 @@ def component_field(kind: str) -> Any:
     return Annotated[SerializeAsAny[ComponentConfig], BeforeValidator(_dispatch(kind))]
 
 
-TokenizerSpec = component_field("tokenizer")
-PriorSpec = component_field("prior")
-ConditionerSpec = component_field("conditioner")
+# Spelled out (not component_field(...)) so type checkers see them as type aliases.
+TokenizerSpec = Annotated[SerializeAsAny[ComponentConfig], BeforeValidator(_dispatch("tokenizer"))]
+PriorSpec = Annotated[SerializeAsAny[ComponentConfig], BeforeValidator(_dispatch("prior"))]
+ConditionerSpec = Annotated[
+    SerializeAsAny[ComponentConfig], BeforeValidator(_dispatch("conditioner"))
+]
 
 
 class SamplerConfig(BaseModel):

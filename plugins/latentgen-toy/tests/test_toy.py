@@ -20,19 +20,26 @@ class TestPalette(TokenizerContract):
 
 
 class TestNGram(PriorContract):
-    config = {"type": "toy.ngram", "vocab_size": 8, "order": 3,
-              "conditions": {"label": {"vocab_size": 3}}}
+    config = {
+        "type": "toy.ngram",
+        "vocab_size": 8,
+        "order": 3,
+        "conditions": {"label": {"vocab_size": 3}},
+    }
     grid = (4, 4)
     plugin = "latentgen-toy"
 
 
 def test_listed_by_latentgen_plugins():
     exe = Path(sys.executable).parent / "latentgen"
-    out = subprocess.run([str(exe), "plugins", "--json"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [str(exe), "plugins", "--json"], capture_output=True, text=True, check=True
+    ).stdout
     rows = {r["name"]: r for r in json.loads(out)}
-    assert rows["latentgen-toy"]["components"] == {"tokenizer": ["toy.palette"],
-                                                   "prior": ["toy.ngram"]}
+    assert rows["latentgen-toy"]["components"] == {
+        "tokenizer": ["toy.palette"],
+        "prior": ["toy.ngram"],
+    }
 
 
 def test_palette_fits_colours():
@@ -48,8 +55,9 @@ def test_palette_fits_colours():
 def test_ngram_learns_a_pattern_and_samples_it():
     from latentgen import registry
 
-    prior = registry.build("prior", {"type": "toy.ngram", "vocab_size": 4, "order": 3,
-                                     "alpha": 1e-3})
+    prior = registry.build(
+        "prior", {"type": "toy.ngram", "vocab_size": 4, "order": 3, "alpha": 1e-3}
+    )
     stripes = torch.arange(6)[None, :, None].expand(8, 6, 6) % 4  # rows 0,1,2,3,0,1
     before = prior.log_prob(stripes).mean()
     prior.fit(stripes)
@@ -60,15 +68,19 @@ def test_ngram_learns_a_pattern_and_samples_it():
 
 
 def test_pipeline_saves_loads_samples(tmp_path):
-    pipe = Pipeline.from_spec({
-        "tokenizer": {"type": "toy.palette", "vocab_size": 4, "downsample": 2},
-        "prior": {"type": "toy.ngram", "vocab_size": 4},
-    })
+    pipe = Pipeline.from_spec(
+        {
+            "tokenizer": {"type": "toy.palette", "vocab_size": 4, "downsample": 2},
+            "prior": {"type": "toy.ngram", "vocab_size": 4},
+        }
+    )
     images = torch.rand(4, 3, 8, 8) * 2 - 1
     pipe.tokenizer.fit(images)
     pipe.prior.fit(pipe.encode(images))
     pipe.save_pretrained(tmp_path / "p")
     loaded = Pipeline.from_pretrained(tmp_path / "p")
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    assert torch.equal(loaded(2, size=8, generator=g(), output_type="tensor"),
-                       pipe(2, size=8, generator=g(), output_type="tensor"))
+    assert torch.equal(
+        loaded(2, size=8, generator=g(), output_type="tensor"),
+        pipe(2, size=8, generator=g(), output_type="tensor"),
+    )

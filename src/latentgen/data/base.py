@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from latentgen.components import Component
 
-__all__ = ["ImageDataset", "to_tensor", "to_pil"]
+__all__ = ["ImageDataset", "to_pil", "to_tensor"]
 
 
 class ImageDataset(Component, Dataset[dict[str, Any]], ABC):

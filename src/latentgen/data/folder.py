@@ -12,7 +12,7 @@ from latentgen.data.base import ImageDataset, to_tensor
 from latentgen.errors import DataError
 from latentgen.specs import ComponentConfig
 
-__all__ = ["ImageFolderConfig", "ImageFolderDataset", "IMAGE_EXTENSIONS"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderConfig", "ImageFolderDataset"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 

@@ -16,14 +16,14 @@ from latentgen.errors import InputError
 from latentgen.specs import SamplerConfig
 from latentgen.tokenizers.base import _check_codes
 
-__all__ = ["Prior", "Conds", "ConditionSlot"]
+__all__ = ["ConditionSlot", "Conds", "Prior"]
 
 #: Conditions by name, as the pipeline's conditioners produced them.
 Conds = Mapping[str, Conditioning]
 
 
 class ConditionSlot(BaseModel):
-    """What a prior's config says about one condition it is built for (``conditions: {name: slot}``).
+    """What a prior config says about one condition it is built for (``conditions: {name: slot}``).
 
     The pipeline checks each slot against the conditioner of the same name, so a prior and its
     conditioners cannot drift apart silently.

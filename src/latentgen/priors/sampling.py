@@ -32,7 +32,9 @@ def guide(cond_logits: Tensor, uncond_logits: Tensor, scale: float) -> Tensor:
     return uncond_logits + scale * (cond_logits - uncond_logits)
 
 
-def draw(logits: Tensor, sampler: SamplerConfig, generator: torch.Generator | None = None) -> Tensor:
+def draw(
+    logits: Tensor, sampler: SamplerConfig, generator: torch.Generator | None = None
+) -> Tensor:
     """Sample one code per row of ``logits [B, K]`` -> ``[B]`` long."""
     probs = filter_logits(logits, sampler).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -18,7 +18,7 @@ from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
 from latentgen.specs import ComponentConfig, SamplerConfig, parse_component
 
-__all__ = ["TokenizerContract", "PriorContract", "ConditionerContract"]
+__all__ = ["ConditionerContract", "PriorContract", "TokenizerContract"]
 
 
 class _Contract:
@@ -90,7 +90,10 @@ class TokenizerContract(_Contract):
         with torch.no_grad():
             out = tok.decode(tok.encode(self.images(tok)))
         assert tuple(out.shape) == (
-            self.batch_size, tok.in_channels, self.image_size, self.image_size
+            self.batch_size,
+            tok.in_channels,
+            self.image_size,
+            self.image_size,
         )
         assert out.is_floating_point()
 
@@ -148,8 +151,9 @@ class PriorContract(_Contract):
         g = torch.Generator().manual_seed(1)
         return {
             name: Conditioning(
-                tokens=torch.randint(slot.vocab_size, (self.batch_size, slot.num_tokens),
-                                     generator=g),
+                tokens=torch.randint(
+                    slot.vocab_size, (self.batch_size, slot.num_tokens), generator=g
+                ),
                 vocab_size=slot.vocab_size,
             )
             for name, slot in slots.items()
@@ -181,9 +185,13 @@ class PriorContract(_Contract):
 
         def draw(seed: int) -> torch.Tensor:
             with torch.no_grad():
-                return prior.sample(conds, grid=self.grid, sampler=SamplerConfig(),
-                                    generator=torch.Generator().manual_seed(seed),
-                                    num_samples=self.batch_size)
+                return prior.sample(
+                    conds,
+                    grid=self.grid,
+                    sampler=SamplerConfig(),
+                    generator=torch.Generator().manual_seed(seed),
+                    num_samples=self.batch_size,
+                )
 
         a, b = draw(0), draw(0)
         assert tuple(a.shape) == (self.batch_size, *self.grid)
@@ -197,9 +205,13 @@ class PriorContract(_Contract):
         given = self.codes(prior, seed=5)
         prefix[:, 0] = given[:, 0]  # the first row is given
         with torch.no_grad():
-            out = prior.sample(self.conds(prior), grid=self.grid, prefix=prefix,
-                               generator=torch.Generator().manual_seed(0),
-                               num_samples=self.batch_size)
+            out = prior.sample(
+                self.conds(prior),
+                grid=self.grid,
+                prefix=prefix,
+                generator=torch.Generator().manual_seed(0),
+                num_samples=self.batch_size,
+            )
         assert torch.equal(out[:, 0], given[:, 0])
 
     def test_codes_out_of_range(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import latentgen
 from latentgen.hookspecs import RegisterFn
-
 from latentgen_toy.ngram import NGramPrior, NGramPriorConfig
 from latentgen_toy.palette import PaletteTokenizer, PaletteTokenizerConfig
 

@@ -18,7 +18,9 @@ class NGramPriorConfig(ComponentConfig):
     type: Literal["toy.ngram"] = "toy.ngram"
     vocab_size: int = Field(16, ge=2, le=256, description="Codes K.")
     order: int = Field(
-        3, ge=1, le=4,
+        3,
+        ge=1,
+        le=4,
         description="n: each code depends on n-1 causal neighbours: left, up, up-left.",
     )
     alpha: float = Field(0.1, gt=0, description="Add-alpha smoothing of the counts.")
@@ -43,8 +45,7 @@ class NGramPrior(Prior):
                 "toy.ngram supports at most one single-token condition (a class label)."
             )
         k, ctx = config.vocab_size, config.order - 1  # ctx neighbours, each K+1 symbols
-        self._tables = next(iter(config.conditions.values())).vocab_size if config.conditions \
-            else 1
+        self._tables = next(iter(config.conditions.values())).vocab_size if config.conditions else 1
         # Context digits run over K+1 symbols: K is the "before the start" symbol.
         self.register_buffer("counts", torch.zeros(self._tables, (k + 1) ** ctx, k))
 
@@ -127,7 +128,7 @@ class NGramPrior(Prior):
                 context = torch.zeros(b, dtype=torch.long, device=out.device)
                 for dy, dx in self._NEIGHBOURS[: self.config.order - 1]:
                     y, x = i + dy, j + dx
-                    inside = 0 <= y and 0 <= x < w
+                    inside = y >= 0 and 0 <= x < w
                     context = context * (k + 1) + (out[:, y, x] if inside else k)
                 probs = self._probs(table, context)  # [B, K]
                 nxt = draw(probs.log(), sampler, generator)

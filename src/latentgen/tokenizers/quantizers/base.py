@@ -1,4 +1,4 @@
-"""The Quantizer contract: continuous latents ``[B, D, h, w]`` -> nearest codes and their vectors."""
+"""The Quantizer contract: latents ``[B, D, h, w]`` -> nearest codes and their vectors."""
 
 from __future__ import annotations
 
