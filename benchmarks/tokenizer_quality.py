@@ -112,14 +112,16 @@ def quantizer_config(
 
 
 def default_dead_code_steps(k: int, batch_size: int, codes_per_image: int) -> int:
-    """Restart window long enough that a live code is almost surely chosen in it.
+    """Restart window W (steps) of the vq-l2 variant: long enough to see about 3 K codes.
 
-    A window of W steps sees W * B * 64 encoder outputs; with about 2 K of them a code holding
-    1/K of the data is missed with probability e^-2, so restarts hit codes that are really dead
-    rather than codes that were merely unlucky, while the window stays short enough to fill a
-    16384-code book within a few hundred steps (each restart re-seeds at most one batch of rows).
+    Dead-code restarts re-seed every code chosen fewer than ``dead_code_threshold`` times in
+    the window from rows of the current batch (B * 64 encoder outputs). A window of 3 K
+    outputs misses a live code holding 1/K of the data with probability e^-3 = 5%, so few live
+    codes are restarted for nothing; a shorter window restarts more codes than one batch has
+    distinct rows (duplicates, which stay dead), a longer one fills a large codebook slowly
+    (each restart adds at most B * 64 codes, so filling K takes about K / (B * 64) windows).
     """
-    return max(1, math.ceil(2 * k / (batch_size * codes_per_image)))
+    return max(2, math.ceil(3 * k / (batch_size * codes_per_image)))
 
 
 def tokenizer_config(in_channels: int, quantizer: dict[str, Any], ch: int) -> dict[str, Any]:
@@ -185,7 +187,7 @@ def photos(gray: bool) -> dict[str, Tensor]:
         x = x[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
         x = F.interpolate(x[None], size=(PHOTO_SIZE, PHOTO_SIZE), mode="bilinear", antialias=True)
         if gray:  # ITU-R 601 luma, as PIL's convert("L")
-            x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # [1, 1, 64, 64]
+            x = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # [1, 1, 64, 64]
         out[name] = x.clamp(-1, 1)
     return out
 
@@ -285,9 +287,7 @@ def photo_table(results: Sequence[Result]) -> str:
     head = "| trained on | quantizer | K | " + " | ".join(names) + " | mean PSNR | mean LPIPS |"
     rows = [head, "|---|---|---:|" + "---:|" * (len(names) + 2)]
     for r in results:
-        cells = [
-            f"{r.photos[n]['psnr']:.1f} / {_fmt(r.photos[n]['lpips'], '.3f')}" for n in names
-        ]
+        cells = [f"{r.photos[n]['psnr']:.1f} / {_fmt(r.photos[n]['lpips'], '.3f')}" for n in names]
         mp = sum(r.photos[n]["psnr"] for n in names) / len(names)
         ml = sum(r.photos[n]["lpips"] for n in names) / len(names)
         rows.append(
@@ -307,7 +307,10 @@ def goal_lines(results: Sequence[Result]) -> list[str]:
             continue
         verdict = "met" if usage >= GOALS[k] else "NOT met"
         plain = by.get((ds, "vq", k))
-        extra = f"; plain vq {100 * plain:.1f}%" if plain is not None else ""
+        extra = ""
+        if plain is not None:
+            ratio = f", {usage / plain:.1f}x fewer codes than vq-l2" if plain > 0 else ""
+            extra = f"; plain vq {100 * plain:.1f}%{ratio}"
         lines.append(
             f"- {ds}, K={k}: vq-l2 usage {100 * usage:.1f}% (goal >= {100 * GOALS[k]:.0f}%): "
             f"{verdict}{extra}"
@@ -346,8 +349,8 @@ def _csv(kind: type, choices: Sequence[Any] | None = None) -> Any:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per model")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps per model")
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ch", type=int, default=16, help="base channels of encoder/decoder")
     p.add_argument("--eval-images", type=int, default=4096, help="held-out images per dataset")
@@ -359,7 +362,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--dead-code-steps",
         type=int,
         default=None,
-        help="vq-l2 restart window (default: 2K / (batch * 64) steps, see the source)",
+        help="vq-l2 restart window (default: 3K / (batch * 64) steps, see the source)",
     )
     p.add_argument("--dead-code-threshold", type=float, default=1.0)
     p.add_argument("--no-photos", action="store_true", help="skip the skimage photos")

@@ -31,7 +31,7 @@ from latentgen.checkpoint import (
 from latentgen.conditioners.base import Conditioner, Conditioning
 from latentgen.errors import CheckpointError, InputError, SpecError, UnknownComponentError
 from latentgen.priors.base import Prior
-from latentgen.specs import ComponentConfig, PipelineSpec, SamplerConfig, _friendly, load_spec
+from latentgen.specs import ComponentConfig, PipelineSpec, SamplerConfig, load_spec, spec_error
 from latentgen.tokenizers.base import Tokenizer
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PIPELINE_FILE", "Pipeline"]
@@ -154,7 +154,7 @@ class Pipeline:
                 sampler=self.sampler,
             )
         except ValidationError as e:
-            raise _friendly(e, "pipeline") from None
+            raise spec_error(e, "pipeline") from None
 
     @property
     def components(self) -> dict[str, Any]:
@@ -287,7 +287,7 @@ class Pipeline:
         try:
             spec = PipelineSpec.model_validate(meta.get("spec"))
         except ValidationError as e:
-            raise _friendly(e, str(path / PIPELINE_FILE)) from None
+            raise spec_error(e, str(path / PIPELINE_FILE)) from None
 
         built: dict[str, Any] = {}
         cond_names = set(spec.conditioners)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -158,17 +158,21 @@ class PipelineSpec(BaseModel):
         return self
 
 
-def _friendly(err: ValidationError, where: str) -> SpecError:
-    lines = [f"{where} is not a valid spec ({err.error_count()} problem(s)):"]
+def spec_error(err: ValidationError, where: str, what: str = "spec") -> SpecError:
+    """One ``SpecError`` listing every field pydantic refused, with its location and value."""
+    lines = [f"{where} is not a valid {what} ({err.error_count()} problem(s)):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
         lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
     return SpecError("\n".join(lines))
 
 
-def load_spec(source: str | Path | Mapping[str, Any]) -> PipelineSpec:
-    """Read a PipelineSpec from a mapping, or a ``.json`` / ``.yaml`` / ``.yml`` file."""
-    where = "spec"
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_model(source: str | Path | Mapping[str, Any], model: type[M], what: str = "spec") -> M:
+    """Validate ``model`` from a mapping, or a ``.json`` / ``.yaml`` / ``.yml`` file."""
+    where = what
     if isinstance(source, Mapping):
         data: Any = dict(source)
     else:
@@ -177,7 +181,7 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> PipelineSpec:
         try:
             text = path.read_text()
         except OSError as e:
-            raise SpecError(f"cannot read spec file {path}: {e.strerror}") from e
+            raise SpecError(f"cannot read {what} file {path}: {e.strerror}") from e
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
@@ -190,10 +194,17 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> PipelineSpec:
                 data = json.loads(text)
             except json.JSONDecodeError as e:
                 raise SpecError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{where} must hold a mapping, got {type(data).__name__}: {data!r}.")
     try:
-        return PipelineSpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise _friendly(e, where) from None
+        raise spec_error(e, where, what) from None
+
+
+def load_spec(source: str | Path | Mapping[str, Any]) -> PipelineSpec:
+    """Read a PipelineSpec from a mapping, or a ``.json`` / ``.yaml`` / ``.yml`` file."""
+    return load_model(source, PipelineSpec, "spec")
 
 
 def dump_spec(spec: PipelineSpec, fmt: Literal["json", "yaml"] = "json") -> str:

@@ -9,16 +9,20 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from latentgen.errors import SpecError
-from latentgen.specs import ComponentConfig, PipelineSpec, TokenizerSpec, component_field
+from latentgen.specs import (
+    ComponentConfig,
+    PipelineSpec,
+    TokenizerSpec,
+    component_field,
+    load_model,
+)
 
 __all__ = [
     "RESUME_KEYS",
@@ -262,32 +266,4 @@ C = TypeVar("C", bound=BaseModel)
 
 def load_train_config(source: str | Path | Mapping[str, Any], model: type[C]) -> C:
     """Read and validate a train config from a mapping or a ``.yaml``/``.yml``/``.json`` file."""
-    where = "train config"
-    if isinstance(source, Mapping):
-        data: Any = dict(source)
-    else:
-        path = Path(source)
-        where = str(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise SpecError(f"cannot read train config {path}: {e.strerror}") from e
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as e:  # yaml.YAMLError / JSONDecodeError
-            raise SpecError(f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {e}") from e
-    if not isinstance(data, Mapping):
-        raise SpecError(f"{where} must hold a mapping with `data` and `trainer`, got {data!r}.")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        lines = [f"{where} is not a valid {model.__name__} ({e.error_count()} problem(s)):"]
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
-        raise SpecError("\n".join(lines)) from None
+    return load_model(source, model, "train config")
