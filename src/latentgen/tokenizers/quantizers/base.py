@@ -56,8 +56,16 @@ class Quantizer(Component, nn.Module, ABC):
         """codes ``[B, h, w]`` -> latents ``[B, D, h, w]`` (the decoder's input)."""
 
     def usage(self) -> dict[str, float]:
-        """Codebook usage counted since ``reset_usage``: usage fraction, perplexity, dead codes."""
-        return {}
+        """Codebook usage counted since ``reset_usage``: usage fraction, perplexity, dead codes.
+
+        Quantizers that keep a ``usage_counter`` (``quantizers.common.UsageCounter``) get this
+        for free; others return ``{}`` unless they override it.
+        """
+        counter = getattr(self, "usage_counter", None)
+        return dict(counter.summary()) if counter is not None else {}
 
     def reset_usage(self) -> None:
         """Start a new counting pass (e.g. at the start of an evaluation)."""
+        counter = getattr(self, "usage_counter", None)
+        if counter is not None:
+            counter.reset()

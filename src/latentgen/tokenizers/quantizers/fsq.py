@@ -101,14 +101,6 @@ class FSQuantizer(Quantizer):
         """Channels D of the latents."""
         return self._dim
 
-    def usage(self) -> dict[str, float]:
-        """Codebook usage since ``reset_usage``: ``usage``, ``perplexity``, ``dead_codes``."""
-        return self.usage_counter.summary()
-
-    def reset_usage(self) -> None:
-        """Start a new counting pass."""
-        self.usage_counter.reset()
-
     # -- the grid -----------------------------------------------------------------------------
     def _half_width(self) -> Tensor:
         return (self._levels // 2).float()  # [n]

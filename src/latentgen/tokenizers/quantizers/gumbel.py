@@ -106,14 +106,6 @@ class GumbelQuantizer(Quantizer):
         """Channels D of the latents."""
         return self.config.dim
 
-    def usage(self) -> dict[str, float]:
-        """Codebook usage since ``reset_usage``: ``usage``, ``perplexity``, ``dead_codes``."""
-        return self.usage_counter.summary()
-
-    def reset_usage(self) -> None:
-        """Start a new counting pass."""
-        self.usage_counter.reset()
-
     def temperature(self, step: int | None = None) -> float:
         """The Gumbel-softmax temperature at ``step`` (default: the current training step)."""
         cfg = self.config

@@ -169,14 +169,6 @@ class _NearestCodeQuantizer(Quantizer):
         """Channels D of the latents."""
         return self.config.dim
 
-    def usage(self) -> dict[str, float]:
-        """Codebook usage since ``reset_usage``: ``usage``, ``perplexity``, ``dead_codes``."""
-        return self.usage_counter.summary()
-
-    def reset_usage(self) -> None:
-        """Start a new counting pass."""
-        self.usage_counter.reset()
-
     def codes(self) -> Tensor:
         """The effective codebook in the lookup space ``[K, lookup_dim]`` (unit rows if l2)."""
         cb = self.codebook.float()
