@@ -27,6 +27,7 @@ def _shrink(name: str, tmp: Path) -> Path:
     for tok in (cfg.get("tokenizer"), cfg.get("spec", {}).get("tokenizer")):
         if tok:
             tok["disc_start"] = 2  # exercise the discriminator update too
+            tok["perceptual_weight"] = 1.0  # and LPIPS on its real weights
     if "tokenizer_path" in cfg:
         cfg["tokenizer_path"] = str(tmp / "runs" / "shapes-vqgan")
     out = tmp / name
