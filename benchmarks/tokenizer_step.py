@@ -175,6 +175,11 @@ def main() -> None:
             continue
         for size in args.sizes:
             models = {v: steps(kind, size, v == "ours-cl") for v in args.variants}
+            for v in args.variants:
+                # One full step first: the allocator's first large blocks are fresh pages
+                # (page faults), which would otherwise land in the first column's times.
+                use(v.split("-")[0])
+                models[v]["fwd+bwd"]()
             for col in ("fwd(no_grad)", "fwd", "fwd+bwd"):
                 fns = {v.replace("-cl", " cl"): models[v][col] for v in args.variants}
                 for variant, ts in measure(fns, args).items():
