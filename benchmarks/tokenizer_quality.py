@@ -34,10 +34,11 @@ the benchmark measures the code path ``latentgen train tokenizer`` runs.
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/tokenizer_quality.py --steps 50 \\
         --datasets shapes --quantizers vq,vq-l2 --sizes 1024
 
-The default run (16 models, 80 steps of batch 64 each) takes about 6 minutes on an idle 2-core
-CPU (each model ~10 s of training and 5-15 s of evaluation) and was measured at 17 minutes on
-the shared 2-core machine under a load average of 3-6. When other jobs share the cores,
-``--threads 1`` is often faster than 2 (two OpenMP threads spin waiting for each other).
+The default run (16 models, 80 steps of batch 64 each) takes about 7 minutes on an idle 2-core
+CPU (a K=1024 model ~10 s of training + 6 s of evaluation, a K=16384 one ~23 s + 15 s, most of
+it the nearest-code search) and was measured at 11.7 and 16.9 minutes on the shared machine
+while other jobs ran. When other jobs share the cores, ``--threads 1`` is often faster than 2
+(two OpenMP threads spin waiting for each other).
 """
 
 from __future__ import annotations

@@ -1,0 +1,70 @@
+"""Smoke test of benchmarks/tokenizer_quality.py at a tiny budget, so the script cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentgen.metrics.lpips import lpips_available
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "tokenizer_quality.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("tokenizer_quality", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_main_runs_end_to_end_at_a_tiny_budget(capsys):
+    pytest.importorskip("skimage")
+    tq = _load_script()
+    eval_images, k = 8, 1024
+    argv = [
+        "--steps", "2", "--batch-size", "4", "--ch", "8", "--threads", "1",
+        "--eval-images", str(eval_images), "--lpips-images", "2",
+        "--datasets", "shapes", "--quantizers", "vq-l2,fsq", "--sizes", str(k),
+    ]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        results = tq.main(argv)
+    finally:
+        torch.set_num_threads(threads)  # main() sets it for the whole process
+
+    assert [(r.dataset, r.quantizer, r.codebook_size) for r in results] == [
+        ("shapes", "vq-l2", k),
+        ("shapes", "fsq", k),
+    ]
+    codes_seen = eval_images * (32 // 4) ** 2  # f = 4: 64 codes per 32x32 image
+    for r in results:
+        m = r.metrics
+        assert math.isfinite(m["psnr"]) and -1.0 <= m["ssim"] <= 1.0
+        # Usage counts exactly one evaluation pass: never more codes than it saw.
+        used = round(m["usage"] * k)
+        assert 1 <= used <= codes_seen
+        assert m["dead_codes"] == k - used
+        assert 1.0 <= m["perplexity"] <= used + 1e-6
+        assert math.isfinite(m["lpips"]) == lpips_available()
+        assert set(r.photos) == set(tq.PHOTOS)
+        assert all(math.isfinite(p["psnr"]) for p in r.photos.values())
+
+    out = capsys.readouterr().out
+    assert "| shapes | vq-l2 | 1024 |" in out and "| shapes | fsq | 1024 |" in out
+    assert "vq-l2 usage" in out and "steps 2 x batch 4" in out
+
+
+def test_default_restart_window_covers_about_three_k_codes():
+    tq = _load_script()
+    for k, batch in [(1024, 64), (16384, 64), (16384, 32)]:
+        w = tq.default_dead_code_steps(k, batch, 64)
+        assert w >= 2
+        assert w * batch * 64 >= 3 * k  # long enough that a live code is rarely missed
+        assert w == 2 or (w - 1) * batch * 64 < 3 * k  # and no longer than needed
