@@ -93,3 +93,11 @@ def test_train_tokenizer_then_prior_then_sample(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert out.stat().st_size > 0
+
+
+def test_prior_config_without_trained_tokenizer_says_what_to_do(tmp_path):
+    cfg = _shrink("shapes-transformer.yaml", tmp_path)  # points at a run that does not exist
+    res = CliRunner().invoke(main, ["train", "prior", "--config", str(cfg)])
+    assert res.exit_code != 0
+    assert "holds no trained tokenizer" in res.output
+    assert "latentgen train tokenizer" in res.output

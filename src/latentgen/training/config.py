@@ -229,8 +229,8 @@ class PriorTrainConfig(TrainConfig):
     """``latentgen train prior --config``: a pipeline spec, a trained tokenizer, a code cache."""
 
     spec: PipelineSpec = Field(
-        description="Pipeline spec: its prior and conditioners are trained; its tokenizer config "
-        "must match the trained tokenizer's."
+        description="Pipeline spec: its prior and conditioners are trained. `spec.tokenizer` may "
+        "be left out: it is then read from `tokenizer_path`; if given, it must match."
     )
     tokenizer_path: Path = Field(
         description="Trained tokenizer: a saved pipeline dir, an exported tokenizer dir (from "
@@ -255,6 +255,19 @@ class PriorTrainConfig(TrainConfig):
     )
     grid_samples: int = Field(8, ge=1, le=256, description="Samples drawn for each sample grid.")
     encode_batch_size: int = Field(64, ge=1, le=65_536, description="Batch size for the cache.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tokenizer_from_path(cls, data: Any) -> Any:
+        """Fill ``spec.tokenizer`` from the trained tokenizer when the file leaves it out."""
+        if not isinstance(data, Mapping):
+            return data
+        spec, path = data.get("spec"), data.get("tokenizer_path")
+        if isinstance(spec, Mapping) and "tokenizer" not in spec and path is not None:
+            from latentgen.training.tasks import tokenizer_config_at
+
+            data = {**data, "spec": {**spec, "tokenizer": tokenizer_config_at(path)}}
+        return data
 
     def cache_keys(self) -> dict[str, str]:
         """Conditioner name -> dataset key for every conditioner of the spec."""

@@ -536,6 +536,30 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> Path:
     return path
 
 
+def tokenizer_config_at(path: str | Path) -> dict[str, Any]:
+    """The config (as JSON) of the trained tokenizer at ``path``, without loading its weights.
+
+    ``path`` is what ``load_tokenizer`` takes: a pipeline dir, a ``save_tokenizer`` dir or a
+    run dir.
+    """
+    path = Path(path)
+    if (path / "pipeline.json").is_file():
+        from latentgen.pipeline import Pipeline
+
+        return dict(Pipeline.read_manifest(path)["spec"]["tokenizer"])
+    if (path / TOKENIZER_FILE).is_file():
+        meta = read_json(path / TOKENIZER_FILE, what="tokenizer file")
+        if not isinstance(meta, dict) or meta.get("format") != TOKENIZER_FORMAT:
+            raise CheckpointError(f"{path / TOKENIZER_FILE} is not a latentgen tokenizer file.")
+        return dict(meta["config"])
+    if (path / "final").is_dir():
+        return tokenizer_config_at(path / "final")
+    raise CheckpointError(
+        f"{path} holds no trained tokenizer: expected pipeline.json, {TOKENIZER_FILE}, or a run "
+        "dir with final/. Train one with `latentgen train tokenizer --config cfg.yaml`."
+    )
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a trained tokenizer from a pipeline dir, a ``save_tokenizer`` dir or a run dir."""
     from latentgen import registry
