@@ -536,28 +536,30 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> Path:
     return path
 
 
-def tokenizer_config_at(path: str | Path) -> dict[str, Any]:
-    """The config (as JSON) of the trained tokenizer at ``path``, without loading its weights.
-
-    ``path`` is what ``load_tokenizer`` takes: a pipeline dir, a ``save_tokenizer`` dir or a
-    run dir.
-    """
+def _locate_tokenizer(path: str | Path) -> tuple[str, Path, dict[str, Any]]:
+    """``("pipeline" | "tokenizer", dir, its JSON)`` for a pipeline, tokenizer or run dir."""
     path = Path(path)
     if (path / "pipeline.json").is_file():
         from latentgen.pipeline import Pipeline
 
-        return dict(Pipeline.read_manifest(path)["spec"]["tokenizer"])
+        return "pipeline", path, Pipeline.read_manifest(path)
     if (path / TOKENIZER_FILE).is_file():
         meta = read_json(path / TOKENIZER_FILE, what="tokenizer file")
         if not isinstance(meta, dict) or meta.get("format") != TOKENIZER_FORMAT:
             raise CheckpointError(f"{path / TOKENIZER_FILE} is not a latentgen tokenizer file.")
-        return dict(meta["config"])
+        return "tokenizer", path, meta
     if (path / "final").is_dir():
-        return tokenizer_config_at(path / "final")
+        return _locate_tokenizer(path / "final")
     raise CheckpointError(
         f"{path} holds no trained tokenizer: expected pipeline.json, {TOKENIZER_FILE}, or a run "
         "dir with final/. Train one with `latentgen train tokenizer --config cfg.yaml`."
     )
+
+
+def tokenizer_config_at(path: str | Path) -> dict[str, Any]:
+    """The config (as JSON) of the trained tokenizer at ``path``, without loading its weights."""
+    kind, _, meta = _locate_tokenizer(path)
+    return dict(meta["spec"]["tokenizer"] if kind == "pipeline" else meta["config"])
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -565,27 +567,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     from latentgen import registry
     from latentgen.checkpoint import load_tensors
 
-    path = Path(path)
-    if (path / "pipeline.json").is_file():
+    kind, path, meta = _locate_tokenizer(path)
+    if kind == "pipeline":
         from latentgen.pipeline import Pipeline
 
         return Pipeline.from_pretrained(path).tokenizer
-    if (path / TOKENIZER_FILE).is_file():
-        meta = read_json(path / TOKENIZER_FILE, what="tokenizer file")
-        if not isinstance(meta, dict) or meta.get("format") != TOKENIZER_FORMAT:
-            raise CheckpointError(f"{path / TOKENIZER_FILE} is not a latentgen tokenizer file.")
-        weights = path / str(meta.get("file", "tokenizer.safetensors"))
-        if weights.is_file() and meta.get("sha256") and sha256_file(weights) != meta["sha256"]:
-            raise CheckpointError(
-                f"{weights} does not match the sha256 in {path / TOKENIZER_FILE}; the file was "
-                "changed or damaged. Export the tokenizer again."
-            )
-        tok: Tokenizer = registry.build("tokenizer", meta["config"])
-        load_module(tok, load_tensors(weights, what=str(weights)), what=str(weights))
-        return tok
-    if (path / "final").is_dir():
-        return load_tokenizer(path / "final")
-    raise CheckpointError(
-        f"{path} holds no trained tokenizer: expected pipeline.json, {TOKENIZER_FILE}, or a run "
-        "dir with final/. Train one with `latentgen train tokenizer --config cfg.yaml`."
-    )
+    weights = path / str(meta.get("file", "tokenizer.safetensors"))
+    if weights.is_file() and meta.get("sha256") and sha256_file(weights) != meta["sha256"]:
+        raise CheckpointError(
+            f"{weights} does not match the sha256 in {path / TOKENIZER_FILE}; the file was "
+            "changed or damaged. Export the tokenizer again."
+        )
+    tok: Tokenizer = registry.build("tokenizer", meta["config"])
+    load_module(tok, load_tensors(weights, what=str(weights)), what=str(weights))
+    return tok
