@@ -113,27 +113,33 @@ def _report(result: Any) -> None:
 
 
 # -- train -----------------------------------------------------------------------------------------
+def _run_options(config_help: str) -> Any:
+    """``--config``, ``--resume`` and ``--run-dir``, shared by both ``train`` commands."""
+
+    def decorate(f: Any) -> Any:
+        f = click.option(
+            "--run-dir",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Write the run here instead of trainer.runs_dir/trainer.run_name.",
+        )(f)
+        f = click.option(
+            "--resume", is_flag=True, help="Continue from the run's latest checkpoint."
+        )(f)
+        return click.option(
+            "--config", "-c", "config_path", required=True, type=_CONFIG, help=config_help
+        )(f)
+
+    return decorate
+
+
 @click.group()
 def train() -> None:
     """Train a tokenizer (stage 1) or a prior on its codes (stage 2)."""
 
 
 @train.command("tokenizer")
-@click.option(
-    "--config",
-    "-c",
-    "config_path",
-    required=True,
-    type=_CONFIG,
-    help="YAML/JSON with `tokenizer` (or `spec`), `data` and `trainer`.",
-)
-@click.option("--resume", is_flag=True, help="Continue from the run's latest checkpoint.")
-@click.option(
-    "--run-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Write the run here instead of trainer.runs_dir/trainer.run_name.",
-)
+@_run_options("YAML/JSON with `tokenizer` (or `spec`), `data` and `trainer`.")
 def train_tokenizer(config_path: Path, resume: bool, run_dir: Path | None) -> None:
     """Train a tokenizer; the result is written to RUN_DIR/final/ (tokenizer.json + weights)."""
     from latentgen import registry
@@ -161,21 +167,7 @@ def train_tokenizer(config_path: Path, resume: bool, run_dir: Path | None) -> No
 
 
 @train.command("prior")
-@click.option(
-    "--config",
-    "-c",
-    "config_path",
-    required=True,
-    type=_CONFIG,
-    help="YAML/JSON with `spec`, `tokenizer_path`, `data` and `trainer`.",
-)
-@click.option("--resume", is_flag=True, help="Continue from the run's latest checkpoint.")
-@click.option(
-    "--run-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Write the run here instead of trainer.runs_dir/trainer.run_name.",
-)
+@_run_options("YAML/JSON with `spec`, `tokenizer_path`, `data` and `trainer`.")
 @click.option(
     "--rebuild-cache",
     is_flag=True,
@@ -415,8 +407,11 @@ def eval_tokenizer(
     if inception is not None:
         from latentgen.metrics.fid import GaussianStats, InceptionFeatures
 
-        fid = (InceptionFeatures.from_pretrained(inception).to(dev), GaussianStats(),
-               GaussianStats())
+        fid = (
+            InceptionFeatures.from_pretrained(inception).to(dev),
+            GaussianStats(),
+            GaussianStats(),
+        )
     usage = CodebookUsage(tok.vocab_size)
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     count = 0
