@@ -62,21 +62,25 @@ VARIANTS = [("learned", "prefix"), ("rope", "prefix"), ("learned", "taming")]
 
 
 # -- KV cache ---------------------------------------------------------------------------------
+_SAMPLERS = {
+    "plain": SamplerConfig(),
+    "topk": SamplerConfig(top_k=5, temperature=0.8),
+    "topp": SamplerConfig(top_p=0.9),
+    "cfg": SamplerConfig(top_k=8, guidance_scale=3.0),
+}
+# Guidance needs conditions, so the unconditional model gets no "cfg" case.
+_CACHE_CASES = [
+    (conditional, name)
+    for conditional in (False, True)
+    for name in _SAMPLERS
+    if conditional or name != "cfg"
+]
+
+
 @pytest.mark.parametrize("positions,layout", VARIANTS)
-@pytest.mark.parametrize("conditional", [False, True])
-@pytest.mark.parametrize(
-    "sampler",
-    [
-        SamplerConfig(),
-        SamplerConfig(top_k=5, temperature=0.8),
-        SamplerConfig(top_p=0.9),
-        SamplerConfig(top_k=8, guidance_scale=3.0),
-    ],
-    ids=["plain", "topk", "topp", "cfg"],
-)
-def test_cached_sampling_equals_uncached(positions, layout, conditional, sampler):
-    if sampler.guidance_scale != 1 and not conditional:
-        pytest.skip("guidance needs conditions")
+@pytest.mark.parametrize("conditional,sampler_name", _CACHE_CASES)
+def test_cached_sampling_equals_uncached(positions, layout, conditional, sampler_name):
+    sampler = _SAMPLERS[sampler_name]
     model = make(positions, conditional, layout)
     kw = {"conds": conds_for()} if conditional else {"num_samples": 3}
     cached = model.sample(grid=GRID, sampler=sampler, generator=gen(1), **kw)
