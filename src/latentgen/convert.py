@@ -147,17 +147,16 @@ def convert() -> None:
     """Convert checkpoints from other projects (tensors only: nothing in them is executed)."""
 
 
-_CKPT = click.Path(exists=True, dir_okay=False, path_type=Path)
-_YAML = click.Path(exists=True, dir_okay=False, path_type=Path)
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @convert.command("taming-vqgan")
-@click.argument("ckpt", type=_CKPT)
+@click.argument("ckpt", type=_FILE)
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option(
     "--config",
     "model_yaml",
-    type=_YAML,
+    type=_FILE,
     default=None,
     help="Their model.yaml; without it the architecture is read from tensor shapes.",
 )
@@ -171,12 +170,12 @@ def taming_vqgan(ckpt: Path, out_dir: Path, model_yaml: Path | None) -> None:
 
 
 @convert.command("taming-transformer")
-@click.argument("ckpt", type=_CKPT)
+@click.argument("ckpt", type=_FILE)
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option(
     "--config",
     "model_yaml",
-    type=_YAML,
+    type=_FILE,
     default=None,
     help="Their Net2NetTransformer model.yaml (heads, condition stage).",
 )

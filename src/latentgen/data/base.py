@@ -33,10 +33,6 @@ class ImageDataset(Component, Dataset[dict[str, Any]], ABC):
     @abstractmethod
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
-    @property
-    def keys(self) -> tuple[str, ...]:
-        """The keys every item carries."""
-        return tuple(self[0].keys()) if len(self) else ("image",)
 
 
 def to_tensor(image: Any) -> Tensor:

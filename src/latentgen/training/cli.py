@@ -13,7 +13,6 @@ The lead's ``latentgen.cli`` calls ``add_commands(main)``.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -348,17 +347,24 @@ def _print_results(results: Mapping[str, Any], as_json: bool) -> None:
         click.echo(f"{k:>{width}}: {v:.6g}" if isinstance(v, float) else f"{k:>{width}}: {v}")
 
 
+def _data_options(f: Any) -> Any:
+    """``--data``, ``--batch-size`` and ``--limit``, shared by both ``eval`` commands."""
+    f = click.option(
+        "--limit", default=None, type=click.IntRange(1), help="Use the first N images."
+    )(f)
+    f = click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))(f)
+    return click.option(
+        "--data",
+        "data_path",
+        required=True,
+        type=_CONFIG,
+        help="Dataset config file (or a train config with `data:`).",
+    )(f)
+
+
 @eval_group.command("tokenizer")
 @click.argument("source", type=_SOURCE)
-@click.option(
-    "--data",
-    "data_path",
-    required=True,
-    type=_CONFIG,
-    help="Dataset config file (or a train config with `data:`).",
-)
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
-@click.option("--limit", default=None, type=click.IntRange(1), help="Use the first N images.")
+@_data_options
 @click.option(
     "--lpips/--no-lpips",
     default=True,
@@ -455,15 +461,7 @@ def eval_tokenizer(
 
 @eval_group.command("prior")
 @click.argument("pipeline_dir", type=_SOURCE)
-@click.option(
-    "--data",
-    "data_path",
-    required=True,
-    type=_CONFIG,
-    help="Dataset config file (or a train config with `data:`).",
-)
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
-@click.option("--limit", default=None, type=click.IntRange(1), help="Use the first N images.")
+@_data_options
 @click.option(
     "--key",
     "keys",
@@ -486,6 +484,7 @@ def eval_prior(
 ) -> None:
     """Negative log-likelihood of the dataset's codes under PIPELINE_DIR's prior (bits per code)."""
     from latentgen.pipeline import Pipeline
+    from latentgen.priors.base import Prior
 
     dev = _device(device)
     pipe = Pipeline.from_pretrained(pipeline_dir).to(dev)
@@ -523,8 +522,8 @@ def eval_prior(
         {
             "images": images,
             "nll_nats_per_code": per_code,
-            "bits_per_dim": per_code / math.log(2.0),
-            "bits_per_image_dim": nats / pixels / math.log(2.0),
+            "bits_per_dim": Prior.bits_per_dim(per_code),
+            "bits_per_image_dim": Prior.bits_per_dim(nats / pixels),
         },
         as_json,
     )

@@ -46,12 +46,12 @@ from latentgen.checkpoint import (
     sha256_file,
 )
 from latentgen.errors import CheckpointError, SpecError
+from latentgen.priors.base import Prior
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from latentgen.conditioners.base import Conditioner, Conditioning
-    from latentgen.priors.base import Prior
     from latentgen.specs import SamplerConfig
     from latentgen.tokenizers.base import Tokenizer
     from latentgen.training.config import TrainerConfig
@@ -459,7 +459,7 @@ class PriorTask(Task):
             ctx.backward(loss, "prior")
             _accumulate(logs, {"loss": loss.detach()}, n)
         logs["grad_norm"] = ctx.update("prior")
-        logs["bits_per_dim"] = float(logs["loss"]) / math.log(2.0)
+        logs["bits_per_dim"] = Prior.bits_per_dim(float(logs["loss"]))
         return logs
 
     @torch.no_grad()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -136,7 +135,3 @@ class NGramPrior(Prior):
                     nxt = torch.where(given[:, i, j] >= 0, given[:, i, j], nxt)
                 out[:, i, j] = nxt
         return out
-
-    def bits_per_code(self, codes: Tensor, conds: Conds | None = None) -> float:
-        """Mean negative log-likelihood in bits per code."""
-        return float(-self.log_prob(codes, conds).sum() / codes.numel() / math.log(2))
