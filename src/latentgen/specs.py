@@ -193,7 +193,8 @@ def load_model(source: str | Path | Mapping[str, Any], model: type[M], what: str
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as e:
-                raise SpecError(f"{path} is not valid JSON: {e}") from e
+                hint = "" if path.suffix == ".json" else " (use a .yaml, .yml or .json file)"
+                raise SpecError(f"{path} is not valid JSON{hint}: {e}") from e
     if not isinstance(data, Mapping):
         raise SpecError(f"{where} must hold a mapping, got {type(data).__name__}: {data!r}.")
     try:
