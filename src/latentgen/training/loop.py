@@ -49,7 +49,8 @@ from latentgen.training.distributed import (
     init_distributed,
 )
 from latentgen.training.ema import EMA
-from latentgen.training.tasks import Task, WarmupCosine
+from latentgen.training.schedule import WarmupCosine
+from latentgen.training.task import Task
 
 __all__ = ["TrainResult", "Trainer", "TrainingDivergedError"]
 
@@ -196,6 +197,36 @@ def _preserved_rng(device: torch.device) -> Iterator[None]:
         ckpt.restore_rng(state, device)
 
 
+class _MetricsWindow:
+    """Sums of the logged scalars since the last metrics line, and the throughput over it."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.start, self.steps = time.perf_counter(), 0
+
+    def reset(self) -> None:
+        self.sums, self.counts = {}, {}
+        self.start, self.steps = time.perf_counter(), 0
+
+    def add(self, logs: Mapping[str, Any]) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def flush(self, global_batch: int) -> tuple[dict[str, float], float]:
+        """(mean of each key, samples per second) over the window; starts a new window."""
+        # Per key: a term that only some steps log (the GAN loss after disc_start) is averaged
+        # over those steps.
+        means = {k: v / self.counts[k] for k, v in sorted(self.sums.items())}
+        rate = self.steps * global_batch / max(time.perf_counter() - self.start, 1e-9)
+        self.reset()
+        return means, rate
+
+
 class Trainer:
     """Trains a ``Task`` on a map-style dataset; one instance per run.
 
@@ -231,6 +262,10 @@ class Trainer:
         self._params: dict[str, list[nn.Parameter]] = {}
         self.step = 0
         self.skipped_steps = 0
+        self._bad_streak = 0  # skipped steps in a row
+        self._last_checkpoint: Path | None = None
+        self._last_metrics: dict[str, Any] = {}
+        self._window = _MetricsWindow()
 
     # -- helpers -----------------------------------------------------------------------------------
     def _params_of(self, optimizer: str) -> list[nn.Parameter]:
@@ -471,6 +506,32 @@ class Trainer:
 
         Returns the final step, the last checkpoint and the exported model's path.
         """
+        pos = self._setup(resume)
+        if self.step >= self.config.max_steps:
+            self._log(f"step {self.step} >= max_steps {self.config.max_steps}: nothing to train.")
+            return TrainResult(
+                self.step, self.run_dir, self._last_checkpoint, None, self.skipped_steps
+            )
+        batches = self._batches(pos)
+        with self._progress_bar() as bar:
+            while self.step < self.config.max_steps:
+                micro, pos = next(batches)
+                self._train_step(micro)
+                self.step += 1
+                bar.update(1)
+                self._after_step(pos, bar)
+        export = self._export()
+        return TrainResult(
+            self.step,
+            self.run_dir,
+            self._last_checkpoint,
+            export,
+            self.skipped_steps,
+            self._last_metrics,
+        )
+
+    def _setup(self, resume: bool | str | Path) -> _Position:
+        """Models on the device, optimizers, schedules, EMA and RNGs; the data position to start."""
         cfg, d, task = self.config, self.dist, self.task
         task.to(d.device)
         modules = task.modules()
@@ -489,100 +550,98 @@ class Trainer:
         if cfg.ema_decay is not None:
             self.emas = {n: EMA(modules[n], cfg.ema_decay) for n in task.ema_modules()}
         _seed_all(cfg.seed + d.rank)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        pos = _Position(0, 0, gen.get_state())
+        pos = _Position(0, 0, torch.Generator().manual_seed(cfg.seed).get_state())
+        self._last_checkpoint = start
         if start is not None:
             pos = self._load(start)  # restores the RNGs last, right before the first step
             self._truncate_metrics()
             self._log(f"resumed from {start} at step {self.step}")
-        steps_per_epoch = self._steps_per_epoch()
-        last_ckpt: Path | None = start
-        last_metrics: dict[str, Any] = {}
-        if self.step >= cfg.max_steps:
-            self._log(f"step {self.step} >= max_steps {cfg.max_steps}: nothing to train.")
-            return TrainResult(self.step, self.run_dir, last_ckpt, None, self.skipped_steps)
+        self._window = _MetricsWindow()
+        return pos
 
-        show = d.is_main and (
-            cfg.progress == "on" or (cfg.progress == "auto" and sys.stderr.isatty())
+    def _train_step(self, micro: list[Any]) -> bool:
+        """Run ``task.train_step`` on this step's micro-batches; False when the step was skipped.
+
+        A skipped step (non-finite loss or gradient on any rank) changed no weight, no optimizer
+        moment and no EMA; it still counts as a step for the schedule and the data order.
+        """
+        micro = [_to_device(b, self.dist.device) for b in micro]
+        for sched in self.schedulers.values():
+            sched.set_step(self.step)
+        try:
+            logs = self.task.train_step(_StepContext(self, self.step, micro))
+        except _NonFiniteStep as e:
+            self._skip_step(str(e))
+            return False
+        self._bad_streak = 0
+        for ema in self.emas.values():
+            ema.update()
+        self._window.add(logs)
+        return True
+
+    def _skip_step(self, optimizer: str) -> None:
+        """Drop the step's gradients and count it; too many in a row stop the run."""
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self._bad_streak += 1
+        self.skipped_steps += 1
+        self._log(
+            f"step {self.step}: non-finite loss or gradient for optimizer '{optimizer}', "
+            f"step skipped ({self._bad_streak} in a row, {self.skipped_steps} in all)."
         )
+        if self._bad_streak >= self.config.max_bad_steps:
+            raise TrainingDivergedError(
+                f"{self._bad_streak} steps in a row (steps "
+                f"{self.step - self._bad_streak + 1}..{self.step}) had a non-finite "
+                f"loss or gradient; training stopped. The last good checkpoint is "
+                f"{self._last_checkpoint or '(none written yet)'}. Lower lr, set grad_clip, or "
+                "use amp='off', then continue with --resume."
+            ) from None
+
+    def _after_step(self, pos: _Position, bar: Any) -> None:
+        """Metrics, grid and checkpoint when their cadence (or the last step) comes round."""
+        cfg = self.config
+        last = self.step == cfg.max_steps
+        self._window.tick()
+        if self.step % cfg.log_every == 0 or last:
+            self._log_metrics(bar)
+        if cfg.grid_every and self.step % cfg.grid_every == 0:
+            self._grid()
+        # Not during a streak of skipped steps: the last checkpoint stays the last good one.
+        if (self.step % cfg.checkpoint_every == 0 or last) and self._bad_streak == 0:
+            self._last_checkpoint = self._save(pos)
+
+    def _log_metrics(self, bar: Any) -> None:
+        """Average the window's logs over ranks, write a ``metrics.jsonl`` line, update the bar."""
+        means, rate = self._window.flush(self.global_batch)
+        means = all_reduce_mean(means, self.dist.device)
+        self._last_metrics = {
+            "step": self.step,
+            "epoch": self.step / self._steps_per_epoch(),
+            **means,
+            **{f"lr/{n}": s.get_lr()[0] for n, s in self.schedulers.items()},
+            "samples_per_s": rate,
+            "skipped_steps": self.skipped_steps,
+            "time": time.time(),
+        }
+        self._write_metrics(self._last_metrics)
+        if "loss" in means:
+            bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{rate:.1f}")
+
+    @contextlib.contextmanager
+    def _progress_bar(self) -> Iterator[Any]:
+        """A tqdm bar on rank 0 (on a terminal, or always with progress='on'), closed at exit."""
         from tqdm.auto import tqdm
 
+        cfg = self.config
+        show = self.dist.is_main and (
+            cfg.progress == "on" or (cfg.progress == "auto" and sys.stderr.isatty())
+        )
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not show, dynamic_ncols=True)
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        t_window, steps_window = time.perf_counter(), 0
-        consecutive_bad = 0
-        batches = self._batches(pos)
         try:
-            while self.step < cfg.max_steps:
-                micro, next_pos = next(batches)
-                micro = [_to_device(b, d.device) for b in micro]
-                for sched in self.schedulers.values():
-                    sched.set_step(self.step)
-                try:
-                    logs = task.train_step(_StepContext(self, self.step, micro))
-                except _NonFiniteStep as e:
-                    for opt in self.optimizers.values():
-                        opt.zero_grad(set_to_none=True)
-                    consecutive_bad += 1
-                    self.skipped_steps += 1
-                    self._log(
-                        f"step {self.step}: non-finite loss or gradient for optimizer '{e}', "
-                        f"step skipped ({consecutive_bad} in a row, {self.skipped_steps} in all)."
-                    )
-                    if consecutive_bad >= cfg.max_bad_steps:
-                        raise TrainingDivergedError(
-                            f"{consecutive_bad} steps in a row (steps "
-                            f"{self.step - consecutive_bad + 1}..{self.step}) had a non-finite "
-                            f"loss or gradient; training stopped. The last good checkpoint is "
-                            f"{last_ckpt or '(none written yet)'}. Lower lr, set grad_clip, or "
-                            "use amp='off', then continue with --resume."
-                        ) from None
-                else:
-                    consecutive_bad = 0
-                    for ema in self.emas.values():
-                        ema.update()
-                    for k, v in logs.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                        counts[k] = counts.get(k, 0) + 1
-                self.step += 1
-                pos = next_pos
-                steps_window += 1
-                bar.update(1)
-
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    # Per key: a term that only some steps log (the GAN loss after disc_start)
-                    # is averaged over those steps.
-                    means = {k: v / counts[k] for k, v in sorted(sums.items())}
-                    means = all_reduce_mean(means, d.device)
-                    elapsed = max(time.perf_counter() - t_window, 1e-9)
-                    rate = steps_window * self.global_batch / elapsed
-                    last_metrics = {
-                        "step": self.step,
-                        "epoch": self.step / steps_per_epoch,
-                        **means,
-                        **{f"lr/{n}": s.get_lr()[0] for n, s in self.schedulers.items()},
-                        "samples_per_s": rate,
-                        "skipped_steps": self.skipped_steps,
-                        "time": time.time(),
-                    }
-                    self._write_metrics(last_metrics)
-                    if "loss" in means:
-                        bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{rate:.1f}")
-                    sums, counts = {}, {}
-                    t_window, steps_window = time.perf_counter(), 0
-                if cfg.grid_every and self.step % cfg.grid_every == 0:
-                    self._grid()
-                if (
-                    self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps
-                ) and consecutive_bad == 0:
-                    last_ckpt = self._save(pos)
+            yield bar
         finally:
             bar.close()
-        export = self._export()
-        return TrainResult(
-            self.step, self.run_dir, last_ckpt, export, self.skipped_steps, last_metrics
-        )
 
     def _export(self) -> Path | None:
         out = None

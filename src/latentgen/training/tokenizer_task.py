@@ -1,0 +1,134 @@
+"""Stage 1's task: train a tokenizer on image batches, alternating generator and discriminator.
+
+Tokenizers that train adversarially implement this protocol (``latentgen.tokenizers.vqgan``)::
+
+    generator_loss(images, step) -> (loss, logs, TokenizerOutput)
+    discriminator_loss(images, recon, step) -> (loss, logs)
+    has_discriminator: bool
+    generator_parameters() / discriminator_parameters()
+
+A tokenizer without it is trained on ``mse(recon, images) + quant_loss``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from latentgen.errors import SpecError
+from latentgen.training.grid import image_grid
+from latentgen.training.task import StepContext, Task, mean_over_micro_batches, module_device
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from latentgen.tokenizers.base import Tokenizer
+    from latentgen.training.config import TrainerConfig
+
+__all__ = ["TokenizerTask"]
+
+
+class TokenizerTask(Task):
+    """Trains a tokenizer on image batches (``batch["image"]``, ``[B, C, H, W]`` in [-1, 1]).
+
+    With ``has_discriminator`` each step first updates the generator (encoder, quantizer,
+    decoder) on ``generator_loss`` and then the discriminator on ``discriminator_loss`` with the
+    step's reconstructions detached, as in Taming Transformers (arXiv 2012.09841).
+
+    Args:
+        tokenizer: the tokenizer to train.
+        grid_images: ``[n, C, H, W]`` images whose reconstructions ``make_grid`` draws.
+        disc_lr: discriminator learning rate (None: the trainer's ``lr``).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        grid_images: Tensor | None = None,
+        disc_lr: float | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.grid_images = grid_images
+        self.disc_lr = disc_lr
+        self.adversarial = bool(getattr(tokenizer, "has_discriminator", False))
+        self.protocol = callable(getattr(tokenizer, "generator_loss", None))
+        if self.adversarial and not callable(getattr(tokenizer, "discriminator_loss", None)):
+            raise SpecError(
+                f"{type(tokenizer).__name__}.has_discriminator is True but it has no "
+                "discriminator_loss(images, recon, step); implement it or set the flag False."
+            )
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"tokenizer": self.tokenizer}
+
+    def optimizer_parameters(self) -> dict[str, list[nn.Parameter]]:
+        tok = self.tokenizer
+        if not self.protocol:
+            return {"generator": list(tok.parameters())}
+        params = {"generator": list(tok.generator_parameters())}  # type: ignore[operator]
+        if self.adversarial:
+            params["discriminator"] = list(tok.discriminator_parameters())  # type: ignore[operator]
+        return params
+
+    def learning_rate(self, optimizer: str, config: TrainerConfig) -> float:
+        if optimizer == "discriminator" and self.disc_lr is not None:
+            return self.disc_lr
+        return config.lr
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": "tokenizer", "tokenizer": self.tokenizer.config.model_dump(mode="json")}
+
+    def _generator_loss(self, images: Tensor, step: int) -> tuple[Tensor, dict[str, Any], Any]:
+        if self.protocol:
+            return self.tokenizer.generator_loss(images, step)  # type: ignore[operator]
+        out = self.tokenizer(images)
+        rec = F.mse_loss(out.recon.float(), images.float())
+        logs = {"rec_loss": rec.detach(), "quant_loss": out.quant_loss.detach(), **out.stats}
+        return rec + out.quant_loss, logs, out
+
+    def train_step(self, ctx: StepContext) -> dict[str, float | Tensor]:
+        logs: dict[str, Any] = {}
+        n = len(ctx.micro_batches)
+        recons = []
+        for batch in ctx.micro_batches:
+            with ctx.autocast():
+                loss, glogs, out = self._generator_loss(batch["image"], ctx.step)
+            ctx.backward(loss, "generator")
+            recons.append(out.recon.detach())
+            mean_over_micro_batches(logs, {"loss": loss.detach(), **glogs}, n)
+        logs["grad_norm"] = ctx.update("generator")
+        if self.adversarial:
+            dlogs: dict[str, Any] = {}
+            for batch, recon in zip(ctx.micro_batches, recons):
+                with ctx.autocast():
+                    dloss, d = self.tokenizer.discriminator_loss(  # type: ignore[operator]
+                        batch["image"], recon, ctx.step
+                    )
+                ctx.backward(dloss, "discriminator")
+                mean_over_micro_batches(dlogs, {"disc_loss": dloss.detach(), **d}, n)
+            dlogs["disc_grad_norm"] = ctx.update("discriminator")
+            logs.update(dlogs)
+        return logs
+
+    @torch.no_grad()
+    def make_grid(self, step: int) -> Image | None:
+        if self.grid_images is None:
+            return None
+        tok = self.tokenizer
+        was_training = tok.training
+        tok.eval()
+        try:
+            images = self.grid_images.to(module_device(tok))
+            recon = tok.decode(tok.encode(images))  # [n, C, H, W]
+        finally:
+            tok.train(was_training)
+        return image_grid([images, recon.clamp(-1, 1)])
+
+    def export(self, path: Path) -> Path:
+        from latentgen.training.tasks import save_tokenizer
+
+        return save_tokenizer(self.tokenizer, path)
