@@ -140,11 +140,9 @@ def _read_condition_file(path: Path) -> Any:
 
             return torch.from_numpy(np.load(path, allow_pickle=False))
         if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"):
-            from PIL import Image
+            from latentgen.data.images import read_image
 
-            with Image.open(path) as im:
-                im.load()
-                return im.copy()
+            return read_image(path)  # as decoded: palette indices and 16-bit depth kept
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         return [_parse_condition(ln) for ln in lines]
     except (OSError, ValueError) as e:

@@ -32,8 +32,10 @@ def _read_yaml(path: Path | None) -> dict[str, Any] | None:
         return None
     import yaml
 
+    from latentgen.utils import read_config_text
+
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_config_text(path, "model config"))
     except (OSError, yaml.YAMLError) as e:
         raise CheckpointError(f"cannot read their model config {path}: {e}") from None
     if not isinstance(data, dict):

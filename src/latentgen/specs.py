@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from latentgen.errors import SpecError
+from latentgen.utils import read_config_text
 
 __all__ = [
     "ComponentConfig",
@@ -178,10 +179,7 @@ def load_model(source: str | Path | Mapping[str, Any], model: type[M], what: str
     else:
         path = Path(source)
         where = str(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise SpecError(f"cannot read {what} file {path}: {e.strerror}") from e
+        text = read_config_text(path, what)
         if path.suffix in (".yaml", ".yml"):
             import yaml
 

@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["image_grid"]
+from latentgen.errors import SpecError
+
+__all__ = ["image_grid", "read_config_text"]
+
+
+def read_config_text(path: Path, what: str = "config") -> str:
+    """The text of a YAML/JSON file; a missing, unreadable or binary file is a ``SpecError``."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            f"{what} file {path} is not a text file (byte 0x{e.object[e.start]:02x} at offset "
+            f"{e.start} is not UTF-8): give a YAML or JSON {what} file here, not an image, "
+            "archive or checkpoint."
+        ) from None
+    except OSError as e:
+        raise SpecError(f"cannot read {what} file {path}: {e.strerror or e}") from None
 
 
 def image_grid(images: Sequence[Any], nrow: int | None = None, pad: int = 2) -> Any:

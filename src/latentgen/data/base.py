@@ -34,7 +34,6 @@ class ImageDataset(Component, Dataset[dict[str, Any]], ABC):
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
-
 def to_tensor(image: Any) -> Tensor:
     """PIL image or HWC uint8 array -> float ``[C, H, W]`` in [-1, 1]."""
     arr = np.array(image)  # a writable copy: torch refuses read-only numpy memory

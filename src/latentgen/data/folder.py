@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from latentgen.data.base import ImageDataset, to_tensor
+from latentgen.data.images import read_image
 from latentgen.errors import DataError
 from latentgen.specs import ComponentConfig
 
@@ -80,17 +81,12 @@ class ImageFolderDataset(ImageDataset):
         return len(self.files)
 
     def _load(self, path: Path) -> Any:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         try:
-            with Image.open(path) as im:
-                im.load()
-                im = im.convert("RGB" if self.config.channels == 3 else "L")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise DataError(
-                f"cannot read image {path}: {type(e).__name__}: {e}. Remove or replace the file, "
-                "or set skip_corrupt: true to skip unreadable files."
-            ) from None
+            im = read_image(path, "RGB" if self.config.channels == 3 else "L")
+        except DataError as e:
+            raise DataError(f"{e} Or set skip_corrupt: true to skip unreadable files.") from None
         n = self.config.image_size
         w, h = im.size
         scale = n / min(w, h)

@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 import torch
@@ -45,7 +45,9 @@ def _device(name: str) -> torch.device:
 
 
 def _load_mapping(path: Path) -> Any:
-    text = path.read_text()
+    from latentgen.utils import read_config_text
+
+    text = read_config_text(path, "dataset config")
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -295,21 +297,17 @@ def _wait_for_cache(path: Path, fingerprint: str, poll_s: float = 5.0) -> Any:
 )
 def reconstruct(source: Path, images: tuple[Path, ...], out: Path, device: str) -> None:
     """Encode and decode IMAGES with the tokenizer of SOURCE (pipeline, export or run dir)."""
-    from PIL import Image
-
     from latentgen.data.base import to_pil, to_tensor
+    from latentgen.data.images import read_image
     from latentgen.metrics.image import psnr
     from latentgen.training.tasks import load_tokenizer
 
     dev = _device(device)
     tok = load_tokenizer(source).to(dev).eval()
-    mode = "RGB" if tok.in_channels == 3 else "L"
+    mode: Literal["RGB", "L"] = "RGB" if tok.in_channels == 3 else "L"
     out.mkdir(parents=True, exist_ok=True)
     for path in images:
-        try:
-            x = to_tensor(Image.open(path).convert(mode))[None].to(dev)  # [1, C, H, W]
-        except OSError as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
+        x = to_tensor(read_image(path, mode))[None].to(dev)  # [1, C, H, W]
         with torch.no_grad():
             codes = tok.encode(x)  # [1, h, w]
             recon = tok.decode(codes).clamp(-1, 1)
