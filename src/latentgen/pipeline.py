@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Literal
 
@@ -416,6 +417,7 @@ class Pipeline:
         **conditions: Any,
     ) -> Tensor:
         """Draw code grids ``[B, h, w]`` from the prior (see ``__call__``)."""
+        _check_num_images(num_images)
         if sampler is not None and not isinstance(sampler, SamplerConfig):
             sampler = SamplerConfig(**sampler)
         grid = self._grid(size)
@@ -423,7 +425,7 @@ class Pipeline:
             conds = self.condition(**conditions)
             if conds:
                 b = next(iter(conds.values())).batch_size
-                n = num_images or b
+                n = b if num_images is None else num_images
                 if n % b:
                     raise InputError(
                         f"num_images={n} must be a multiple of the {b} conditions given "
@@ -512,4 +514,20 @@ class Pipeline:
             f"Pipeline(tokenizer={self.tokenizer.config.type}, prior={self.prior.config.type}"
             + (f", conditioners[{conds}]" if conds else "")
             + ")"
+        )
+
+
+def _check_num_images(num_images: Any) -> None:
+    """``num_images`` is None (one per condition, or one) or a whole number >= 1."""
+    if num_images is None:
+        return
+    if isinstance(num_images, bool) or not isinstance(num_images, Integral):
+        raise InputError(
+            f"num_images must be a whole number >= 1 (or None), got {num_images!r} of type "
+            f"{type(num_images).__name__}."
+        )
+    if num_images < 1:
+        raise InputError(
+            f"num_images must be >= 1, got {num_images}; leave it out (None) for one image, or "
+            "one per condition when conditions are given."
         )

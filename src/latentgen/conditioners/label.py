@@ -53,7 +53,16 @@ class ClassLabelConditioner(Conditioner):
                 )
             return names.index(label)
         if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
-            raise InputError(f"a class label must be an int or a class name, got {label!r}.")
+            if isinstance(label, np.generic):
+                label = label.item()  # show 0.5, not np.float64(0.5)
+            hint = ""
+            if isinstance(label, float):
+                hint = (
+                    f" (a float: write {int(label)} if you meant that class)"
+                    if label.is_integer()
+                    else " (a float: labels are class indices 0, 1, 2, ...)"
+                )
+            raise InputError(f"a class label must be an int or a class name, got {label!r}{hint}.")
         return int(label)
 
     def encode(self, raw: int | str | Sequence[int | str] | Tensor) -> Conditioning:
@@ -64,7 +73,16 @@ class ClassLabelConditioner(Conditioner):
                 )
             labels = raw.reshape(-1).long()
         else:
-            items = [raw] if isinstance(raw, (int, str, np.integer)) else list(raw)
+            if isinstance(raw, (int, str, np.integer, float, np.floating)):
+                items: list[Any] = [raw]  # one label; _index refuses floats by name
+            else:
+                try:
+                    items = list(raw)
+                except TypeError:
+                    raise InputError(
+                        "labels must be an int, a class name, a list of them or an integer "
+                        f"tensor [B], got {type(raw).__name__}: {raw!r}."
+                    ) from None
             labels = torch.tensor([self._index(x) for x in items], dtype=torch.long)
         if labels.numel() == 0:
             raise InputError("no labels given: pass at least one, e.g. label=[3].")
