@@ -26,6 +26,10 @@ class CheckpointError(LatentgenError):
     """A saved pipeline or checkpoint directory that cannot be loaded as it is."""
 
 
+class DiskFullError(CheckpointError, OSError):
+    """A write that ran out of disk space (ENOSPC or quota); the message says what is intact."""
+
+
 class PluginLoadError(LatentgenError):
     """A plugin that failed to import or declares hooks latentgen does not know."""
 

@@ -7,6 +7,10 @@ whole image. VQGAN (https://arxiv.org/abs/2012.09841) trains its decoder against
 
 The layer list is one ``nn.Sequential`` called ``main`` with the same indices as the reference
 implementations, so taming-transformers' ``loss.discriminator.main.*`` weights load unchanged.
+
+Its normalization layers change state in training forwards (BatchNorm's running statistics,
+ActNorm's data-dependent init); both are ``StagedState`` modules, so a step that the trainer's
+NaN guard skips leaves them as they were.
 """
 
 from __future__ import annotations
@@ -16,16 +20,32 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ActNorm", "NLayerDiscriminator", "weights_init"]
+from latentgen.staged_state import StagedState
+
+__all__ = ["ActNorm", "NLayerDiscriminator", "StagedBatchNorm2d", "weights_init"]
 
 
-class ActNorm(nn.Module):
+class StagedBatchNorm2d(nn.BatchNorm2d, StagedState):
+    """``nn.BatchNorm2d`` whose running statistics roll back when the trainer skips a step.
+
+    The update happens inside ``F.batch_norm``, so the old statistics (three small per-channel
+    tensors) are remembered before the first training forward of a step.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.remember("running_mean", "running_var", "num_batches_tracked")
+        return super().forward(x)
+
+
+class ActNorm(nn.Module, StagedState):
     """Per-channel affine layer initialised from the first training batch (Glow's ActNorm).
 
     "Glow: Generative Flow with Invertible 1x1 Convolutions" (Kingma & Dhariwal 2018,
     https://arxiv.org/abs/1807.03039). On the first forward pass in training mode, ``loc`` and
     ``scale`` are set so that batch's output has zero mean and unit variance per channel; the
-    ``initialized`` buffer records that this happened (it is saved with the weights).
+    ``initialized`` buffer records that this happened (it is saved with the weights). The init
+    is staged (``StagedState``): a batch the trainer skips does not initialise the layer.
     An alternative to BatchNorm whose output does not depend on the rest of the batch.
     """
 
@@ -38,13 +58,13 @@ class ActNorm(nn.Module):
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and not bool(self.initialized):
+        if self.training and not bool(self.staged("initialized")):
             with torch.no_grad():
                 flat = x.transpose(0, 1).flatten(1)  # [C, B*H*W]
-                self.loc.copy_(-flat.mean(1).view_as(self.loc))
-                self.scale.copy_(1.0 / (flat.std(1).view_as(self.scale) + 1e-6))
-                self.initialized.fill_(1)
-        return self.scale * (x + self.loc)
+                self.stage("loc", -flat.mean(1).view_as(self.loc))
+                self.stage("scale", 1.0 / (flat.std(1).view_as(self.scale) + 1e-6))
+                self.stage("initialized", torch.ones_like(self.initialized))
+        return self.current("scale") * (x + self.current("loc"))
 
 
 def weights_init(module: nn.Module) -> None:
@@ -80,7 +100,7 @@ class NLayerDiscriminator(nn.Module):
         super().__init__()
 
         def norm_layer(c: int) -> nn.Module:
-            return nn.BatchNorm2d(c) if norm == "batch" else ActNorm(c)
+            return StagedBatchNorm2d(c) if norm == "batch" else ActNorm(c)
 
         # BatchNorm has its own shift, so the conv before it needs no bias; ActNorm's loc is a
         # per-channel shift too, but the reference keeps the conv bias there, and so do we.

@@ -14,21 +14,30 @@ One checkpoint directory holds::
 Nested state dicts (``torch.optim`` keys its state by integer, keeps ``betas`` as a tuple) are
 split by ``flatten_state`` into JSON plus a flat ``{name: tensor}`` map, and put back together
 exactly by ``unflatten_state``; nothing goes through ``torch.save``.
+
+A write that is killed leaves its temp directory (``.step-N.tmp-PID-XXXX``) behind;
+``clean_stale_temps`` removes those of dead processes when a run starts or resumes. A write
+that runs out of disk space raises ``DiskFullError`` naming the file, the previous checkpoint
+(intact) and what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
 from latentgen.checkpoint import (
@@ -39,7 +48,7 @@ from latentgen.checkpoint import (
     save_tensors,
     sha256_file,
 )
-from latentgen.errors import CheckpointError
+from latentgen.errors import CheckpointError, DiskFullError
 
 __all__ = [
     "FORMAT",
@@ -47,6 +56,9 @@ __all__ = [
     "TRAINER_FILE",
     "capture_rng",
     "checkpoint_dir",
+    "clean_stale_temps",
+    "disk_full_guard",
+    "is_disk_full",
     "flatten_state",
     "latest_checkpoint",
     "list_checkpoints",
@@ -65,6 +77,9 @@ TRAINER_FILE = "trainer.json"
 FORMAT = "latentgen.trainer_checkpoint"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# What latentgen.checkpoint's atomic writes leave when killed: ".NAME.tmp-PID-HEX" (the new
+# content) and ".NAME.old-PID-HEX" (the previous NAME, moved aside for the final rename).
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
 
 # -- nested state <-> JSON + tensors ---------------------------------------------------------------
@@ -121,12 +136,15 @@ def unflatten_state(data: Any, tensors: Mapping[str, Tensor]) -> Any:
     return dec(data)
 
 
-def save_state(directory: Path, name: str, state: Any) -> None:
+def save_state(directory: Path, name: str, state: Any, files: _FileTracker | None = None) -> None:
     """Write ``state`` as ``name.json`` + ``name.safetensors`` (only if it holds tensors)."""
+    files = files or _FileTracker()
     data, tensors = flatten_state(state)
     if tensors:
-        save_tensors(directory / f"{name}.safetensors", tensors)
-    (directory / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+        with files.writing(f"{name}.safetensors"):
+            save_tensors(directory / f"{name}.safetensors", tensors)
+    with files.writing(f"{name}.json"):
+        (directory / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
 def load_state(directory: Path, name: str) -> Any:
@@ -252,6 +270,118 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` other than this one runs on this machine."""
+    if pid == os.getpid():
+        return False  # this process writes nothing while it cleans up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    except OSError:
+        return True  # cannot tell: keep its files
+    return True
+
+
+def clean_stale_temps(run_dir: str | Path) -> list[Path]:
+    """Remove what killed atomic writes of this run left behind; returns the paths removed.
+
+    Looks where the trainer writes (``checkpoints/``, the run dir for ``final/`` and
+    ``metrics.jsonl``, ``grids/``). A temp whose process (the pid in its name) is still alive on
+    this machine is left alone: it may be another process's write in progress. A ``.NAME.old-*``
+    directory whose ``NAME`` is gone is the previous ``NAME`` caught between two renames: it is
+    put back instead of deleted.
+    """
+    run_dir = Path(run_dir)
+    removed: list[Path] = []
+    for folder in (run_dir / "checkpoints", run_dir, run_dir / "grids"):
+        if not folder.is_dir():
+            continue
+        for child in sorted(folder.iterdir()):
+            m = _TEMP.match(child.name)
+            if m is None or _pid_alive(int(m.group("pid"))):
+                continue
+            target = folder / m.group("name")
+            if m.group("kind") == "old" and not target.exists():
+                os.replace(child, target)
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+            removed.append(child)
+    return removed
+
+
+# -- full disks ------------------------------------------------------------------------------------
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# safetensors reports I/O errors as SafetensorError with Rust's io::Error in the text.
+_DISK_FULL_TEXT = (
+    "No space left on device",
+    "StorageFull",
+    "Disk quota exceeded",
+    "QuotaExceeded",
+    "code: 28,",
+    "code: 122,",
+)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (an OSError, or safetensors' SafetensorError) means the disk is full."""
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+        return True
+    if isinstance(error, SafetensorError | OSError):
+        return any(t in str(error) for t in _DISK_FULL_TEXT)
+    return False
+
+
+class _FileTracker:
+    """Remembers which file a writer is on, for the disk-full message."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+
+    @contextlib.contextmanager
+    def writing(self, name: str) -> Iterator[None]:
+        self.current = name
+        yield
+        self.current = None
+
+
+@contextlib.contextmanager
+def disk_full_guard(what: str, folder: Path, intact: str, then: str) -> Iterator[_FileTracker]:
+    """Turn a disk-full error inside the block into a ``DiskFullError`` that says what to do.
+
+    Args:
+        what: what was being written, e.g. "checkpoint step-8".
+        folder: where (its file system is the full one).
+        intact: what is still good, e.g. "the previous checkpoint .../step-6 is intact".
+        then: the command that continues once there is space.
+    """
+    files = _FileTracker()
+    try:
+        yield files
+    except (OSError, SafetensorError) as e:
+        if not is_disk_full(e) or isinstance(e, DiskFullError):
+            raise
+        where = f"while writing {files.current}" if files.current else "while syncing it to disk"
+        err = DiskFullError(
+            f"cannot write {what}: the disk is full ({_reason(e)}) {where} in {folder}. "
+            f"Nothing of it was kept; {intact}. Free space on that disk, then continue with: "
+            f"{then}"
+        )
+        err.errno = errno.ENOSPC
+        raise err from e
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+        return os.strerror(e.errno)
+    return "No space left on device"
+
+
 def write_checkpoint(
     path: Path,
     *,
@@ -262,30 +392,47 @@ def write_checkpoint(
     schedulers: Mapping[str, Any],
     rng: list[dict[str, Any]],
     sampler_state: Tensor,
+    resume_command: str = "--resume",
 ) -> Path:
     """Write one checkpoint directory atomically: all of it appears, or none of it.
 
     ``meta`` goes to ``trainer.json`` together with the sha256 of every other file, which is
-    written last, so a directory with a ``trainer.json`` is complete.
+    written last, so a directory with a ``trainer.json`` is complete. A full disk raises
+    ``DiskFullError`` naming the file, the previous checkpoint and ``resume_command``.
     """
-    with atomic_directory(path) as tmp:
+    previous = latest_checkpoint(path.parent.parent)
+    intact = (
+        f"the previous checkpoint {previous} is intact"
+        if previous is not None
+        else "no earlier checkpoint exists, so the run has to start again"
+    )
+    with (
+        disk_full_guard(f"checkpoint {path.name}", path.parent, intact, resume_command) as files,
+        atomic_directory(path) as tmp,
+    ):
         for name, sd in modules.items():
-            save_tensors(tmp / f"model.{name}.safetensors", sd)
+            with files.writing(f"model.{name}.safetensors"):
+                save_tensors(tmp / f"model.{name}.safetensors", sd)
         for name, sd in ema.items():
-            save_tensors(tmp / f"ema.{name}.safetensors", sd)
-        for name, st in optimizers.items():
-            save_state(tmp, f"optimizer.{name}", st)
-        for name, st in schedulers.items():
-            save_state(tmp, f"scheduler.{name}", st)
+            with files.writing(f"ema.{name}.safetensors"):
+                save_tensors(tmp / f"ema.{name}.safetensors", sd)
+        for name, st in {
+            **{f"optimizer.{n}": st for n, st in optimizers.items()},
+            **{f"scheduler.{n}": st for n, st in schedulers.items()},
+        }.items():
+            save_state(tmp, name, st, files)
         data, tensors = _rng_to_files(rng)
         tensors["sampler"] = sampler_state
-        save_tensors(tmp / "rng.safetensors", tensors)
-        (tmp / "rng.json").write_text(json.dumps({"ranks": data}) + "\n")
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-        atomic_write_json(
-            tmp / TRAINER_FILE,
-            {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "files": files},
-        )
+        with files.writing("rng.safetensors"):
+            save_tensors(tmp / "rng.safetensors", tensors)
+        with files.writing("rng.json"):
+            (tmp / "rng.json").write_text(json.dumps({"ranks": data}) + "\n")
+        files_sha = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        with files.writing(TRAINER_FILE):
+            atomic_write_json(
+                tmp / TRAINER_FILE,
+                {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "files": files_sha},
+            )
     return path
 
 

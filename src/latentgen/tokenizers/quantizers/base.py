@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from latentgen.components import Component
+from latentgen.staged_state import StagedState
 
 __all__ = ["Quantizer", "QuantizerOutput"]
 
@@ -28,8 +29,15 @@ class QuantizerOutput:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-class Quantizer(Component, nn.Module, ABC):
-    """Maps encoder outputs to a finite codebook."""
+class Quantizer(Component, nn.Module, StagedState, ABC):
+    """Maps encoder outputs to a finite codebook.
+
+    State that a training forward changes outside the optimizer (EMA sums, k-means init,
+    dead-code counters, usage counts, an annealing step) follows the ``StagedState`` protocol
+    (``latentgen.staged_state``): write it with ``self.stage(name, value)`` and read it with
+    ``self.staged(name)`` / ``self.current(name)``. The trainer then applies it only when the
+    step passes its NaN guard, so a skipped batch leaves the quantizer exactly as it was.
+    """
 
     kind: ClassVar[str] = "quantizer"
 

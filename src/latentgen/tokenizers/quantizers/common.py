@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentgen.errors import InputError
+from latentgen.staged_state import StagedState
 
 __all__ = [
     "UsageCounter",
@@ -172,7 +173,7 @@ def check_indices(indices: Tensor, codebook_size: int, who: str) -> None:
 
 
 # -- usage --------------------------------------------------------------------------------------
-class UsageCounter(nn.Module):
+class UsageCounter(nn.Module, StagedState):
     """Counts how often each code is chosen since the last ``reset()``: a whole pass, not a window.
 
     In training forwards the batch counts are all-reduced (the quantizers need global counts for
@@ -182,7 +183,8 @@ class UsageCounter(nn.Module):
     evaluation pass to add the other ranks' evaluation counts.
 
     The counts are non-persistent buffers: they follow ``.to(device)`` but are not saved in a
-    state_dict (a checkpoint holds the model, not the tallies of a past evaluation).
+    state_dict (a checkpoint holds the model, not the tallies of a past evaluation). Training
+    counts are staged (``StagedState``): a step the trainer skips is not counted.
     """
 
     counts: Tensor
@@ -199,9 +201,11 @@ class UsageCounter(nn.Module):
     def update(self, indices: Tensor, reduce: bool) -> Tensor:
         """Add a batch of codes; ``reduce`` sums the batch over ranks. Returns the batch counts."""
         batch = torch.bincount(indices.detach().flatten(), minlength=self.codebook_size)  # [K]
-        if reduce:
+        if reduce:  # a training forward: counted when the trainer commits the step
             all_reduce_sum_(batch)
-        elif is_distributed():
+            self.stage("counts", self.staged("counts") + batch)
+            return batch
+        if is_distributed():
             self.unsynced += batch
         self.counts += batch
         return batch
@@ -219,6 +223,7 @@ class UsageCounter(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """Zero the counts (start a new pass)."""
+        self.discard_state()
         self.counts.zero_()
         self.unsynced.zero_()
 

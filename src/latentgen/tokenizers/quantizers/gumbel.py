@@ -77,7 +77,8 @@ class GumbelQuantizer(Quantizer):
 
     The temperature follows ``anneal`` from ``tau_start`` to ``tau_end`` over ``anneal_steps``,
     driven by the ``step`` buffer (saved in the state_dict, so a resumed run continues the
-    schedule), which each training forward increments. The loss is ``kl_weight`` times
+    schedule), which each training forward increments (staged: a step the trainer skips does
+    not advance it). The loss is ``kl_weight`` times
     KL(softmax(logits) || uniform(K)), summed over codes and averaged over positions.
     See arXiv 2102.12092 (DALL-E) and arXiv 1611.01144 (Gumbel-softmax).
 
@@ -109,7 +110,7 @@ class GumbelQuantizer(Quantizer):
     def temperature(self, step: int | None = None) -> float:
         """The Gumbel-softmax temperature at ``step`` (default: the current training step)."""
         cfg = self.config
-        s = int(self.step) if step is None else step
+        s = int(self.staged("step")) if step is None else step
         t = 1.0 if cfg.anneal_steps == 0 else min(max(s, 0) / cfg.anneal_steps, 1.0)
         if cfg.anneal == "linear":
             return cfg.tau_start + (cfg.tau_end - cfg.tau_start) * t
@@ -141,7 +142,7 @@ class GumbelQuantizer(Quantizer):
                 )  # [B, K, h, w]
                 indices = soft.argmax(dim=1)  # [B, h, w]
                 z_q = torch.einsum("bkhw,kd->bdhw", soft, self.codebook.weight.float())
-                self.step += 1
+                self.stage("step", self.staged("step") + 1)
                 stats["temperature"] = tau
             else:
                 indices = logits.argmax(dim=1)  # [B, h, w]

@@ -12,6 +12,10 @@ Both quantizers look codes up in a "lookup space" of ``lookup_dim`` channels (``
 ``lookup_dim`` is set, then unit length when ``l2_normalize``), find the nearest of ``K`` codes,
 and map the code back to ``D`` channels. Losses are means over elements, not sums.
 
+Skipped steps: every state change of a training forward (EMA sums and counts, k-means init,
+dead-code counters and restarts, usage counts) is staged (``latentgen.staged_state``) and
+applied by the trainer only when the step passes its NaN guard.
+
 Distributed training: every statistic that moves the codebook (EMA sums and counts, k-means,
 dead-code choices, usage counts) is reduced or broadcast across ranks, so each rank holds the same
 codebook. Training forwards are therefore collectives: all ranks must call them in lockstep, as
@@ -125,6 +129,7 @@ class _NearestCodeQuantizer(Quantizer):
 
     Subclasses store the codebook ``[K, lookup_dim]`` as ``self.codebook`` and implement
     ``_write_codes`` (how rows are overwritten) and ``_update`` (what a training step changes).
+    Training-time writes go through ``stage`` and reads through ``staged``/``current``.
     """
 
     codebook: Tensor
@@ -171,7 +176,7 @@ class _NearestCodeQuantizer(Quantizer):
 
     def codes(self) -> Tensor:
         """The effective codebook in the lookup space ``[K, lookup_dim]`` (unit rows if l2)."""
-        cb = self.codebook.float()
+        cb = self.current("codebook").float()
         return F.normalize(cb, dim=1) if self.config.l2_normalize else cb
 
     def embed(self, indices: Tensor) -> Tensor:
@@ -188,7 +193,7 @@ class _NearestCodeQuantizer(Quantizer):
         b, _, h, w = z.shape
         with fp32_region(z):
             x = self._to_lookup(z.float())  # [B*h*w, d]
-            if self.training and not bool(self.codebook_initialized):
+            if self.training and not bool(self.staged("codebook_initialized")):
                 self._initialise(x.detach())
             codes = self.codes()  # [K, d]
             indices = nearest_codes(x.detach(), codes.detach())  # [B*h*w]
@@ -222,7 +227,7 @@ class _NearestCodeQuantizer(Quantizer):
 
     def _sync_initial_state(self) -> None:
         """Broadcast rank 0's codebook state (used when there is no k-means init)."""
-        broadcast_(self.codebook.data)
+        self.stage("codebook", broadcast_(self.staged("codebook").clone()))
 
     @torch.no_grad()
     def _initialise(self, x: Tensor) -> None:
@@ -234,10 +239,10 @@ class _NearestCodeQuantizer(Quantizer):
             self._set_codebook(centroids, counts)
         elif is_distributed():
             self._sync_initial_state()
-        self.codebook_initialized.fill_(True)
+        self.stage("codebook_initialized", torch.ones_like(self.codebook_initialized))
 
     def _set_codebook(self, centroids: Tensor, counts: Tensor) -> None:
-        self.codebook.data.copy_(centroids)
+        self.stage("codebook", centroids)
 
     @torch.no_grad()
     def _update(self, x: Tensor, indices: Tensor, counts: Tensor) -> dict[str, float]:
@@ -249,17 +254,26 @@ class _NearestCodeQuantizer(Quantizer):
         """Re-seed codes chosen fewer than ``dead_code_threshold`` times in the last window."""
         if self.config.dead_code_threshold <= 0:
             return {}
-        self.window_counts += counts  # counts are already summed over ranks in training
-        self.window_step += 1
-        if int(self.window_step) < self.config.dead_code_steps:
+        window = self.staged("window_counts") + counts  # counts are summed over ranks already
+        step = self.staged("window_step") + 1
+        if int(step) < self.config.dead_code_steps:
+            self.stage("window_counts", window)
+            self.stage("window_step", step)
             return {}
-        dead = (self.window_counts.float() < self.config.dead_code_threshold).nonzero()[:, 0]
-        self.window_counts.zero_()
-        self.window_step.zero_()
+        dead = (window.float() < self.config.dead_code_threshold).nonzero()[:, 0]
+        self.stage("window_counts", torch.zeros_like(window))
+        self.stage("window_step", torch.zeros_like(step))
         if dead.numel():
             # Rank 0 picks the replacements and broadcasts them: every rank writes the same rows.
             self._write_codes(dead, sample_rows(x, dead.numel()))
         return {"dead_code_restarts": float(dead.numel())}
+
+
+def _with_rows(t: Tensor, rows: Tensor, values: Tensor | float) -> Tensor:
+    """A copy of ``t`` with ``t[rows] = values`` (the staged value must not alias the buffer)."""
+    out = t.clone()
+    out[rows] = values if isinstance(values, float) else values.to(t.dtype)
+    return out
 
 
 class VectorQuantizer(_NearestCodeQuantizer):
@@ -291,7 +305,7 @@ class VectorQuantizer(_NearestCodeQuantizer):
 
     def _write_codes(self, rows: Tensor, vectors: Tensor) -> None:
         # Optimizer state (e.g. Adam moments) of these rows is kept; it fades within a few steps.
-        self.codebook.data[rows] = vectors.to(self.codebook.dtype)
+        self.stage("codebook", _with_rows(self.staged("codebook"), rows, vectors))
 
 
 class EMAQuantizer(_NearestCodeQuantizer):
@@ -327,28 +341,31 @@ class EMAQuantizer(_NearestCodeQuantizer):
         return self.config.commitment_beta * F.mse_loss(x, q.detach())
 
     def _sync_initial_state(self) -> None:
-        for t in (self.codebook, self.ema_count, self.ema_sum):
-            broadcast_(t)
+        for name in ("codebook", "ema_count", "ema_sum"):
+            self.stage(name, broadcast_(self.staged(name).clone()))
 
     def _set_codebook(self, centroids: Tensor, counts: Tensor) -> None:
         n = counts.clamp_min(1.0)  # a centroid with no points would otherwise average to zero
-        self.codebook.copy_(centroids)
-        self.ema_count.copy_(n)
-        self.ema_sum.copy_(centroids * n.unsqueeze(1))
+        self.stage("codebook", centroids)
+        self.stage("ema_count", n)
+        self.stage("ema_sum", centroids * n.unsqueeze(1))
 
     def _write_codes(self, rows: Tensor, vectors: Tensor) -> None:
-        self.codebook[rows] = vectors
-        self.ema_sum[rows] = vectors
-        self.ema_count[rows] = 1.0
+        self.stage("codebook", _with_rows(self.staged("codebook"), rows, vectors))
+        self.stage("ema_sum", _with_rows(self.staged("ema_sum"), rows, vectors))
+        self.stage("ema_count", _with_rows(self.staged("ema_count"), rows, 1.0))
 
     @torch.no_grad()
     def _update(self, x: Tensor, indices: Tensor, counts: Tensor) -> dict[str, float]:
         cfg = self.config
         k, d = self.codebook.shape
         sums = all_reduce_sum_(x.new_zeros(k, d).index_add_(0, indices, x))  # [K, d] over ranks
-        self.ema_count.mul_(cfg.decay).add_(counts.float(), alpha=1 - cfg.decay)
-        self.ema_sum.mul_(cfg.decay).add_(sums, alpha=1 - cfg.decay)
-        total = self.ema_count.sum()
-        smoothed = (self.ema_count + cfg.epsilon) / (total + k * cfg.epsilon) * total  # [K]
-        self.codebook.copy_(self.ema_sum / smoothed.unsqueeze(1))
+        # Out of place, then staged: the trainer applies them only if the step is not skipped.
+        ema_count = self.staged("ema_count").mul(cfg.decay).add_(counts.float(), alpha=1 - cfg.decay)
+        ema_sum = self.staged("ema_sum").mul(cfg.decay).add_(sums, alpha=1 - cfg.decay)
+        total = ema_count.sum()
+        smoothed = (ema_count + cfg.epsilon) / (total + k * cfg.epsilon) * total  # [K]
+        self.stage("ema_count", ema_count)
+        self.stage("ema_sum", ema_sum)
+        self.stage("codebook", ema_sum / smoothed.unsqueeze(1))
         return self._restart_dead_codes(x, counts)
