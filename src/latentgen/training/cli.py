@@ -113,11 +113,40 @@ def _report(result: Any) -> None:
             click.echo(f"  {k}: {v:.6g}")
 
 
+def _allowed(text: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
+def _command(stage: str, config_path: Path, run_dir: Path | None) -> str:
+    """The command line that (re)starts this run, for messages that say how to continue it."""
+    import os
+    import shlex
+
+    parts = ["latentgen", "train", stage, "--config", str(config_path)]
+    if run_dir is not None:
+        parts += ["--run-dir", str(run_dir)]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # under torchrun: the same launcher again
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        nodes = ["--nnodes", str(world // local)] if world > local else []
+        parts = ["torchrun", *nodes, "--nproc-per-node", str(local), "--no-python", *parts]
+    return shlex.join(parts)
+
+
 # -- train -----------------------------------------------------------------------------------------
 def _run_options(config_help: str) -> Any:
-    """``--config``, ``--resume`` and ``--run-dir``, shared by both ``train`` commands."""
+    """``--config``, ``--resume``, ``--allow-change``, ``--run-dir``: shared by both ``train``."""
 
     def decorate(f: Any) -> Any:
+        f = click.option(
+            "--allow-change",
+            "allow_change",
+            default="",
+            metavar="KEYS",
+            help="With --resume: trainer options that may differ from the checkpoint's, comma "
+            "separated (e.g. lr,grad_clip after the NaN guard stopped a run). Recorded in the "
+            "run's trainer.json and metrics.jsonl.",
+        )(f)
         f = click.option(
             "--run-dir",
             type=click.Path(path_type=Path),
@@ -141,7 +170,9 @@ def train() -> None:
 
 @train.command("tokenizer")
 @_run_options("YAML/JSON with `tokenizer` (or `spec`), `data` and `trainer`.")
-def train_tokenizer(config_path: Path, resume: bool, run_dir: Path | None) -> None:
+def train_tokenizer(
+    config_path: Path, resume: bool, allow_change: str, run_dir: Path | None
+) -> None:
     """Train a tokenizer; the result is written to RUN_DIR/final/ (tokenizer.json + weights)."""
     from latentgen import registry
     from latentgen.training.config import TokenizerTrainConfig, load_train_config
@@ -160,7 +191,9 @@ def train_tokenizer(config_path: Path, resume: bool, run_dir: Path | None) -> No
         grid = torch.stack([dataset[i]["image"] for i in range(n)]) if n else None  # [n, C, H, W]
         task = TokenizerTask(tokenizer, grid_images=grid, disc_lr=cfg.disc_lr)
         _save_train_config(tcfg.run_dir, cfg, info.is_main)
-        result = Trainer(task, dataset, tcfg, dist=info).fit(resume=resume)
+        command = _command("tokenizer", config_path, run_dir)
+        trainer = Trainer(task, dataset, tcfg, dist=info, command=command)
+        result = trainer.fit(resume=resume, allow_change=_allowed(allow_change))
         if info.is_main:
             _report(result)
     finally:
@@ -180,7 +213,12 @@ def train_tokenizer(config_path: Path, resume: bool, run_dir: Path | None) -> No
     help="Build (or check) the code cache and stop, e.g. before a multi-GPU launch.",
 )
 def train_prior(
-    config_path: Path, resume: bool, run_dir: Path | None, rebuild_cache: bool, cache_only: bool
+    config_path: Path,
+    resume: bool,
+    allow_change: str,
+    run_dir: Path | None,
+    rebuild_cache: bool,
+    cache_only: bool,
 ) -> None:
     """Train a prior on cached codes; the result is a pipeline in RUN_DIR/final/."""
     from torch.utils.data import default_collate
@@ -251,7 +289,9 @@ def train_prior(
             sampler=cfg.spec.sampler,
         )
         _save_train_config(tcfg.run_dir, cfg, info.is_main)
-        result = Trainer(task, cache, tcfg, dist=info).fit(resume=resume)
+        command = _command("prior", config_path, run_dir)
+        trainer = Trainer(task, cache, tcfg, dist=info, command=command)
+        result = trainer.fit(resume=resume, allow_change=_allowed(allow_change))
         if info.is_main:
             _report(result)
     finally:

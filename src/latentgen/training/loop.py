@@ -10,10 +10,17 @@ What the trainer does around ``task.train_step`` (see ``tasks.py`` for the task 
   into one global batch per step and sharded by rank, so any (epoch, index) is replayable;
 - AMP (bf16 autocast on CUDA), gradient accumulation, all-reduce across ranks, clipping;
 - a NaN/inf guard: a step whose loss or gradient is not finite on any rank is skipped on every
-  rank; ``max_bad_steps`` in a row stop training with ``TrainingDivergedError``;
+  rank, and changes nothing: optimizer steps wait until every update of the step passed the
+  guard, and state that forwards change outside the optimizer (codebooks, usage counts,
+  BatchNorm statistics) is staged (``latentgen.staged_state``) and committed only then;
+  ``max_bad_steps`` in a row stop training with ``TrainingDivergedError``;
 - EMA of the weights, a warmup + cosine schedule, ``metrics.jsonl``, PNG grids, a tqdm bar;
 - atomic checkpoints in ``run_dir/checkpoints/step-N/`` from which ``fit(resume=True)``
-  continues bit for bit (weights, optimizer moments, RNGs, data position).
+  continues bit for bit (weights, optimizer moments, RNGs, data position); temp directories of
+  killed writes are removed at the next start, a full disk says what is intact, and a resume
+  of a finished run whose export is missing exports it;
+- ``fit(resume=True, allow_change=("lr", "grad_clip"))`` continues with changed options
+  (``CHANGEABLE_ON_RESUME``), recorded in ``trainer.json`` and ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,16 +41,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from latentgen.checkpoint import atomic_write_bytes, load_module, load_tensors
+from latentgen.checkpoint import atomic_write_bytes, atomic_write_json, load_module, load_tensors
 from latentgen.errors import CheckpointError, DataError, LatentgenError, SpecError
+from latentgen.staged_state import commit_all, discard_all, set_staging, staged_modules
 from latentgen.training import checkpoints as ckpt
-from latentgen.training.config import TrainerConfig
+from latentgen.training.config import RESUME_KEYS, TrainerConfig
 from latentgen.training.distributed import (
     DistInfo,
     all_reduce_grads,
     all_reduce_mean,
     all_true,
-    barrier,
     broadcast_module,
     gather_json,
     init_distributed,
@@ -52,7 +59,27 @@ from latentgen.training.ema import EMA
 from latentgen.training.schedule import WarmupCosine
 from latentgen.training.task import Task
 
-__all__ = ["TrainResult", "Trainer", "TrainingDivergedError"]
+__all__ = ["CHANGEABLE_ON_RESUME", "TrainResult", "Trainer", "TrainingDivergedError"]
+
+#: Trainer options that ``fit(resume=True, allow_change=...)`` (``--allow-change``) may change.
+#: The others (seed, ema_decay) would make the checkpoint's state meaningless for the new run.
+CHANGEABLE_ON_RESUME = (
+    "lr",
+    "grad_clip",
+    "amp",
+    "betas",
+    "weight_decay",
+    "warmup_steps",
+    "decay_steps",
+    "min_lr_ratio",
+    "lr_schedule",
+    "batch_size",
+    "grad_accum",
+)
+#: Options the NaN guard's message suggests changing.
+_DIVERGENCE_KNOBS = ("lr", "grad_clip", "amp")
+#: Written next to final/ once an export is complete: the step it holds.
+EXPORT_RECORD = "export.json"
 
 
 class TrainingDivergedError(LatentgenError):
@@ -93,6 +120,8 @@ class _StepContext:
         self.device = trainer.dist.device
         self._trainer = trainer
         self._loss_ok: dict[str, Tensor] = {}
+        #: Optimizers whose update passed the guard; they step when the whole step has.
+        self.passed: list[str] = []
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(
@@ -128,8 +157,14 @@ class _StepContext:
             # Same rule as torch.nn.utils.clip_grad_norm_, reusing the norm computed above.
             coef = (t.config.grad_clip / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, coef.to(grads[0].device))
-        t.optimizers[optimizer].step()
-        t.optimizers[optimizer].zero_grad(set_to_none=True)
+        if optimizer in self.passed:
+            raise SpecError(
+                f"ctx.update('{optimizer}') was called twice in one step; call it once per "
+                "optimizer, after all of that optimizer's ctx.backward calls."
+            )
+        # The optimizer steps later (Trainer._commit_step): a later update of this step that
+        # fails the guard must leave this optimizer's weights untouched too.
+        self.passed.append(optimizer)
         return float(norm)
 
 
@@ -236,6 +271,8 @@ class Trainer:
         config: trainer options.
         dist: process placement; None reads the torchrun environment (``init_distributed``).
         collate_fn: batches a list of items (default: ``torch.utils.data.default_collate``).
+        command: the command line that started this run without ``--resume`` (the CLI passes
+            it), so messages can print the exact command that continues it.
     """
 
     def __init__(
@@ -246,8 +283,10 @@ class Trainer:
         *,
         dist: DistInfo | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
+        command: str | None = None,
     ) -> None:
         self.task = task
+        self.command = command
         self.dataset = dataset
         self.config = config
         self.dist = dist if dist is not None else init_distributed(config.device)
@@ -266,6 +305,9 @@ class Trainer:
         self._last_checkpoint: Path | None = None
         self._last_metrics: dict[str, Any] = {}
         self._window = _MetricsWindow()
+        self._staged: list[Any] = []  # StagedState modules of the task
+        self._allow_change: tuple[str, ...] = ()
+        self._changes: list[dict[str, Any]] = []  # options changed on resume, oldest first
 
     # -- helpers -----------------------------------------------------------------------------------
     def _params_of(self, optimizer: str) -> list[nn.Parameter]:
@@ -284,6 +326,15 @@ class Trainer:
     def _log(self, msg: str) -> None:
         if self.dist.is_main:
             print(f"latentgen: {msg}", file=sys.stderr)
+
+    def resume_command(self, allow_change: Iterable[str] = ()) -> str:
+        """The command that continues this run (with ``--allow-change`` for ``allow_change``)."""
+        allow = sorted(set(allow_change))
+        if self.command is not None:
+            extra = f" --allow-change {','.join(allow)}" if allow else ""
+            return f"{self.command} --resume{extra}"
+        extra = f", allow_change={tuple(allow)!r}" if allow else ""
+        return f"Trainer(task, dataset, config).fit(resume=True{extra})"
 
     # -- data --------------------------------------------------------------------------------------
     def _steps_per_epoch(self) -> int:
@@ -376,6 +427,7 @@ class Trainer:
             "spec_hash": ckpt.spec_hash(desc),
             "task": desc,
             "resume": self.config.resume_view(),
+            "resume_changes": self._changes,
             "config": self.config.model_dump(mode="json"),
             "time": time.time(),
         }
@@ -397,6 +449,7 @@ class Trainer:
                     schedulers={n: s.state_dict() for n, s in self.schedulers.items()},
                     rng=rng,
                     sampler_state=pos.epoch_state,
+                    resume_command=self.resume_command(),
                 )
                 ckpt.prune_checkpoints(self.run_dir, self.config.keep_last)
             except BaseException as e:  # report on every rank, not hang the others
@@ -420,21 +473,7 @@ class Trainer:
                 f"{ckpt.describe_differences(meta.get('task', {}), desc)}. Use the config that "
                 "made the checkpoint, or start a new run with another run_name."
             )
-        now = self.config.resume_view()
-        if meta.get("resume") != now:
-            old = meta.get("resume") or {}
-            hint = ""
-            if {k for k in now if old.get(k) != now[k]} == {"decay_steps"}:
-                hint = (
-                    f" To train longer on the same schedule, set decay_steps: "
-                    f"{old.get('decay_steps')} (the schedule then stays at its floor)."
-                )
-            raise CheckpointError(
-                f"cannot resume from {path}: its trainer options differ from this run's, so it "
-                f"would not continue the same run. Differences (checkpoint -> now): "
-                f"{ckpt.describe_differences(meta.get('resume', {}), now)}. Restore those "
-                "options, or start a new run with another run_name." + hint
-            )
+        changed = self._check_resume_options(path, meta)
         ckpt.verify_files(path, meta)
         for name, module in self.task.modules().items():
             f = path / f"model.{name}.safetensors"
@@ -442,13 +481,22 @@ class Trainer:
         for name, ema in self.emas.items():
             f = path / f"ema.{name}.safetensors"
             ema.load_state_dict(load_tensors(f, what=str(f)), int(meta.get("ema_updates", 0)))
+        # The new config's hyperparameters, for the options allowed to change.
+        fresh_groups = {n: [dict(g) for g in o.param_groups] for n, o in self.optimizers.items()}
+        fresh_base = {n: list(s.base_lrs) for n, s in self.schedulers.items()}
         for name, opt in self.optimizers.items():
             try:
                 opt.load_state_dict(ckpt.load_state(path, f"optimizer.{name}"))
             except (ValueError, KeyError) as e:
                 raise CheckpointError(f"{path}: optimizer '{name}' does not fit: {e}") from None
+            for group, fresh in zip(opt.param_groups, fresh_groups[name]):
+                for key in ("betas", "weight_decay"):
+                    if key in changed and key in fresh:
+                        group[key] = fresh[key]
         for name, sched in self.schedulers.items():
             sched.load_state_dict(ckpt.load_state(path, f"scheduler.{name}"))
+            if "lr" in changed:
+                sched.base_lrs = fresh_base[name]
         ranks, sampler_state = ckpt.read_rng(path)
         if int(meta["world_size"]) != self.dist.world_size:
             self._log(
@@ -461,7 +509,48 @@ class Trainer:
             _seed_all(self.config.seed + 7919 * int(meta["step"]) + self.dist.rank)
         self.step = int(meta["step"])
         self.skipped_steps = int(meta.get("skipped_steps", 0))
+        self._changes = list(meta.get("resume_changes", []))
+        if changed:
+            self._changes.append({"step": self.step, "changed": changed, "time": time.time()})
         return _Position(int(meta["epoch"]), int(meta["index"]), sampler_state)
+
+    def _check_resume_options(self, path: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+        """Refuse trainer options that differ from the checkpoint's unless allowed to change.
+
+        Returns the allowed changes as ``{key: [checkpoint value, new value]}``.
+        """
+        now = self.config.resume_view()
+        old = meta.get("resume") or {}
+        diffs = sorted(k for k in now if old.get(k) != now[k])
+        refused = [k for k in diffs if k not in self._allow_change]
+        if refused:
+            hint = ""
+            if refused == ["decay_steps"]:
+                hint = (
+                    f" To train longer on the same schedule, set decay_steps: "
+                    f"{old.get('decay_steps')} (the schedule then stays at its floor)."
+                )
+            fixed = [k for k in refused if k not in CHANGEABLE_ON_RESUME]
+            if not fixed:
+                hint += (
+                    " To continue this run with the new values, resume with: "
+                    f"{self.resume_command([*self._allow_change, *refused])}"
+                )
+            else:
+                hint += f" ({', '.join(fixed)} cannot change within a run.)"
+            raise CheckpointError(
+                f"cannot resume from {path}: its trainer options differ from this run's, so it "
+                f"would not continue the same run. Differences (checkpoint -> now): "
+                f"{ckpt.describe_differences(old, now)}. Restore those "
+                "options, or start a new run with another run_name." + hint
+            )
+        changed = {k: [old.get(k), now[k]] for k in diffs}
+        if changed:
+            self._log(
+                "resuming with changed trainer options (allowed): "
+                + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            )
+        return changed
 
     def _truncate_metrics(self) -> None:
         # A resumed run rewrites the steps after its checkpoint; drop their old lines.
@@ -501,25 +590,31 @@ class Trainer:
         return path
 
     # -- the loop ----------------------------------------------------------------------------------
-    def fit(self, resume: bool | str | Path = False) -> TrainResult:
+    def fit(
+        self, resume: bool | str | Path = False, allow_change: Iterable[str] = ()
+    ) -> TrainResult:
         """Train to ``config.max_steps``; ``resume`` continues the latest (or a given) checkpoint.
 
-        Returns the final step, the last checkpoint and the exported model's path.
+        ``allow_change`` names trainer options (from ``CHANGEABLE_ON_RESUME``) that may differ
+        from the checkpoint's, e.g. ``("lr", "grad_clip")`` after the NaN guard stopped a run.
+        Resuming a run that reached ``max_steps`` but has no export of its last step exports
+        it. Returns the final step, the last checkpoint and the exported model's path.
         """
+        self._allow_change = self._check_allow_change(resume, allow_change)
         pos = self._setup(resume)
-        if self.step >= self.config.max_steps:
-            self._log(f"step {self.step} >= max_steps {self.config.max_steps}: nothing to train.")
-            return TrainResult(
-                self.step, self.run_dir, self._last_checkpoint, None, self.skipped_steps
-            )
-        batches = self._batches(pos)
-        with self._progress_bar() as bar:
-            while self.step < self.config.max_steps:
-                micro, pos = next(batches)
-                self._train_step(micro)
-                self.step += 1
-                bar.update(1)
-                self._after_step(pos, bar)
+        try:
+            if self.step >= self.config.max_steps:
+                return self._finish_without_training()
+            batches = self._batches(pos)
+            with self._progress_bar() as bar:
+                while self.step < self.config.max_steps:
+                    micro, pos = next(batches)
+                    self._train_step(micro)
+                    self.step += 1
+                    bar.update(1)
+                    self._after_step(pos, bar)
+        finally:
+            set_staging(self._staged, False)
         export = self._export()
         return TrainResult(
             self.step,
@@ -529,6 +624,63 @@ class Trainer:
             self.skipped_steps,
             self._last_metrics,
         )
+
+    @staticmethod
+    def _check_allow_change(resume: bool | str | Path, allow: Iterable[str]) -> tuple[str, ...]:
+        keys = tuple(dict.fromkeys(allow))
+        if not keys:
+            return ()
+        if resume is False:
+            raise SpecError(
+                "allow_change (--allow-change) only applies when resuming; add --resume "
+                "(fit(resume=True)), or drop it for a new run."
+            )
+        bad = [k for k in keys if k not in CHANGEABLE_ON_RESUME]
+        if bad:
+            unknown = [k for k in bad if k not in RESUME_KEYS]
+            why = (
+                f"{', '.join(unknown)} is not a trainer option that resume checks"
+                if unknown
+                else f"{', '.join(bad)} cannot change within a run (the checkpoint's state "
+                "depends on it)"
+            )
+            raise SpecError(
+                f"--allow-change {','.join(keys)}: {why}. Options that may change on resume: "
+                f"{', '.join(CHANGEABLE_ON_RESUME)}. Options resume does not check (max_steps, "
+                "log_every, checkpoint_every, ...) need no --allow-change."
+            )
+        return keys
+
+    def _finish_without_training(self) -> TrainResult:
+        """Resumed at or past max_steps: export the last step if a crash or full disk kept it."""
+        cfg = self.config
+        export = None
+        # Rank 0 looks at the files; every rank follows its answer (the export is collective).
+        if all_true(self._export_is_current(), self.dist.device):
+            self._log(f"step {self.step} >= max_steps {cfg.max_steps}: nothing to train.")
+        else:
+            self._log(
+                f"step {self.step} >= max_steps {cfg.max_steps}: nothing to train, but "
+                f"{self.run_dir / 'final'} does not hold step {self.step} (the run stopped "
+                f"before its export); exporting it from {self._last_checkpoint}."
+            )
+            export = self._export()
+        return TrainResult(
+            self.step, self.run_dir, self._last_checkpoint, export, self.skipped_steps
+        )
+
+    def _export_is_current(self) -> bool:
+        """Whether ``final/`` holds the current step (per ``export.json``), or there is none."""
+        if not self.dist.is_main:
+            return True  # rank 0 decides
+        try:
+            data = json.loads((self.run_dir / EXPORT_RECORD).read_text())
+            path = data["path"]
+            return int(data["step"]) == self.step and (
+                path is None or (self.run_dir / path).exists()
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
     def _setup(self, resume: bool | str | Path) -> _Position:
         """Models on the device, optimizers, schedules, EMA and RNGs; the data position to start."""
@@ -544,6 +696,9 @@ class Trainer:
             for name, opt in self.optimizers.items()
         }
         start = self._resolve_resume(resume)
+        if d.is_main:
+            for stale in ckpt.clean_stale_temps(self.run_dir):
+                self._log(f"removed {stale}, left by an interrupted write")
         if start is None:
             for m in modules.values():
                 broadcast_module(m)  # every rank starts from rank 0's weights
@@ -556,7 +711,13 @@ class Trainer:
             pos = self._load(start)  # restores the RNGs last, right before the first step
             self._truncate_metrics()
             self._log(f"resumed from {start} at step {self.step}")
+            if self._changes and self._changes[-1]["step"] == self.step:
+                change = self._changes[-1]
+                self._write_metrics({"event": "resume_changed_options", **change})
         self._window = _MetricsWindow()
+        # Forwards stage their state updates from here on; _train_step commits or discards.
+        self._staged = staged_modules(*modules.values())
+        set_staging(self._staged, True)
         return pos
 
     def _train_step(self, micro: list[Any]) -> bool:
@@ -568,19 +729,36 @@ class Trainer:
         micro = [_to_device(b, self.dist.device) for b in micro]
         for sched in self.schedulers.values():
             sched.set_step(self.step)
+        ctx = _StepContext(self, self.step, micro)
         try:
-            logs = self.task.train_step(_StepContext(self, self.step, micro))
+            logs = self.task.train_step(ctx)
         except _NonFiniteStep as e:
             self._skip_step(str(e))
             return False
+        except BaseException:
+            discard_all(self._staged)  # a crash mid-step must not commit on the way out
+            raise
+        self._commit_step(ctx)
         self._bad_streak = 0
         for ema in self.emas.values():
             ema.update()
         self._window.add(logs)
         return True
 
+    def _commit_step(self, ctx: _StepContext) -> None:
+        """Every update passed the guard: commit staged state, then step the optimizers.
+
+        Staged state first: a codebook re-seeded by k-means or a dead-code restart must be in
+        place before the optimizer applies this step's gradient to it, as without staging.
+        """
+        commit_all(self._staged)
+        for name in ctx.passed:
+            self.optimizers[name].step()
+            self.optimizers[name].zero_grad(set_to_none=True)
+
     def _skip_step(self, optimizer: str) -> None:
-        """Drop the step's gradients and count it; too many in a row stop the run."""
+        """Drop the step's gradients and staged state and count it; too many stop the run."""
+        discard_all(self._staged)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         self._bad_streak += 1
@@ -595,7 +773,8 @@ class Trainer:
                 f"{self.step - self._bad_streak + 1}..{self.step}) had a non-finite "
                 f"loss or gradient; training stopped. The last good checkpoint is "
                 f"{self._last_checkpoint or '(none written yet)'}. Lower lr, set grad_clip, or "
-                "use amp='off', then continue with --resume."
+                "use amp: off in the trainer config, then continue from that checkpoint with: "
+                f"{self.resume_command(_DIVERGENCE_KNOBS)}"
             ) from None
 
     def _after_step(self, pos: _Position, bar: Any) -> None:
@@ -644,13 +823,35 @@ class Trainer:
             bar.close()
 
     def _export(self) -> Path | None:
+        """Write ``final/`` from the current weights (EMA if on) and record its step."""
         out = None
+        error: BaseException | None = None
         if self.dist.is_main:
-            with contextlib.ExitStack() as stack:
-                for ema in self.emas.values():
-                    stack.enter_context(ema.average_parameters())
-                out = self.task.export(self.run_dir / "final")
+            final = self.run_dir / "final"
+            intact = (
+                f"checkpoint {self._last_checkpoint} holds the trained model and is intact"
+                if self._last_checkpoint is not None
+                else "no checkpoint holds the trained model"
+            )
+            then = f"{self.resume_command()} (it exports without training again)"
+            try:
+                with (
+                    ckpt.disk_full_guard(f"the export {final}", final.parent, intact, then),
+                    contextlib.ExitStack() as stack,
+                ):
+                    for ema in self.emas.values():
+                        stack.enter_context(ema.average_parameters())
+                    out = self.task.export(final)
+                    # Written last: a resume trusts final/ only when this names its step.
+                    name = None if out is None else Path(out).name
+                    record = {"step": self.step, "path": name, "time": time.time()}
+                    atomic_write_json(self.run_dir / EXPORT_RECORD, record)
+            except BaseException as e:  # report on every rank, not hang the others
+                error = e
             if out is not None:
                 self._log(f"exported the trained model to {out}")
-        barrier()
+        if not all_true(error is None, self.dist.device):
+            if error is not None:
+                raise error
+            raise CheckpointError(f"rank 0 failed to export {self.run_dir / 'final'}.")
         return out

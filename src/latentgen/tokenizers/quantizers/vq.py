@@ -361,8 +361,9 @@ class EMAQuantizer(_NearestCodeQuantizer):
         k, d = self.codebook.shape
         sums = all_reduce_sum_(x.new_zeros(k, d).index_add_(0, indices, x))  # [K, d] over ranks
         # Out of place, then staged: the trainer applies them only if the step is not skipped.
-        ema_count = self.staged("ema_count").mul(cfg.decay).add_(counts.float(), alpha=1 - cfg.decay)
-        ema_sum = self.staged("ema_sum").mul(cfg.decay).add_(sums, alpha=1 - cfg.decay)
+        keep, new = cfg.decay, 1 - cfg.decay
+        ema_count = self.staged("ema_count").mul(keep).add_(counts.float(), alpha=new)  # [K]
+        ema_sum = self.staged("ema_sum").mul(keep).add_(sums, alpha=new)  # [K, d]
         total = ema_count.sum()
         smoothed = (ema_count + cfg.epsilon) / (total + k * cfg.epsilon) * total  # [K]
         self.stage("ema_count", ema_count)
