@@ -51,6 +51,7 @@ from latentgen.training.distributed import (
     all_reduce_grads,
     all_reduce_mean,
     all_true,
+    barrier,
     broadcast_module,
     gather_json,
     init_distributed,
@@ -695,10 +696,11 @@ class Trainer:
             name: [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
             for name, opt in self.optimizers.items()
         }
-        start = self._resolve_resume(resume)
-        if d.is_main:
+        if d.is_main:  # first: it may put back a checkpoint caught between two renames
             for stale in ckpt.clean_stale_temps(self.run_dir):
                 self._log(f"removed {stale}, left by an interrupted write")
+        barrier()  # the other ranks look for checkpoints only after that
+        start = self._resolve_resume(resume)
         if start is None:
             for m in modules.values():
                 broadcast_module(m)  # every rank starts from rank 0's weights
