@@ -27,7 +27,7 @@ from latentgen.hookspecs import hookimpl
 from latentgen.priors.base import Prior
 from latentgen.specs import ComponentConfig
 from latentgen.tokenizers.base import Tokenizer, TokenizerOutput
-from latentgen.training import checkpoints as ckpt
+from latentgen.training import run_checkpoints as ckpt
 from latentgen.training.config import (
     PriorTrainConfig,
     TokenizerTrainConfig,

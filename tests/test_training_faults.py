@@ -26,7 +26,7 @@ from latentgen.cli import main
 from latentgen.errors import CheckpointError, DiskFullError, SpecError
 from latentgen.staged_state import commit_all, set_staging, staged_modules
 from latentgen.tokenizers.quantizers.base import Quantizer
-from latentgen.training import checkpoints as ckpt
+from latentgen.training import run_checkpoints as ckpt
 from latentgen.training.config import TrainerConfig
 from latentgen.training.loop import EXPORT_RECORD, Trainer, TrainingDivergedError
 from latentgen.training.task import Task
@@ -77,7 +77,7 @@ def assert_same_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
     assert not differ, f"state differs in {differ}"
 
 
-# -- item 8: one NaN batch changes no state ---------------------------------------------------------
+# -- item 8: one NaN batch changes no state --------------------------------------------------------
 def batches(n: int, nan_at: int | None, seed: int = 0) -> list[tuple[int, Tensor]]:
     """``n`` good latent batches [2, 4, 3, 3] with ids, and a NaN one inserted at ``nan_at``."""
     g = torch.Generator().manual_seed(seed)
@@ -248,7 +248,7 @@ def test_a_step_skipped_by_its_second_update_does_not_apply_the_first(tmp_path):
     assert not torch.equal(task.a_at[1], task.a_at[2])
 
 
-# -- item 9: resume with changed options ------------------------------------------------------------
+# -- item 9: resume with changed options -----------------------------------------------------------
 class Regression(Task):
     """A linear model; the loss is NaN on the steps in ``bad``."""
 
@@ -342,8 +342,8 @@ def cli_config(tmp_path: Path, **trainer: Any) -> Path:
                       "quantizer": {"type": "fsq", "levels": [3, 3], "dim": 4}},
         "data": {"type": "shapes", "size": 8, "image_size": 8},
         "trainer": {"run_name": "tok", "runs_dir": str(tmp_path / "runs"), "max_steps": 2,
-                    "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2, "grid_every": None, "decay_steps": 8,
-                    "progress": "off", "device": "cpu", **trainer},
+                    "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2, "grid_every": None,
+                    "decay_steps": 8, "progress": "off", "device": "cpu", **trainer},
     }  # fmt: skip
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -365,7 +365,7 @@ def test_cli_resume_allow_change_is_the_command_it_suggests(tmp_path):
     assert meta["resume_changes"][0]["changed"] == {"lr": [1e-3, 5e-4]}
 
 
-# -- item 10: a resume finishes the export ----------------------------------------------------------
+# -- item 10: a resume finishes the export ---------------------------------------------------------
 def test_resume_exports_when_the_run_stopped_before_its_export(tmp_path, monkeypatch):
     cfg = config(tmp_path, max_steps=4, checkpoint_every=2)
 
@@ -415,7 +415,7 @@ def test_a_full_disk_during_the_export_says_how_to_finish_it(tmp_path, monkeypat
     assert Trainer(Regression(), Dummy(), cfg).fit(resume=True).export == final
 
 
-# -- item 11: stale temp directories and full disks -------------------------------------------------
+# -- item 11: stale temp directories and full disks ------------------------------------------------
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

@@ -243,7 +243,7 @@ def train_prior(
         want = spec_tokenizer.model_dump(mode="json")
         have = tokenizer.config.model_dump(mode="json")
         if want != have:
-            from latentgen.training.checkpoints import describe_differences
+            from latentgen.training.run_checkpoints import describe_differences
 
             raise SpecError(
                 f"the spec's tokenizer config does not match the trained tokenizer in "

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from latentgen.checkpoint import atomic_write_bytes, atomic_write_json, load_module, load_tensors
 from latentgen.errors import CheckpointError, DataError, LatentgenError, SpecError
 from latentgen.staged_state import commit_all, discard_all, set_staging, staged_modules
-from latentgen.training import checkpoints as ckpt
+from latentgen.training import run_checkpoints as ckpt
 from latentgen.training.config import RESUME_KEYS, TrainerConfig
 from latentgen.training.distributed import (
     DistInfo,

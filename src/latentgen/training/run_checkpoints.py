@@ -1,4 +1,8 @@
-"""Training checkpoints: ``runs/NAME/checkpoints/step-N/``, written atomically, no pickle.
+"""Run checkpoints: a training run's resumable state in ``runs/NAME/checkpoints/step-N/``.
+
+Everything ``Trainer.fit(resume=True)`` needs to continue bit for bit, written atomically, no
+pickle. Trained components for use outside training (``final/``, pipelines, tokenizers) are
+written by the component file module (``latentgen.checkpoint``), not here.
 
 One checkpoint directory holds::
 
