@@ -284,13 +284,21 @@ def test_guard_prints_the_command_that_resumes_with_new_options(tmp_path):
     with pytest.raises(TrainingDivergedError) as err:
         trainer.fit()
     msg = str(err.value)
-    assert msg.endswith(
-        "continue from that checkpoint with: latentgen train tokenizer --config cfg.yaml "
+    step4 = tmp_path / "run" / "checkpoints" / "step-4"
+    assert msg == (
+        "2 steps in a row (steps 4..5) had a non-finite loss or gradient; training stopped. "
+        "Lower lr, set grad_clip, or use amp: off in the trainer config, then continue from the "
+        f"last good checkpoint, {step4}, with: latentgen train tokenizer --config cfg.yaml "
         "--resume --allow-change amp,grad_clip,lr"
     ), msg
     # From Python, the same advice as a call.
     with pytest.raises(TrainingDivergedError, match=r"fit\(resume=True, allow_change=\("):
         Trainer(Regression(bad=set(range(4, 100))), Dummy(), cfg.model_copy()).fit(resume=True)
+    # Diverging before the first checkpoint: start again, there is nothing to resume.
+    early = cfg.model_copy(update={"run_name": "early"})
+    with pytest.raises(TrainingDivergedError, match=r"start the run again \(no checkpoint was "
+                       r"written yet\) with: latentgen train tokenizer --config cfg.yaml$"):
+        Trainer(Regression(bad=set(range(100))), Dummy(), early, command=command).fit()
 
 
 def test_resume_with_allowed_changes_is_recorded(tmp_path):

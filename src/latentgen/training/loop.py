@@ -770,13 +770,19 @@ class Trainer:
             f"step skipped ({self._bad_streak} in a row, {self.skipped_steps} in all)."
         )
         if self._bad_streak >= self.config.max_bad_steps:
+            advice = "Lower lr, set grad_clip, or use amp: off in the trainer config, then "
+            if self._last_checkpoint is not None:
+                advice += (
+                    f"continue from the last good checkpoint, {self._last_checkpoint}, with: "
+                    f"{self.resume_command(_DIVERGENCE_KNOBS)}"
+                )
+            else:
+                again = self.command or "Trainer(task, dataset, config).fit()"
+                advice += f"start the run again (no checkpoint was written yet) with: {again}"
             raise TrainingDivergedError(
                 f"{self._bad_streak} steps in a row (steps "
                 f"{self.step - self._bad_streak + 1}..{self.step}) had a non-finite "
-                f"loss or gradient; training stopped. The last good checkpoint is "
-                f"{self._last_checkpoint or '(none written yet)'}. Lower lr, set grad_clip, or "
-                "use amp: off in the trainer config, then continue from that checkpoint with: "
-                f"{self.resume_command(_DIVERGENCE_KNOBS)}"
+                f"loss or gradient; training stopped. {advice}"
             ) from None
 
     def _after_step(self, pos: _Position, bar: Any) -> None:
