@@ -26,7 +26,7 @@ from latentgen.errors import CheckpointError, DataError, SpecError
 from latentgen.hookspecs import hookimpl
 from latentgen.priors.base import Prior
 from latentgen.specs import ComponentConfig
-from latentgen.tokenizers.base import Tokenizer, TokenizerOutput
+from latentgen.tokenizers.base import Tokenizer, TokenizerOutput, TrainableTokenizer
 from latentgen.training import run_checkpoints as ckpt
 from latentgen.training.config import (
     PriorTrainConfig,
@@ -48,7 +48,7 @@ class TinyAEConfig(ComponentConfig):
     adversarial: bool = True
 
 
-class TinyAE(Tokenizer):
+class TinyAE(TrainableTokenizer):
     """Conv encoder (f=2) -> nearest-code VQ (straight-through) -> conv decoder, + a tiny critic."""
 
     Config = TinyAEConfig
@@ -660,6 +660,123 @@ def test_numpy_and_python_rng_are_restored() -> None:
     ckpt.restore_rng(json.loads(json.dumps(state)))
     b = (random.random(), np.random.rand(), torch.rand(1))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+# -- the tokenizer training protocol ---------------------------------------------------------------
+class FrozenPatchesConfig(ComponentConfig):
+    type: Literal["test.frozen_patches"] = "test.frozen_patches"
+
+
+class FrozenPatches(Tokenizer):
+    """A tokenizer with weights but no training objective (not a TrainableTokenizer)."""
+
+    Config = FrozenPatchesConfig
+    vocab_size = property(lambda self: 4)
+    downsample = property(lambda self: 2)
+    in_channels = property(lambda self: 3)
+
+    def __init__(self, config: FrozenPatchesConfig) -> None:
+        super().__init__(config)
+        self.proj = nn.Conv2d(3, 4, 2, stride=2)
+
+    def encode(self, images: Tensor) -> Tensor:
+        return self.proj(images).argmax(1)  # [B, h, w]
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return F.interpolate(codes[:, None].float().expand(-1, 3, -1, -1), scale_factor=2) / 4
+
+
+class NoCritic(TinyAE):
+    """Claims a discriminator but keeps the base discriminator_loss."""
+
+    discriminator_loss = TrainableTokenizer.discriminator_loss
+
+
+def test_tokenizer_task_refuses_a_tokenizer_without_the_training_protocol() -> None:
+    with pytest.raises(SpecError) as err:
+        TokenizerTask(FrozenPatches(FrozenPatchesConfig()))
+    msg = str(err.value)
+    assert "FrozenPatches" in msg and "test.frozen_patches" in msg
+    assert "TrainableTokenizer" in msg and "generator_loss(images, step)" in msg
+    with pytest.raises(
+        SpecError, match=r"NoCritic\.has_discriminator is True .*discriminator_loss"
+    ):
+        TokenizerTask(NoCritic(TinyAEConfig()))
+    # Without a discriminator the base discriminator_loss is fine: one optimizer, no critic.
+    task = TokenizerTask(NoCritic(TinyAEConfig(adversarial=False)))
+    assert list(task.optimizer_parameters()) == ["generator"]
+
+
+class VectorLossConfig(TinyAEConfig):
+    type: Literal["test.vector_loss"] = "test.vector_loss"  # type: ignore[assignment]
+
+
+class VectorLoss(TinyAE):
+    """Returns one loss per sample instead of a scalar: the contract must catch it."""
+
+    Config = VectorLossConfig
+
+    def generator_loss(self, images: Tensor, step: int) -> tuple[Tensor, dict[str, float], Any]:
+        loss, logs, out = super().generator_loss(images, step)
+        return loss.expand(images.shape[0]), logs, out
+
+
+def test_tokenizer_contract_checks_the_training_protocol(latentgen_plugin) -> None:
+    from latentgen.testing import TokenizerContract
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def register_tokenizers(register):
+            register(TinyAE)
+            register(VectorLoss)
+
+    latentgen_plugin(Plugin(), name="protocol-check")
+
+    class Good(TokenizerContract):
+        config: Any = {"type": "test.tiny_ae"}
+        image_size = 8
+
+    class Bad(TokenizerContract):
+        config: Any = {"type": "test.vector_loss"}
+        image_size = 8
+
+    Good().test_training_protocol()
+    with pytest.raises(AssertionError):
+        Bad().test_training_protocol()
+
+
+def test_cli_names_what_an_untrainable_tokenizer_lacks(tmp_path: Path, latentgen_plugin) -> None:
+    import yaml
+    from click.testing import CliRunner
+
+    from latentgen.cli import main
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def register_tokenizers(register):
+            register(FrozenPatches)
+
+    latentgen_plugin(Plugin(), name="frozen-patches")
+    cfg = {
+        "tokenizer": {"type": "test.frozen_patches"},
+        "data": {"type": "shapes", "size": 8, "image_size": 16},
+        "trainer": {
+            "run_name": "t",
+            "runs_dir": str(tmp_path),
+            "max_steps": 1,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "progress": "off",
+        },
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(main, ["train", "tokenizer", "--config", str(tmp_path / "cfg.yaml")])
+    assert res.exit_code == 1, res.output
+    assert "cannot be trained by `latentgen train tokenizer`" in res.output
+    assert "TrainableTokenizer" in res.output
+    assert not (tmp_path / "t" / "checkpoints").exists()
 
 
 # -- the command line, end to end with the built-in components ------------------------------------

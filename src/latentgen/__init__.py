@@ -25,7 +25,7 @@ from latentgen.hookspecs import hookimpl
 from latentgen.pipeline import Pipeline
 from latentgen.priors.base import ConditionSlot, Prior
 from latentgen.specs import ComponentConfig, PipelineSpec, SamplerConfig, load_spec
-from latentgen.tokenizers.base import Tokenizer, TokenizerOutput
+from latentgen.tokenizers.base import Tokenizer, TokenizerOutput, TrainableTokenizer
 from latentgen.tokenizers.quantizers.base import Quantizer, QuantizerOutput
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "SpecError",
     "Tokenizer",
     "TokenizerOutput",
+    "TrainableTokenizer",
     "UnknownComponentError",
     "WeightsNotFoundError",
     "__version__",

@@ -71,6 +71,8 @@ class TokenizerContract(_Contract):
     kind = "tokenizer"
     image_size: ClassVar[int] = 32
     batch_size: ClassVar[int] = 2
+    #: Training step passed to ``generator_loss`` / ``discriminator_loss`` (trainable ones).
+    train_step: ClassVar[int] = 0
 
     def images(self, tok: Any, seed: int = 0) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -134,6 +136,33 @@ class TokenizerContract(_Contract):
         h = self.image_size // tok.downsample
         with pytest.raises(InputError, match=str(tok.vocab_size)):
             tok.decode(torch.full((1, h, h), tok.vocab_size, dtype=torch.long))
+
+    def test_training_protocol(self) -> None:
+        """A ``TrainableTokenizer`` gives a differentiable loss and a valid parameter split."""
+        from latentgen.tokenizers.base import (
+            TokenizerOutput,
+            TrainableTokenizer,
+            training_protocol_error,
+        )
+
+        tok = self.build().train()
+        if not isinstance(tok, TrainableTokenizer):
+            pytest.skip("not a TrainableTokenizer: `latentgen train tokenizer` refuses it")
+        assert training_protocol_error(tok) is None, training_protocol_error(tok)
+        gen = {id(p) for p in tok.generator_parameters()}
+        disc = {id(p) for p in tok.discriminator_parameters()}
+        assert not gen & disc, "generator and discriminator parameters overlap"
+        x = self.images(tok)
+        loss, logs, out = tok.generator_loss(x, self.train_step)
+        assert isinstance(out, TokenizerOutput) and out.recon.shape == x.shape
+        assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and torch.isfinite(loss)
+        assert all(isinstance(v, int | float) for v in logs.values()), logs
+        loss.backward()
+        assert any(p.grad is not None for p in tok.generator_parameters()), "no gradient"
+        if tok.has_discriminator:
+            d, d_logs = tok.discriminator_loss(x, out.recon.detach(), self.train_step)
+            assert isinstance(d, torch.Tensor) and d.dim() == 0 and torch.isfinite(d)
+            assert all(isinstance(v, int | float) for v in d_logs.values()), d_logs
 
 
 class PriorContract(_Contract):

@@ -12,7 +12,12 @@ from torch import Tensor, nn
 from latentgen.components import Component
 from latentgen.errors import InputError
 
-__all__ = ["Tokenizer", "TokenizerOutput"]
+__all__ = [
+    "Tokenizer",
+    "TokenizerOutput",
+    "TrainableTokenizer",
+    "training_protocol_error",
+]
 
 
 @dataclass
@@ -125,6 +130,77 @@ class Tokenizer(Component, nn.Module, ABC):
     def check_codes(self, codes: Tensor) -> None:
         """Raise an ``InputError`` for codes that are not ``[B, h, w]`` long in ``[0, K)``."""
         _check_codes(codes, self.vocab_size, type(self).__name__)
+
+
+class TrainableTokenizer(Tokenizer):
+    """A tokenizer that ``latentgen train tokenizer`` (``TokenizerTask``) can train.
+
+    Each training step calls ``generator_loss`` and steps ``generator_parameters()``; when
+    ``has_discriminator`` is True it then calls ``discriminator_loss`` on the step's detached
+    reconstructions and steps ``discriminator_parameters()``, as in Taming Transformers
+    (https://arxiv.org/abs/2012.09841, sec. 3.2). A tokenizer fitted some other way (k-means,
+    no gradients) subclasses ``Tokenizer`` instead and is not trained by ``latentgen train``.
+
+    Implement ``generator_loss``; with a discriminator also set ``has_discriminator`` and
+    implement ``discriminator_parameters`` and ``discriminator_loss``.
+    """
+
+    #: Whether a discriminator is trained in turn with the generator (VQGAN); False: none.
+    has_discriminator: bool = False
+
+    @abstractmethod
+    def generator_loss(
+        self, images: Tensor, step: int
+    ) -> tuple[Tensor, dict[str, float], TokenizerOutput]:
+        """Scalar loss of the autoencoder at training ``step``, scalar logs, the forward output.
+
+        ``images`` are ``[B, C, H, W]`` in [-1, 1]; the loss must be differentiable w.r.t.
+        ``generator_parameters()``.
+        """
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """Parameters the generator optimizer steps: all but ``discriminator_parameters()``."""
+        disc = {id(p) for p in self.discriminator_parameters()}
+        return [p for p in self.parameters() if id(p) not in disc]
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        """Parameters the discriminator optimizer steps (none without a discriminator)."""
+        return []
+
+    def discriminator_loss(
+        self, images: Tensor, recon: Tensor, step: int
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Scalar loss of the discriminator on real ``images`` vs detached ``recon``, and logs."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no discriminator; check `has_discriminator` before "
+            "calling discriminator_loss, or use a tokenizer that trains one (e.g. 'vqgan')."
+        )
+
+
+def training_protocol_error(tokenizer: Tokenizer) -> str | None:
+    """Why ``tokenizer`` cannot be trained by ``latentgen train tokenizer``, or None if it can."""
+    name = type(tokenizer).__name__
+    kind = getattr(getattr(tokenizer, "config", None), "type", "?")
+    if not isinstance(tokenizer, TrainableTokenizer):
+        return (
+            f"{name} (tokenizer type {kind!r}) cannot be trained by `latentgen train tokenizer`: "
+            "it is not a latentgen.tokenizers.base.TrainableTokenizer. Subclass "
+            "TrainableTokenizer and implement generator_loss(images, step) -> (loss, logs, "
+            "TokenizerOutput), or fit it outside the trainer."
+        )
+    overridden = type(tokenizer).discriminator_loss is not TrainableTokenizer.discriminator_loss
+    if tokenizer.has_discriminator and not overridden:
+        return (
+            f"{name}.has_discriminator is True but it does not implement "
+            "discriminator_loss(images, recon, step) -> (loss, logs); implement it (and "
+            "discriminator_parameters()) or set has_discriminator to False."
+        )
+    if tokenizer.has_discriminator and not tokenizer.discriminator_parameters():
+        return (
+            f"{name}.has_discriminator is True but discriminator_parameters() is empty; return "
+            "the discriminator's parameters or set has_discriminator to False."
+        )
+    return None
 
 
 def _check_codes(codes: Tensor, vocab_size: int, owner: str) -> None:

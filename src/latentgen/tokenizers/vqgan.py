@@ -147,9 +147,7 @@ class VQGAN(VQAutoencoder):
         # Built on first use only, and kept out of the state dict (see PerceptualLoss).
         self._perceptual = PerceptualLoss(config.lpips_trunk_path, config.lpips_heads_path)
 
-    @property
-    def has_discriminator(self) -> bool:
-        return True
+    has_discriminator = True
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
         """Parameters of the PatchGAN discriminator."""
@@ -187,8 +185,17 @@ class VQGAN(VQAutoencoder):
     ) -> tuple[Tensor, dict[str, float]]:
         ramp = self.gan_weight(step)
         recon = out.recon
-        if ramp == 0.0 or self.config.disc_weight == 0.0 or not recon.requires_grad:
-            return super()._generator_terms(images, out, step)  # see _adversarial_loss
+        if ramp == 0.0 or self.config.disc_weight == 0.0:
+            # Before disc_start the GAN term is multiplied by 0 anyway: skip the discriminator.
+            loss, terms = super()._generator_terms(images, out, step)
+            terms["gan_weight"] = ramp
+            return loss, terms
+        if not recon.requires_grad:
+            # No graph (evaluation under no_grad): the adaptive weight cannot be measured; log
+            # the GAN loss but leave it out of the total, as the reference does.
+            loss, terms = super()._generator_terms(images, out, step)
+            terms.update(gan_weight=ramp, g_loss=float(self._scored(recon).detach()), d_weight=0.0)
+            return loss, terms
 
         # The reconstruction and GAN terms depend on the parameters only through `recon`. So
         # their gradients w.r.t. `recon` are taken once, on a detached copy, and everything
@@ -222,22 +229,6 @@ class VQGAN(VQAutoencoder):
         logs["g_loss"] = float(gen.detach())
         logs["d_weight"] = float(lam)
         return loss, logs
-
-    def _adversarial_loss(
-        self, nll: Tensor, recon: Tensor, step: int, logs: dict[str, float]
-    ) -> Tensor | None:
-        # Reached only when the GAN term is off or no graph is being recorded; the training
-        # path is _generator_terms above.
-        ramp = self.gan_weight(step)
-        logs["gan_weight"] = ramp
-        if ramp == 0.0 or self.config.disc_weight == 0.0:
-            # Before disc_start the GAN term is multiplied by 0 anyway: skip the discriminator.
-            return None
-        # No graph (evaluation under no_grad): the adaptive weight cannot be measured; log the
-        # GAN loss but leave it out of the total, as the reference does.
-        logs["g_loss"] = float(self._scored(recon).detach())
-        logs["d_weight"] = 0.0
-        return None
 
     def discriminator_loss(
         self, images: Tensor, recon: Tensor, step: int

@@ -3,14 +3,9 @@
 "Neural Discrete Representation Learning" (van den Oord et al. 2017,
 https://arxiv.org/abs/1711.00937), with the encoder/decoder of "Taming Transformers"
 (https://arxiv.org/abs/2012.09841). ``VQAutoencoder`` holds everything VQ-VAE and VQGAN share
-(networks, quantizer, encode/decode, reconstruction + codebook loss, the trainer protocol);
-``VQGAN`` in ``vqgan.py`` adds the perceptual and adversarial terms on top.
-
-Trainer protocol (both tokenizers)::
-
-    loss, logs, out = tok.generator_loss(images, step)  # step generator_parameters()
-    if tok.has_discriminator:
-        d, d_logs = tok.discriminator_loss(images, out.recon, step)  # discriminator_parameters()
+(networks, quantizer, encode/decode, reconstruction + codebook loss, the training protocol
+of ``TrainableTokenizer``); ``VQGAN`` in ``vqgan.py`` adds the perceptual and adversarial terms
+on top.
 """
 
 from __future__ import annotations
@@ -23,7 +18,7 @@ from torch import Tensor, nn
 
 from latentgen.errors import SpecError
 from latentgen.specs import ComponentConfig, component_field
-from latentgen.tokenizers.base import Tokenizer, TokenizerOutput
+from latentgen.tokenizers.base import TokenizerOutput, TrainableTokenizer
 from latentgen.tokenizers.losses import reconstruction_loss
 from latentgen.tokenizers.networks import Decoder, Encoder
 from latentgen.tokenizers.quantizers.base import Quantizer
@@ -120,11 +115,11 @@ class VQVAEConfig(AutoencoderConfig):
     type: Literal["vqvae"] = "vqvae"
 
 
-class VQAutoencoder(Tokenizer):
+class VQAutoencoder(TrainableTokenizer):
     """Encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder, plus training losses.
 
     The shared body of ``VQVAE`` and ``VQGAN``; subclasses add loss terms by overriding
-    ``_nll_loss`` (terms that enter the adaptive GAN weight) and ``_adversarial_loss``.
+    ``_nll_loss`` (terms that enter the adaptive GAN weight) and ``_generator_terms``.
 
     Attributes (state-dict prefixes, as in taming-transformers): ``encoder``, ``quant_conv``,
     ``quantizer``, ``post_quant_conv``, ``decoder``.
@@ -202,20 +197,7 @@ class VQAutoencoder(Tokenizer):
         recon = self._decode_latents(q.z_q)
         return TokenizerOutput(recon=recon, codes=q.indices, quant_loss=q.loss, stats=q.stats)
 
-    # -- training protocol ---------------------------------------------------------------------
-    @property
-    def has_discriminator(self) -> bool:
-        """Whether ``discriminator_loss`` exists (an adversarial step alternates with ours)."""
-        return False
-
-    def generator_parameters(self) -> list[nn.Parameter]:
-        """Parameters the generator optimizer steps: everything but a discriminator."""
-        return [p for n, p in self.named_parameters() if not n.startswith("discriminator.")]
-
-    def discriminator_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the discriminator (none for a plain VQ-VAE)."""
-        return []
-
+    # -- training protocol (TrainableTokenizer) ------------------------------------------------
     def generator_loss(
         self, images: Tensor, step: int
     ) -> tuple[Tensor, dict[str, float], TokenizerOutput]:
@@ -226,15 +208,6 @@ class VQAutoencoder(Tokenizer):
         logs.update(out.stats)
         return loss, logs, out
 
-    def discriminator_loss(
-        self, images: Tensor, recon: Tensor, step: int
-    ) -> tuple[Tensor, dict[str, float]]:
-        """Not available: a VQ-VAE trains without a discriminator (see ``has_discriminator``)."""
-        raise NotImplementedError(
-            f"{type(self).__name__} has no discriminator; check `has_discriminator` before "
-            "calling discriminator_loss, or use the 'vqgan' tokenizer for adversarial training."
-        )
-
     def _nll_loss(self, images: Tensor, recon: Tensor, logs: dict[str, float]) -> Tensor:
         """Reconstruction terms (the ones the adaptive GAN weight balances against)."""
         rec = reconstruction_loss(images, recon, self.config.recon_loss)
@@ -244,19 +217,12 @@ class VQAutoencoder(Tokenizer):
     def _generator_terms(
         self, images: Tensor, out: TokenizerOutput, step: int
     ) -> tuple[Tensor, dict[str, float]]:
+        """Reconstruction + weighted quantizer loss, and their logs."""
         logs: dict[str, float] = {}
         nll = self._nll_loss(images, out.recon, logs)
         quant = out.quant_loss.mean()
         logs["quant_loss"] = float(quant.detach())
-        loss = nll + self.config.codebook_weight * quant
-        adversarial = self._adversarial_loss(nll, out.recon, step, logs)
-        return (loss if adversarial is None else loss + adversarial), logs
-
-    def _adversarial_loss(
-        self, nll: Tensor, recon: Tensor, step: int, logs: dict[str, float]
-    ) -> Tensor | None:
-        """The weighted GAN term of the generator loss; None without a discriminator."""
-        return None
+        return nll + self.config.codebook_weight * quant, logs
 
 
 class VQVAE(VQAutoencoder):

@@ -1,13 +1,8 @@
 """Stage 1's task: train a tokenizer on image batches, alternating generator and discriminator.
 
-Tokenizers that train adversarially implement this protocol (``latentgen.tokenizers.vqgan``)::
-
-    generator_loss(images, step) -> (loss, logs, TokenizerOutput)
-    discriminator_loss(images, recon, step) -> (loss, logs)
-    has_discriminator: bool
-    generator_parameters() / discriminator_parameters()
-
-A tokenizer without it is trained on ``mse(recon, images) + quant_loss``.
+The tokenizer must be a ``TrainableTokenizer`` (``latentgen.tokenizers.base``): its
+``generator_loss`` / ``discriminator_loss`` are the objective, and any other tokenizer is refused
+with a message naming what to implement.
 """
 
 from __future__ import annotations
@@ -16,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentgen.errors import SpecError
+from latentgen.tokenizers.base import TrainableTokenizer, training_protocol_error
 from latentgen.training.grid import image_grid
 from latentgen.training.task import StepContext, Task, mean_over_micro_batches, module_device
 
@@ -51,27 +46,23 @@ class TokenizerTask(Task):
         grid_images: Tensor | None = None,
         disc_lr: float | None = None,
     ) -> None:
+        problem = training_protocol_error(tokenizer)
+        if problem is not None:
+            raise SpecError(problem)
+        assert isinstance(tokenizer, TrainableTokenizer)  # checked just above
         self.tokenizer = tokenizer
         self.grid_images = grid_images
         self.disc_lr = disc_lr
-        self.adversarial = bool(getattr(tokenizer, "has_discriminator", False))
-        self.protocol = callable(getattr(tokenizer, "generator_loss", None))
-        if self.adversarial and not callable(getattr(tokenizer, "discriminator_loss", None)):
-            raise SpecError(
-                f"{type(tokenizer).__name__}.has_discriminator is True but it has no "
-                "discriminator_loss(images, recon, step); implement it or set the flag False."
-            )
+        self.adversarial = tokenizer.has_discriminator
 
     def modules(self) -> dict[str, nn.Module]:
         return {"tokenizer": self.tokenizer}
 
     def optimizer_parameters(self) -> dict[str, list[nn.Parameter]]:
         tok = self.tokenizer
-        if not self.protocol:
-            return {"generator": list(tok.parameters())}
-        params = {"generator": list(tok.generator_parameters())}  # type: ignore[operator]
+        params = {"generator": list(tok.generator_parameters())}
         if self.adversarial:
-            params["discriminator"] = list(tok.discriminator_parameters())  # type: ignore[operator]
+            params["discriminator"] = list(tok.discriminator_parameters())
         return params
 
     def learning_rate(self, optimizer: str, config: TrainerConfig) -> float:
@@ -82,21 +73,13 @@ class TokenizerTask(Task):
     def describe(self) -> dict[str, Any]:
         return {"task": "tokenizer", "tokenizer": self.tokenizer.config.model_dump(mode="json")}
 
-    def _generator_loss(self, images: Tensor, step: int) -> tuple[Tensor, dict[str, Any], Any]:
-        if self.protocol:
-            return self.tokenizer.generator_loss(images, step)  # type: ignore[operator]
-        out = self.tokenizer(images)
-        rec = F.mse_loss(out.recon.float(), images.float())
-        logs = {"rec_loss": rec.detach(), "quant_loss": out.quant_loss.detach(), **out.stats}
-        return rec + out.quant_loss, logs, out
-
     def train_step(self, ctx: StepContext) -> dict[str, float | Tensor]:
         logs: dict[str, Any] = {}
         n = len(ctx.micro_batches)
         recons = []
         for batch in ctx.micro_batches:
             with ctx.autocast():
-                loss, glogs, out = self._generator_loss(batch["image"], ctx.step)
+                loss, glogs, out = self.tokenizer.generator_loss(batch["image"], ctx.step)
             ctx.backward(loss, "generator")
             recons.append(out.recon.detach())
             mean_over_micro_batches(logs, {"loss": loss.detach(), **glogs}, n)
@@ -105,9 +88,7 @@ class TokenizerTask(Task):
             dlogs: dict[str, Any] = {}
             for batch, recon in zip(ctx.micro_batches, recons):
                 with ctx.autocast():
-                    dloss, d = self.tokenizer.discriminator_loss(  # type: ignore[operator]
-                        batch["image"], recon, ctx.step
-                    )
+                    dloss, d = self.tokenizer.discriminator_loss(batch["image"], recon, ctx.step)
                 ctx.backward(dloss, "discriminator")
                 mean_over_micro_batches(dlogs, {"disc_loss": dloss.detach(), **d}, n)
             dlogs["disc_grad_norm"] = ctx.update("discriminator")
