@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 from latentgen.checkpoint import atomic_directory, atomic_write_json, read_json
 from latentgen.errors import CheckpointError, DataError
@@ -90,6 +90,105 @@ def _as_numpy(value: Any, key: str) -> np.ndarray[Any, Any]:
     )
 
 
+class _CacheWriter:
+    """Fills ``codes.npy`` and ``cond.<key>.npy`` in a cache directory, batch by batch.
+
+    The arrays are memory maps written in place as they fill, so a dataset larger than memory
+    still fits; each is created when the first batch shows its shape and dtype.
+    """
+
+    def __init__(self, root: Path, count: int, vocab_size: int, condition_keys: Sequence[str]):
+        self.root, self.count, self.vocab_size = root, count, vocab_size
+        self.condition_keys = list(condition_keys)
+        self.dtype = _code_dtype(vocab_size)
+        self.codes: np.memmap[Any, Any] | None = None
+        self.conds: dict[str, np.memmap[Any, Any]] = {}
+        self.grid: tuple[int, int] = (0, 0)
+        self.image_size: tuple[int, int] = (0, 0)
+        self.offset = 0
+
+    def add(self, codes: Tensor, images: Tensor, batch: Mapping[str, Any]) -> None:
+        """Store one batch: ``codes [B, h, w]`` of ``images [B, C, H, W]``, and its conditions."""
+        b = int(codes.shape[0])
+        if self.codes is None:
+            self.grid = (int(codes.shape[1]), int(codes.shape[2]))
+            self.image_size = (int(images.shape[2]), int(images.shape[3]))
+            self.codes = np.lib.format.open_memmap(
+                self.root / "codes.npy", mode="w+", dtype=self.dtype, shape=(self.count, *self.grid)
+            )
+        self.codes[self.offset : self.offset + b] = codes.cpu().numpy().astype(self.dtype)
+        for key in self.condition_keys:
+            if key not in batch:
+                raise DataError(
+                    f"dataset items have keys {sorted(batch)}, but the condition key "
+                    f"'{key}' was asked for. Map the conditioner to one of those keys."
+                )
+            value = _as_numpy(batch[key], key)
+            if key not in self.conds:
+                self.conds[key] = np.lib.format.open_memmap(
+                    self.root / f"cond.{key}.npy",
+                    mode="w+",
+                    dtype=value.dtype,
+                    shape=(self.count, *value.shape[1:]),
+                )
+            self.conds[key][self.offset : self.offset + b] = value
+        self.offset += b
+
+    def finish(self) -> dict[str, Any]:
+        """Flush and close every array; the ``cache.json`` entries that describe them."""
+        assert self.codes is not None and self.offset == self.count
+        self.codes.flush()
+        self.codes = None
+        entries = {}
+        for key, arr in self.conds.items():
+            arr.flush()
+            shape = list(arr.shape[1:])
+            entries[key] = {"file": f"cond.{key}.npy", "dtype": arr.dtype.str, "shape": shape}
+        self.conds.clear()
+        return {
+            "vocab_size": self.vocab_size,
+            "grid": list(self.grid),
+            "image_size": list(self.image_size),
+            "count": self.count,
+            "codes": {"file": "codes.npy", "dtype": self.dtype.str},
+            "conditions": entries,
+        }
+
+
+def _check_request(dataset: Dataset[Any], batch_size: int, condition_keys: Sequence[str]) -> int:
+    """The dataset's length, after refusing a request that cannot make a cache."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}.")
+    for key in condition_keys:
+        if not _KEY.match(key) or key == "codes":
+            raise DataError(
+                f"condition key {key!r} cannot name a cache file: use letters, digits and "
+                "`_.-`, and not 'codes'."
+            )
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise DataError("cannot build a code cache from an empty dataset.")
+    return n
+
+
+def _encode(tokenizer: Any, batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(images [B, C, H, W], codes [B, h, w])`` of one batch, codes checked against K."""
+    if not isinstance(batch, Mapping) or "image" not in batch:
+        raise DataError(
+            f"dataset items must be dicts with an 'image'; got "
+            f"{sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__}."
+        )
+    images = batch["image"].to(device)
+    codes = tokenizer.encode(images)  # [B, h, w]
+    if codes.dim() != 3 or codes.shape[0] != images.shape[0]:
+        raise DataError(f"tokenizer.encode returned shape {tuple(codes.shape)}.")
+    vocab = int(tokenizer.vocab_size)
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or hi >= vocab:
+        raise DataError(f"codes in [{lo}, {hi}] fall outside [0, {vocab}).")
+    return images, codes
+
+
 @torch.no_grad()
 def build_code_cache(
     tokenizer: Any,
@@ -107,118 +206,37 @@ def build_code_cache(
     ``condition_keys`` names the dataset keys stored alongside (``"label"`` ...). The tokenizer
     is run in eval mode and put back in the mode it was in.
     """
+    from tqdm.auto import tqdm
+
+    from latentgen import __version__
+
     path = Path(path)
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}.")
-    for key in condition_keys:
-        if not _KEY.match(key) or key == "codes":
-            raise DataError(
-                f"condition key {key!r} cannot name a cache file: use letters, digits and "
-                "`_.-`, and not 'codes'."
-            )
-    n = len(dataset)  # type: ignore[arg-type]
-    if n == 0:
-        raise DataError("cannot build a code cache from an empty dataset.")
+    n = _check_request(dataset, batch_size, condition_keys)
     if device is None:
         device = next((p.device for p in tokenizer.parameters()), torch.device("cpu"))
     device = torch.device(device)
-    vocab = int(tokenizer.vocab_size)
-    dtype = _code_dtype(vocab)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=default_collate,
-    )
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     was_training = tokenizer.training
     tokenizer.eval()
     try:
         with atomic_directory(path) as tmp:
-            codes_arr = None
-            conds: dict[str, np.memmap[Any, Any]] = {}
-            grid: tuple[int, int] = (0, 0)
-            image_size: tuple[int, int] = (0, 0)
-            offset = 0
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=n, desc="encoding", unit="img")
-            for batch in loader:
-                if not isinstance(batch, Mapping) or "image" not in batch:
-                    raise DataError(
-                        f"dataset items must be dicts with an 'image'; got "
-                        f"{sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__}."
-                    )
-                images = batch["image"].to(device)
-                codes = tokenizer.encode(images)  # [B, h, w]
-                b = int(codes.shape[0])
-                if codes.dim() != 3 or b != images.shape[0]:
-                    raise DataError(f"tokenizer.encode returned shape {tuple(codes.shape)}.")
-                lo, hi = int(codes.min()), int(codes.max())
-                if lo < 0 or hi >= vocab:
-                    raise DataError(f"codes in [{lo}, {hi}] fall outside [0, {vocab}).")
-                if codes_arr is None:
-                    grid = (int(codes.shape[1]), int(codes.shape[2]))
-                    image_size = (int(images.shape[2]), int(images.shape[3]))
-                    # Written in place as it fills: a dataset larger than memory still fits.
-                    codes_arr = np.lib.format.open_memmap(
-                        tmp / "codes.npy", mode="w+", dtype=dtype, shape=(n, *grid)
-                    )
-                codes_arr[offset : offset + b] = codes.cpu().numpy().astype(dtype)
-                for key in condition_keys:
-                    if key not in batch:
-                        raise DataError(
-                            f"dataset items have keys {sorted(batch)}, but the condition key "
-                            f"'{key}' was asked for. Map the conditioner to one of those keys."
-                        )
-                    value = _as_numpy(batch[key], key)
-                    if key not in conds:
-                        conds[key] = np.lib.format.open_memmap(
-                            tmp / f"cond.{key}.npy",
-                            mode="w+",
-                            dtype=value.dtype,
-                            shape=(n, *value.shape[1:]),
-                        )
-                    conds[key][offset : offset + b] = value
-                offset += b
-                if bar is not None:
-                    bar.update(b)
-            if bar is not None:
-                bar.close()
-            assert codes_arr is not None and offset == n
-            codes_arr.flush()
-            del codes_arr
-            entries = {}
-            for key, arr in conds.items():
-                arr.flush()
-                entries[key] = {
-                    "file": f"cond.{key}.npy",
-                    "dtype": arr.dtype.str,
-                    "shape": list(arr.shape[1:]),
-                }
-            conds.clear()
+            writer = _CacheWriter(tmp, n, int(tokenizer.vocab_size), condition_keys)
+            with tqdm(total=n, desc="encoding", unit="img", disable=not progress) as bar:
+                for batch in loader:
+                    images, codes = _encode(tokenizer, batch, device)
+                    writer.add(codes, images, batch)
+                    bar.update(int(codes.shape[0]))
             config = getattr(tokenizer, "config", None)
-            from latentgen import __version__
-
-            atomic_write_json(
-                tmp / CACHE_FILE,
-                {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "latentgen_version": __version__,
-                    "fingerprint": fingerprint,
-                    "tokenizer": config.model_dump(mode="json") if config is not None else None,
-                    "vocab_size": vocab,
-                    "grid": list(grid),
-                    "image_size": list(image_size),
-                    "count": n,
-                    "codes": {"file": "codes.npy", "dtype": dtype.str},
-                    "conditions": entries,
-                },
-            )
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "latentgen_version": __version__,
+                "fingerprint": fingerprint,
+                "tokenizer": config.model_dump(mode="json") if config is not None else None,
+                **writer.finish(),
+            }
+            atomic_write_json(tmp / CACHE_FILE, manifest)
     finally:
         tokenizer.train(was_training)
     return CodeCache(path, expect_fingerprint=fingerprint)
