@@ -36,7 +36,8 @@ from latentgen.training.config import (
 )
 from latentgen.training.ema import EMA
 from latentgen.training.loop import Trainer, TrainingDivergedError
-from latentgen.training.tasks import PriorTask, Task, TokenizerTask, WarmupCosine
+from latentgen.training.schedule import load_schedule_state, lr_factor, warmup_cosine
+from latentgen.training.tasks import PriorTask, Task, TokenizerTask
 
 
 # -- stand-ins -------------------------------------------------------------------------------------
@@ -391,6 +392,19 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path: Path, kind: str) -> No
     assert [r["skipped_steps"] for r in lines] == [0, 0, 0, 1, 1, 1]
 
 
+def test_skipped_first_step_still_advances_the_schedule(tmp_path: Path) -> None:
+    import warnings
+
+    cfg = trainer_config(tmp_path, max_steps=3, log_every=1, warmup_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no lr_scheduler-before-optimizer warning either
+        result = Trainer(RegressionTask(bad={0: "loss"}), XYData(), cfg).fit()
+    assert result.skipped_steps == 1
+    lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # The rate each step used: warmup 1/2 (skipped step 0), 2/2, then the cosine's start.
+    assert [r["lr/model"] for r in lines] == [0.005, 0.01, 0.01]
+
+
 def test_too_many_bad_steps_stop_with_last_good_checkpoint(tmp_path: Path) -> None:
     task = RegressionTask(bad={s: "loss" for s in range(4, 100)})
     cfg = trainer_config(tmp_path, max_steps=20, checkpoint_every=2, max_bad_steps=3)
@@ -486,15 +500,41 @@ def test_ema_averages_tied_weights_under_both_names() -> None:
 
 def test_warmup_cosine_schedule() -> None:
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    s = WarmupCosine(opt, warmup_steps=4, decay_steps=14, min_lr_ratio=0.1)
+    s = warmup_cosine(opt, warmup_steps=4, decay_steps=14, min_lr_ratio=0.1)
     lrs = []
-    for step in range(20):
-        s.set_step(step)
+    for _ in range(20):
         lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))  # non-increasing after warmup
     assert math.isclose(lrs[9], 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lrs[14:] == [pytest.approx(0.1)] * 6
+    # The closed form, bit for bit: no recursive drift over the steps.
+    kw = dict(warmup_steps=4, decay_steps=14, min_lr_ratio=0.1, schedule="cosine")
+    assert lrs == [1.0 * lr_factor(i, **kw) for i in range(20)]
+
+
+def test_schedule_state_of_the_previous_release_resumes_on_the_same_rates() -> None:
+    """0.1.0 saved {"step": last trained step, "base_lrs"} with the optimizer at that rate."""
+    kw = dict(warmup_steps=2, decay_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    ref_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    ref = warmup_cosine(ref_opt, **kw)
+    want = []
+    for _ in range(12):
+        want.append(ref_opt.param_groups[0]["lr"])
+        ref_opt.step()
+        ref.step()
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = warmup_cosine(opt, **kw)
+    opt.param_groups[0]["lr"] = want[4]  # what 0.1.0 left after training step 4
+    load_schedule_state(sched, {"step": 4, "base_lrs": [0.5]})
+    got = []
+    for _ in range(5, 12):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert got == want[5:]
 
 
 # -- state files -----------------------------------------------------------------------------------

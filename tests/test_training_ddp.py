@@ -17,7 +17,16 @@ from latentgen.training import run_checkpoints as ckpt
 from latentgen.training.config import TrainerConfig
 from latentgen.training.distributed import DistInfo, gather_json, init_distributed
 from latentgen.training.loop import Trainer
-from test_training import RegressionTask, XYData, full_state
+from latentgen.training.tasks import PriorTask, TokenizerTask
+from test_training import (
+    CodeData,
+    ImageData,
+    RegressionTask,
+    TinyAE,
+    TinyAEConfig,
+    XYData,
+    full_state,
+)
 
 WORLD = 2
 BAD_STEP = 2  # rank 1 alone sees a NaN loss here: both ranks must skip it
@@ -141,3 +150,105 @@ def test_init_distributed_reads_the_torchrun_environment(tmp_path: Path) -> None
     )
     ranks = json.loads((tmp_path / "ranks.json").read_text())
     assert ranks == [{"rank": 0, "world": 2}, {"rank": 1, "world": 2}]
+
+
+# -- the two real tasks: the prior under DistributedDataParallel, the tokenizer step bucketed ------
+def _task(kind: str, seed: int) -> PriorTask | TokenizerTask:
+    torch.manual_seed(seed)
+    if kind == "tokenizer":  # no dropout: the ranks' and the single process's RNGs differ
+        return TokenizerTask(TinyAE(TinyAEConfig(dropout=0.0)), disc_lr=5e-3)
+    from latentgen import registry
+
+    prior = registry.build(
+        "prior",
+        {
+            "type": "transformer",
+            "vocab_size": 16,
+            "block_size": 5,
+            "n_layer": 1,
+            "n_head": 2,
+            "n_embd": 16,
+            # A key bias gets a zero gradient up to rounding, which Adam would blow up to a full
+            # step of noise that differs between 1 and 2 processes.
+            "bias": False,
+            "conditions": {"label": {"vocab_size": 3}},
+        },
+    )
+    return PriorTask(
+        prior, {"label": registry.build("conditioner", {"type": "class_label", "num_classes": 3})}
+    )
+
+
+def _task_config(run_dir: Path, batch_size: int) -> TrainerConfig:
+    return TrainerConfig(
+        run_name="task",
+        runs_dir=run_dir,
+        max_steps=3,
+        batch_size=batch_size,
+        grad_accum=2,  # the prior's first micro-batch runs under DDP's no_sync
+        lr=1e-2,
+        warmup_steps=1,
+        grad_clip=0.5,
+        checkpoint_every=100,
+        grid_every=None,
+        progress="off",
+        ema_decay=0.9,
+    )
+
+
+def _weights_and_moments(trainer: Trainer) -> dict[str, torch.Tensor]:
+    # Buffers (the tiny tokenizer's code usage counts) are per rank by design: left out.
+    buffers = {
+        f"model.{n}.{k}" for n, m in trainer.task.modules().items() for k, _ in m.named_buffers()
+    }
+    buffers |= {f"ema.{k[len('model.') :]}" for k in buffers}
+    return {k: v for k, v in full_state(trainer).items() if k not in buffers}
+
+
+def _task_worker(rank: int, init_file: str, kind: str, run_dir: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        info = init_distributed("cpu")
+        data = ImageData(16) if kind == "tokenizer" else CodeData(16)
+        trainer = Trainer(
+            _task(kind, seed=100 + rank), data, _task_config(Path(run_dir), 2), dist=info
+        )
+        trainer.fit()
+        wrapped = {n: type(m).__name__ for n, m in trainer._ddp.items()}
+        assert wrapped == ({"prior": "DistributedDataParallel"} if kind == "prior" else {})
+        save_tensors(Path(out_dir) / f"rank{rank}.safetensors", _weights_and_moments(trainer))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["prior", "tokenizer"])
+def test_prior_under_ddp_and_tokenizer_step_match_one_process(tmp_path: Path, kind: str) -> None:
+    """2 ranks x (2 x accum 2) == 1 process x (4 x accum 2): same weights, moments and EMA."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.start_processes(
+        _task_worker,
+        args=(str(tmp_path / "init"), kind, str(tmp_path / "ddp"), str(out)),
+        nprocs=WORLD,
+        join=True,
+        start_method="fork",
+    )
+    ranks = [load_tensors(out / f"rank{r}.safetensors") for r in range(WORLD)]
+    _assert_equal(ranks[0], ranks[1])
+    data = ImageData(16) if kind == "tokenizer" else CodeData(16)
+    single = Trainer(
+        _task(kind, seed=100), data, _task_config(tmp_path / "one", 4), dist=DistInfo()
+    )
+    single.fit()
+    ref = _weights_and_moments(single)
+    assert ref.keys() == ranks[0].keys()
+    for k in ref:
+        torch.testing.assert_close(ranks[0][k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    # Training moved the weights: equality is not that of two untouched copies.
+    start = _task(kind, seed=100).modules()[kind].state_dict()
+    assert any(
+        not torch.equal(start[k], ref[f"model.{kind}.{k}"])
+        for k in start
+        if f"model.{kind}.{k}" in ref
+    )

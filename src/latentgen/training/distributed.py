@@ -7,14 +7,19 @@
 the same code runs as one process. There is no process launching here: that is torchrun's job
 (and the tests', which spawn processes themselves).
 
-Gradients are averaged across ranks once per optimizer step with bucketed all-reduces
-(``all_reduce_grads``) instead of wrapping models in ``DistributedDataParallel``. The tasks call
-model *methods* (``generator_loss``, ``discriminator_loss``, ``prior.loss``), alternate two
-optimizers per step, leave parameters unused in a phase and take ``autograd.grad`` inside the
-loss (VQGAN's adaptive weight); DDP's reducer hooks into ``forward`` and needs
-``find_unused_parameters`` plus ``no_sync`` bookkeeping for all of that. One all-reduce per
-step after gradient accumulation is exact and the same for every task; what it gives up is
-DDP's overlap of communication with the backward pass.
+How gradients are averaged across ranks depends on the task (``Task.ddp_modules``):
+
+- the prior runs under ``torch.nn.parallel.DistributedDataParallel``: its loss is one module's
+  forward with one optimizer, so DDP overlaps the all-reduce with the backward pass (and skips
+  it, with ``no_sync``, for all micro-batches but the last);
+- the tokenizer step is averaged with bucketed all-reduces (``all_reduce_grads``) once per
+  optimizer, after gradient accumulation. DDP cannot serve it: one module holds both the
+  generator and the discriminator, stepped by two optimizers in turn; the generator's forward
+  runs the discriminator with its parameters frozen (DDP fixes the set of parameters that
+  require gradients when it is built), and VQGAN's adaptive weight takes ``autograd.grad`` at
+  the decoder's last layer inside the loss, which DDP does not support (it reduces only
+  gradients accumulated into ``.grad``).
+  One all-reduce per optimizer and step is exact for any task; it gives up only the overlap.
 """
 
 from __future__ import annotations

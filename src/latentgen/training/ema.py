@@ -1,6 +1,6 @@
 """Exponential moving average of a module's weights, as used for sampling in most generative models.
 
-``shadow <- decay * shadow + (1 - decay) * weight`` after every optimizer step; buffers
+``averaged <- decay * averaged + (1 - decay) * weight`` after every optimizer step; buffers
 (BatchNorm statistics, codebook usage counts) are copied as they are. The averaged weights are
 what grids and the exported model use (arXiv 1803.05407 for the averaging idea; Karras et al.
 arXiv 2312.02696 for why it matters in generative training).
@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from latentgen.errors import CheckpointError
 
@@ -20,10 +21,12 @@ __all__ = ["EMA"]
 
 
 class EMA:
-    """Shadow copy of ``module``'s state dict, updated with ``update()`` after each step.
+    """Moving average of ``module``'s weights (``torch.optim.swa_utils.AveragedModel``).
 
-    Floating-point parameters are averaged; every other entry (integer buffers, running
-    statistics) is copied, because averaging a counter or a usage histogram means nothing.
+    Floating-point parameters are averaged by ``get_ema_multi_avg_fn(decay)``; buffers (running
+    statistics, codebook usage counts) are copied as they are, because averaging a counter or a
+    usage histogram means nothing. What this class adds to ``AveragedModel``: the state dict of
+    the averaged weights keyed like ``module``'s, and swapping them into ``module`` for a block.
     """
 
     def __init__(self, module: nn.Module, decay: float) -> None:
@@ -31,30 +34,31 @@ class EMA:
             raise ValueError(f"EMA decay must lie in (0, 1), got {decay}; e.g. 0.999.")
         self.module = module
         self.decay = float(decay)
-        self.num_updates = 0
-        # By identity, so a tied weight (one tensor under two keys) is averaged under both.
-        params = {id(p) for p in module.parameters() if p.is_floating_point()}
-        state = module.state_dict(keep_vars=True)
-        self.shadow: dict[str, Tensor] = {k: v.detach().clone() for k, v in state.items()}
-        self._averaged = sorted(k for k, v in state.items() if id(v) in params)
-        self._copied = sorted(k for k, v in state.items() if id(v) not in params)
+        self.averaged = AveragedModel(
+            module, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=False
+        )
+        # AveragedModel's first update copies the weights instead of averaging them; take it
+        # now, so every optimizer step is one EMA step away from the initial weights.
+        self.averaged.update_parameters(module)
+
+    @property
+    def num_updates(self) -> int:
+        """Optimizer steps averaged in so far."""
+        return int(self.averaged.n_averaged) - 1
+
+    @property
+    def shadow(self) -> dict[str, Tensor]:
+        """The averaged weights (live tensors), keyed like ``module.state_dict()``."""
+        return self.averaged.module.state_dict()
 
     @torch.no_grad()
     def update(self) -> None:
-        """Move the shadow weights one step towards the module's current weights."""
-        state = self.module.state_dict(keep_vars=True)
-        if self._averaged:
-            shadow = [self.shadow[k] for k in self._averaged]
-            current = [state[k].detach() for k in self._averaged]
-            # lerp(s, p, 1 - d) = s + (1 - d) (p - s) = d s + (1 - d) p
-            torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
-        for k in self._copied:
-            self.shadow[k].copy_(state[k].detach())
-        self.num_updates += 1
+        """Move the averaged weights one step towards the module's current weights."""
+        self.averaged.update_parameters(self.module)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The averaged weights, keyed like ``module.state_dict()``."""
-        return dict(self.shadow)
+        return self.shadow
 
     @torch.no_grad()
     def load_state_dict(self, tensors: Mapping[str, Tensor], num_updates: int = 0) -> None:
@@ -67,9 +71,10 @@ class EMA:
                 f"EMA weights do not match the model: missing {missing[:5]}, unexpected "
                 f"{extra[:5]}, shape mismatch {bad[:5]}. Was the checkpoint made by another model?"
             )
+        shadow = self.shadow
         for k, v in tensors.items():
-            self.shadow[k].copy_(v)
-        self.num_updates = num_updates
+            shadow[k].copy_(v)
+        self.averaged.n_averaged.fill_(num_updates + 1)
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module | None = None) -> None:

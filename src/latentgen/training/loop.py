@@ -8,7 +8,8 @@ What the trainer does around ``task.train_step`` (see ``tasks.py`` for the task 
 
 - data order: a permutation per epoch from a seeded generator whose state is checkpointed, cut
   into one global batch per step and sharded by rank, so any (epoch, index) is replayable;
-- AMP (bf16 autocast on CUDA), gradient accumulation, all-reduce across ranks, clipping;
+- AMP (bf16 autocast on CUDA), gradient accumulation, gradient averaging across ranks (DDP for
+  the task's ``ddp_modules``, bucketed all-reduce otherwise; see ``distributed.py``), clipping;
 - a NaN/inf guard: a step whose loss or gradient is not finite on any rank is skipped on every
   rank, and changes nothing: optimizer steps wait until every update of the step passed the
   guard, and state that forwards change outside the optimizer (codebooks, usage counts,
@@ -29,8 +30,10 @@ import contextlib
 import io
 import json
 import random
+import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from latentgen.checkpoint import atomic_write_bytes, atomic_write_json, load_module, load_tensors
@@ -57,7 +63,7 @@ from latentgen.training.distributed import (
     init_distributed,
 )
 from latentgen.training.ema import EMA
-from latentgen.training.schedule import WarmupCosine
+from latentgen.training.schedule import load_schedule_state
 from latentgen.training.task import Task
 
 __all__ = ["CHANGEABLE_ON_RESUME", "TrainResult", "Trainer", "TrainingDivergedError"]
@@ -81,6 +87,10 @@ CHANGEABLE_ON_RESUME = (
 _DIVERGENCE_KNOBS = ("lr", "grad_clip", "amp")
 #: Written next to final/ once an export is complete: the step it holds.
 EXPORT_RECORD = "export.json"
+
+
+# LRScheduler's warning when its first step() comes before any optimizer.step().
+_SCHEDULE_BEFORE_OPTIMIZER = re.escape("Detected call of `lr_scheduler.step()`")
 
 
 class TrainingDivergedError(LatentgenError):
@@ -123,6 +133,8 @@ class _StepContext:
         self._loss_ok: dict[str, Tensor] = {}
         #: Optimizers whose update passed the guard; they step when the whole step has.
         self.passed: list[str] = []
+        self._backward_calls: dict[str, int] = {}
+        self._no_sync = contextlib.ExitStack()  # open from module() to the next backward()
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(
@@ -142,22 +154,40 @@ class _StepContext:
         # inputs= keeps gradients out of other optimizers' parameters (the discriminator during
         # the generator's update) without toggling requires_grad.
         (loss.float() / len(self.micro_batches)).backward(inputs=params)
+        self._backward_calls[optimizer] = self._backward_calls.get(optimizer, 0) + 1
+        self._no_sync.close()
+
+    def module(self, optimizer: str) -> nn.Module:
+        t = self._trainer
+        if optimizer in t._ddp:
+            ddp = t._ddp[optimizer]
+            # DDP all-reduces in the backward of a forward run outside no_sync: the last one.
+            if self._backward_calls.get(optimizer, 0) < len(self.micro_batches) - 1:
+                self._no_sync.enter_context(ddp.no_sync())
+            return ddp
+        modules = t.task.ddp_modules()
+        if optimizer not in modules:
+            raise SpecError(
+                f"ctx.module('{optimizer}'): the task's ddp_modules() has {sorted(modules)}; "
+                "add the module there or call it directly."
+            )
+        return modules[optimizer]
 
     def update(self, optimizer: str) -> float:
         t = self._trainer
         params = t._params_of(optimizer)
-        all_reduce_grads(params)
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = _total_norm(grads, self.device)
+        self._no_sync.close()
+        if optimizer not in t._ddp:  # DDP averaged those during the backward pass
+            all_reduce_grads(params)
+        # clip_grad_norm_ in its two halves: the norm decides the NaN guard before any clipping.
+        norm = get_total_norm([p.grad for p in params if p.grad is not None]).to(self.device)
         loss_ok = self._loss_ok.pop(optimizer, torch.ones((), dtype=torch.bool))
         local_ok = bool((loss_ok.to(norm.device) & torch.isfinite(norm)).item())
         # Ranks must agree, or one would step while another skips and the weights would drift.
         if not all_true(local_ok, self.device):
             raise _NonFiniteStep(optimizer)
-        if t.config.grad_clip is not None and grads:
-            # Same rule as torch.nn.utils.clip_grad_norm_, reusing the norm computed above.
-            coef = (t.config.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, coef.to(grads[0].device))
+        if t.config.grad_clip is not None:
+            clip_grads_with_norm_(params, t.config.grad_clip, norm)
         if optimizer in self.passed:
             raise SpecError(
                 f"ctx.update('{optimizer}') was called twice in one step; call it once per "
@@ -167,14 +197,6 @@ class _StepContext:
         # fails the guard must leave this optimizer's weights untouched too.
         self.passed.append(optimizer)
         return float(norm)
-
-
-def _total_norm(grads: list[Tensor], device: torch.device) -> Tensor:
-    """Global L2 norm of a list of gradients (fp32), 0 for none."""
-    if not grads:
-        return torch.zeros((), device=device)
-    norms = torch._foreach_norm(grads)  # one norm per tensor
-    return torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
 
 
 class _MicroBatches:
@@ -297,14 +319,16 @@ class Trainer:
         self.amp = config.amp == "bf16" or (config.amp == "auto" and dev.type == "cuda" and bf16_ok)
         self.run_dir = config.run_dir
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.schedulers: dict[str, WarmupCosine] = {}
+        self.schedulers: dict[str, LRScheduler] = {}
         self.emas: dict[str, EMA] = {}
         self._params: dict[str, list[nn.Parameter]] = {}
+        self._ddp: dict[str, DistributedDataParallel] = {}
         self.step = 0
         self.skipped_steps = 0
         self._bad_streak = 0  # skipped steps in a row
         self._last_checkpoint: Path | None = None
         self._last_metrics: dict[str, Any] = {}
+        self._step_lrs: dict[str, float] = {}  # learning rates of the last step, for the log
         self._window = _MetricsWindow()
         self._staged: list[Any] = []  # StagedState modules of the task
         self._allow_change: tuple[str, ...] = ()
@@ -484,7 +508,7 @@ class Trainer:
             ema.load_state_dict(load_tensors(f, what=str(f)), int(meta.get("ema_updates", 0)))
         # The new config's hyperparameters, for the options allowed to change.
         fresh_groups = {n: [dict(g) for g in o.param_groups] for n, o in self.optimizers.items()}
-        fresh_base = {n: list(s.base_lrs) for n, s in self.schedulers.items()}
+        fresh_base = {n: [float(b) for b in s.base_lrs] for n, s in self.schedulers.items()}
         for name, opt in self.optimizers.items():
             try:
                 opt.load_state_dict(ckpt.load_state(path, f"optimizer.{name}"))
@@ -495,9 +519,8 @@ class Trainer:
                     if key in changed and key in fresh:
                         group[key] = fresh[key]
         for name, sched in self.schedulers.items():
-            sched.load_state_dict(ckpt.load_state(path, f"scheduler.{name}"))
-            if "lr" in changed:
-                sched.base_lrs = fresh_base[name]
+            base_lrs = fresh_base[name] if "lr" in changed else None
+            load_schedule_state(sched, ckpt.load_state(path, f"scheduler.{name}"), base_lrs)
         ranks, sampler_state = ckpt.read_rng(path)
         if int(meta["world_size"]) != self.dist.world_size:
             self._log(
@@ -704,6 +727,7 @@ class Trainer:
         if start is None:
             for m in modules.values():
                 broadcast_module(m)  # every rank starts from rank 0's weights
+        self._ddp = self._wrap_data_parallel()
         if cfg.ema_decay is not None:
             self.emas = {n: EMA(modules[n], cfg.ema_decay) for n in task.ema_modules()}
         _seed_all(cfg.seed + d.rank)
@@ -722,6 +746,27 @@ class Trainer:
         set_staging(self._staged, True)
         return pos
 
+    def _wrap_data_parallel(self) -> dict[str, DistributedDataParallel]:
+        """``DistributedDataParallel`` around each of the task's ``ddp_modules`` (several ranks)."""
+        if not self.dist.enabled:
+            return {}
+        out = {}
+        for name, module in self.task.ddp_modules().items():
+            own = {id(p) for p in module.parameters() if p.requires_grad}
+            if own != {id(p) for p in self._params_of(name)}:
+                raise SpecError(
+                    f"ddp_modules()['{name}'] must hold exactly the trainable parameters of "
+                    f"optimizer '{name}' ({len(own)} vs {len(self._params_of(name))}); DDP "
+                    "averages the gradients of the parameters it wraps."
+                )
+            # find_unused_parameters: a step may leave parameters out of the graph (a prior's
+            # null condition embeddings when no row is dropped). Buffers are not broadcast:
+            # each rank keeps its own, as the tokenizer's bucketed path does.
+            out[name] = DistributedDataParallel(
+                module, broadcast_buffers=False, find_unused_parameters=True
+            )
+        return out
+
     def _train_step(self, micro: list[Any]) -> bool:
         """Run ``task.train_step`` on this step's micro-batches; False when the step was skipped.
 
@@ -729,18 +774,19 @@ class Trainer:
         moment and no EMA; it still counts as a step for the schedule and the data order.
         """
         micro = [_to_device(b, self.dist.device) for b in micro]
-        for sched in self.schedulers.values():
-            sched.set_step(self.step)
+        self._step_lrs = {n: float(s.get_last_lr()[0]) for n, s in self.schedulers.items()}
         ctx = _StepContext(self, self.step, micro)
         try:
             logs = self.task.train_step(ctx)
         except _NonFiniteStep as e:
+            self._step_schedules(skipped=True)
             self._skip_step(str(e))
             return False
         except BaseException:
             discard_all(self._staged)  # a crash mid-step must not commit on the way out
             raise
         self._commit_step(ctx)
+        self._step_schedules(skipped=False)
         self._bad_streak = 0
         for ema in self.emas.values():
             ema.update()
@@ -757,6 +803,14 @@ class Trainer:
         for name in ctx.passed:
             self.optimizers[name].step()
             self.optimizers[name].zero_grad(set_to_none=True)
+
+    def _step_schedules(self, skipped: bool) -> None:
+        """Advance every learning-rate schedule: the rate is a function of the step number."""
+        with warnings.catch_warnings():
+            if skipped:  # torch warns when the first step had no optimizer.step(); it is meant
+                warnings.filterwarnings("ignore", _SCHEDULE_BEFORE_OPTIMIZER)
+            for sched in self.schedulers.values():
+                sched.step()
 
     def _skip_step(self, optimizer: str) -> None:
         """Drop the step's gradients and staged state and count it; too many stop the run."""
@@ -806,7 +860,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.step / self._steps_per_epoch(),
             **means,
-            **{f"lr/{n}": s.get_lr()[0] for n, s in self.schedulers.items()},
+            **{f"lr/{n}": lr for n, lr in self._step_lrs.items()},
             "samples_per_s": rate,
             "skipped_steps": self.skipped_steps,
             "time": time.time(),

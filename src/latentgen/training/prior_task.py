@@ -24,6 +24,17 @@ if TYPE_CHECKING:
 __all__ = ["PriorTask"]
 
 
+class _PriorLoss(nn.Module):
+    """``prior.loss`` as a ``forward``, so that DistributedDataParallel can hook into it."""
+
+    def __init__(self, prior: Prior) -> None:
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, codes: Tensor, conds: Mapping[str, Conditioning]) -> Tensor:
+        return self.prior.loss(codes, conds)
+
+
 class PriorTask(Task):
     """Trains a prior on cached code grids (``batch["codes"]``, ``[B, h, w]``) and conditions.
 
@@ -58,6 +69,7 @@ class PriorTask(Task):
         if not 0.0 <= cond_drop_prob < 1.0:
             raise SpecError(f"cond_drop_prob must lie in [0, 1), got {cond_drop_prob}.")
         self.prior = prior
+        self._loss = _PriorLoss(prior)
         self.conditioners = dict(conditioners or {})
         self.tokenizer = tokenizer
         keys = dict(condition_keys or {})
@@ -72,6 +84,9 @@ class PriorTask(Task):
 
     def optimizer_parameters(self) -> dict[str, list[nn.Parameter]]:
         return {"prior": list(self.prior.parameters())}
+
+    def ddp_modules(self) -> dict[str, nn.Module]:
+        return {"prior": self._loss}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -121,7 +136,7 @@ class PriorTask(Task):
         for batch in ctx.micro_batches:
             conds = self.conditions(batch, self.cond_drop_prob)
             with ctx.autocast():
-                loss = self.prior.loss(batch["codes"], conds)
+                loss = ctx.module("prior")(batch["codes"], conds)  # [] mean NLL per code
             ctx.backward(loss, "prior")
             mean_over_micro_batches(logs, {"loss": loss.detach()}, n)
         logs["grad_norm"] = ctx.update("prior")

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from latentgen.training.optim import decay_groups
-from latentgen.training.schedule import WarmupCosine
+from latentgen.training.schedule import warmup_cosine
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -60,6 +61,14 @@ class StepContext(Protocol):
         """
         ...
 
+    def module(self, optimizer: str) -> nn.Module:
+        """What to call for this micro-batch's forward of ``Task.ddp_modules()[optimizer]``.
+
+        Its ``DistributedDataParallel`` wrapper in a multi-process run (gradients are averaged
+        during the backward of the last micro-batch), the module itself in one process.
+        """
+        ...
+
 
 class Task(ABC):
     """Models + optimizers + one training step. Subclass it to train something new."""
@@ -75,6 +84,16 @@ class Task(ABC):
     @abstractmethod
     def train_step(self, ctx: StepContext) -> dict[str, float | Tensor]:
         """One optimizer step over ``ctx.micro_batches``; returns scalars to log."""
+
+    def ddp_modules(self) -> dict[str, nn.Module]:
+        """Modules to run under ``DistributedDataParallel``, keyed by their optimizer's name.
+
+        Each one's ``forward`` computes the loss (DDP hooks into forward) and its trainable
+        parameters are exactly that optimizer's; ``train_step`` calls it through
+        ``ctx.module(name)``. The gradients of every other optimizer are averaged over ranks by a
+        bucketed all-reduce in ``ctx.update``. Default: none.
+        """
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """JSON description of what is trained (model configs); resuming requires it to match."""
@@ -102,10 +121,10 @@ class Task(ABC):
 
     def configure_schedulers(
         self, optimizers: Mapping[str, torch.optim.Optimizer], config: TrainerConfig
-    ) -> dict[str, WarmupCosine]:
-        """One warmup + cosine schedule per optimizer."""
+    ) -> dict[str, LRScheduler]:
+        """One warmup + cosine schedule per optimizer, stepped once after every training step."""
         return {
-            name: WarmupCosine(
+            name: warmup_cosine(
                 opt,
                 config.warmup_steps,
                 config.effective_decay_steps,

@@ -5,7 +5,7 @@ The public names of ``latentgen.training``'s tasks live here; each is defined in
 - ``Task``, ``StepContext``: the interface the ``Trainer`` drives (``task.py``);
 - ``TokenizerTask``: stage 1, a tokenizer on images (``tokenizer_task.py``);
 - ``PriorTask``: stage 2, a prior on cached codes (``prior_task.py``);
-- ``WarmupCosine``: the learning-rate schedule (``schedule.py``);
+- ``warmup_cosine``: the learning-rate schedule, a ``LambdaLR`` (``schedule.py``);
 - ``decay_groups``: AdamW parameter groups (``optim.py``);
 - ``image_grid``: progress pictures (``grid.py``).
 """
@@ -27,7 +27,7 @@ from latentgen.errors import CheckpointError
 from latentgen.training.grid import image_grid
 from latentgen.training.optim import decay_groups
 from latentgen.training.prior_task import PriorTask
-from latentgen.training.schedule import WarmupCosine
+from latentgen.training.schedule import warmup_cosine
 from latentgen.training.task import StepContext, Task
 from latentgen.training.tokenizer_task import TokenizerTask
 
@@ -40,11 +40,11 @@ __all__ = [
     "StepContext",
     "Task",
     "TokenizerTask",
-    "WarmupCosine",
     "decay_groups",
     "image_grid",
     "load_tokenizer",
     "save_tokenizer",
+    "warmup_cosine",
 ]
 
 TOKENIZER_FILE = "tokenizer.json"
