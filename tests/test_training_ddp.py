@@ -222,6 +222,7 @@ def _task_worker(rank: int, init_file: str, kind: str, run_dir: str, out_dir: st
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["prior", "tokenizer"])
 def test_prior_under_ddp_and_tokenizer_step_match_one_process(tmp_path: Path, kind: str) -> None:
     """2 ranks x (2 x accum 2) == 1 process x (4 x accum 2): same weights, moments and EMA."""

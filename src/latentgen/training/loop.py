@@ -136,6 +136,10 @@ class _StepContext:
         self._backward_calls: dict[str, int] = {}
         self._no_sync = contextlib.ExitStack()  # open from module() to the next backward()
 
+    def close(self) -> None:
+        """Leave a ``no_sync`` that a failed step left open, so the next step syncs again."""
+        self._no_sync.close()
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(
             device_type=self.device.type, dtype=torch.bfloat16, enabled=self._trainer.amp
@@ -777,7 +781,8 @@ class Trainer:
         self._step_lrs = {n: float(s.get_last_lr()[0]) for n, s in self.schedulers.items()}
         ctx = _StepContext(self, self.step, micro)
         try:
-            logs = self.task.train_step(ctx)
+            with contextlib.closing(ctx):
+                logs = self.task.train_step(ctx)
         except _NonFiniteStep as e:
             self._step_schedules(skipped=True)
             self._skip_step(str(e))
