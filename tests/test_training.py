@@ -486,6 +486,15 @@ def test_ema_follows_the_closed_form() -> None:
     assert torch.all(m[0].weight == 3.0)  # swapped back
 
 
+def test_ema_of_a_module_without_parameters_copies_its_buffers() -> None:
+    m = nn.Module()
+    m.register_buffer("palette", torch.zeros(4, 3))
+    ema = EMA(m, 0.9)
+    m.palette.fill_(2.0)
+    ema.update()
+    assert torch.equal(ema.state_dict()["palette"], m.palette) and ema.num_updates == 1
+
+
 def test_ema_averages_tied_weights_under_both_names() -> None:
     m = nn.Module()
     m.a = nn.Linear(2, 2, bias=False)

@@ -54,7 +54,14 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         """Move the averaged weights one step towards the module's current weights."""
-        self.averaged.update_parameters(self.module)
+        if next(self.module.parameters(), None) is not None:
+            self.averaged.update_parameters(self.module)
+            return
+        # AveragedModel cannot average an empty parameter list (its foreach grouping fails);
+        # a module of buffers only (a k-means palette) just has them copied.
+        for mine, theirs in zip(self.averaged.module.buffers(), self.module.buffers()):
+            mine.copy_(theirs)
+        self.averaged.n_averaged += 1
 
     def state_dict(self) -> dict[str, Tensor]:
         """The averaged weights, keyed like ``module.state_dict()``."""
