@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 from click.testing import CliRunner
@@ -21,13 +23,14 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from latentgen import registry
-from latentgen.checkpoint import atomic_directory, save_tensors
+from latentgen.checkpoint import atomic_directory, load_tensors, save_tensors
 from latentgen.cli import main
 from latentgen.errors import CheckpointError, DiskFullError, SpecError
 from latentgen.staged_state import commit_all, set_staging, staged_modules
 from latentgen.tokenizers.quantizers.base import Quantizer
 from latentgen.training import run_checkpoints as ckpt
 from latentgen.training.config import TrainerConfig
+from latentgen.training.distributed import init_distributed
 from latentgen.training.loop import EXPORT_RECORD, Trainer, TrainingDivergedError
 from latentgen.training.task import Task
 from latentgen.training.tokenizer_task import TokenizerTask
@@ -144,6 +147,43 @@ def test_a_nan_batch_leaves_the_quantizer_as_if_it_never_came(tmp_path, name, na
     quantizer = dirty.task.model.quantizer
     assert isinstance(quantizer, Quantizer) and not quantizer.staging  # off after fit
     assert int(quantizer.usage_counter.counts.sum()) == n * 2 * 3 * 3  # the NaN batch: not counted
+
+
+def _ddp_worker(rank: int, init_file: str, run_dir: str, out: str, nan_at: int | None) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        plan = batches(4, None, seed=10 + rank)
+        if nan_at is not None:  # rank 1 alone gets a NaN batch; rank 0's batch there is fine
+            extra = (-1, torch.full((2, 4, 3, 3), float("nan"))) if rank == 1 else (
+                -2, torch.randn(2, 4, 3, 3))  # fmt: skip
+            plan.insert(nan_at, extra)
+        task = QuantizerTask(QUANTIZERS["ema"], plan)
+        cfg = config(Path(run_dir), max_steps=len(plan))
+        trainer = Trainer(task, Dummy(), cfg, dist=init_distributed("cpu"))
+        assert trainer.fit().skipped_steps == (nan_at is not None)
+        save_tensors(Path(out) / f"rank{rank}.safetensors", module_state(task.model))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_batch_on_one_rank_leaves_every_ranks_codebook_untouched(tmp_path):
+    """The EMA sums are all-reduced, so rank 1's NaN would reach rank 0's codebook too."""
+    states = {}
+    for tag, nan_at in (("clean", None), ("dirty", 1)):
+        out = tmp_path / tag
+        out.mkdir()
+        mp.start_processes(
+            _ddp_worker,
+            args=(str(tmp_path / f"init-{tag}"), str(out / "runs"), str(out), nan_at),
+            nprocs=2,
+            join=True,
+            start_method="fork",
+        )
+        states[tag] = [load_tensors(out / f"rank{r}.safetensors") for r in range(2)]
+    assert_same_state(states["dirty"][0], states["dirty"][1])
+    assert_same_state(states["clean"][0], states["dirty"][0])
+    assert torch.isfinite(states["dirty"][0]["b.quantizer.codebook"]).all()
 
 
 def test_staged_updates_equal_direct_updates_with_accumulation():
