@@ -1,12 +1,23 @@
-"""One small, valid config per registered component type.
+"""One small, valid config per component type that latentgen ships.
 
-Spec round-trip and contract tests run over every registered type and fail for a type that has
-no example here, so a new component cannot slip in untested.
+Spec round-trip and contract tests run over every type that latentgen ships (its built-ins and
+the plugins under plugins/ in this repository) and fail for one that has no example here, so a
+new component cannot slip in untested. A third-party plugin that happens to be installed is
+left to its own test suite (latentgen.testing has the contracts), unless an example for its
+type is added here.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
+
+import tomllib
+
+from latentgen import registry
+
+_REPO = Path(__file__).resolve().parents[1]
 
 EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
     "tokenizer": {
@@ -86,3 +97,25 @@ def example(kind: str, type_: str) -> dict[str, Any]:
             f"{kind} type '{type_}' is registered but tests/examples.py has no example config "
             "for it: add one so the spec and contract tests cover it."
         ) from None
+
+
+def _dist_key(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503 normalisation
+
+
+def shipped_plugins() -> set[str]:
+    """Distribution names whose components latentgen ships: itself and plugins/* here."""
+    names = {"latentgen"}
+    for pyproject in sorted(_REPO.glob("plugins/*/pyproject.toml")):
+        names.add(tomllib.loads(pyproject.read_text())["project"]["name"])
+    return {_dist_key(n) for n in names}
+
+
+def swept(kind: str) -> list[str]:
+    """Registered types of ``kind`` the suite tests: shipped ones, and others given an example."""
+    ours = shipped_plugins()
+    return [
+        e.type
+        for e in registry.entries(kind)
+        if _dist_key(e.plugin) in ours or e.type in EXAMPLES.get(kind, {})
+    ]

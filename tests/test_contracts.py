@@ -1,13 +1,12 @@
-"""Every registered tokenizer, prior and conditioner runs the shared contract suites.
+"""Every tokenizer, prior and conditioner latentgen ships runs the shared contract suites.
 
-Test classes are made per registered type at collection time, so a new component is covered
-as soon as it registers (and tests/examples.py gives it a config).
+Test classes are made per shipped type at collection time (see ``examples.swept``), so a new
+component is covered as soon as it registers (and tests/examples.py gives it a config).
 """
 
 from __future__ import annotations
 
-from examples import example
-from latentgen import registry
+from examples import example, swept
 from latentgen.testing import ConditionerContract, PriorContract, TokenizerContract
 
 _RAW = {"class_label": ([0, 3, 4], [7])}
@@ -19,21 +18,21 @@ def _name(type_: str) -> str:
     return "".join(part.capitalize() for part in type_.replace(".", "_").split("_"))
 
 
-for _type in registry.list("tokenizer"):
+for _type in swept("tokenizer"):
     globals()[f"TestTokenizer{_name(_type)}"] = type(
         f"TestTokenizer{_name(_type)}",
         (TokenizerContract,),
         {"config": example("tokenizer", _type), "image_size": _TOKENIZER_SIZES.get(_type, 32)},
     )
 
-for _type in registry.list("prior"):
+for _type in swept("prior"):
     globals()[f"TestPrior{_name(_type)}"] = type(
         f"TestPrior{_name(_type)}",
         (PriorContract,),
         {"config": example("prior", _type), "grid": _PRIOR_GRIDS.get(_type, (4, 4))},
     )
 
-for _type in registry.list("conditioner"):
+for _type in swept("conditioner"):
     raw, bad = _RAW[_type]
     globals()[f"TestConditioner{_name(_type)}"] = type(
         f"TestConditioner{_name(_type)}",
@@ -44,9 +43,5 @@ for _type in registry.list("conditioner"):
 
 def test_every_component_has_a_contract_class():
     made = {n for n in globals() if n.startswith(("TestTokenizer", "TestPrior", "TestConditioner"))}
-    want = (
-        len(registry.list("tokenizer"))
-        + len(registry.list("prior"))
-        + len(registry.list("conditioner"))
-    )
+    want = len(swept("tokenizer")) + len(swept("prior")) + len(swept("conditioner"))
     assert len(made) == want >= 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +238,29 @@ def test_conversion_writes_cache_that_later_loads_alone(
     again = LPIPS.from_pretrained(cache_dir=cache)  # packages hidden: only the cache is left
     for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
+
+
+@needs_weights
+def test_loading_for_one_cache_dir_still_converts_into_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Weights held in memory for one cache dir used to stop the conversion into a second one.
+    monkeypatch.setattr(LPIPS, "_weights_cache", {})
+    LPIPS.from_pretrained(cache_dir=tmp_path / "a")
+    LPIPS.from_pretrained(cache_dir=tmp_path / "b")
+    for cache in ("a", "b"):
+        assert (tmp_path / cache / "lpips" / lp.TRUNK_FILE).is_file(), cache
+        assert (tmp_path / cache / "lpips" / lp.HEADS_FILE).is_file(), cache
+
+
+@needs_weights
+def test_default_cache_is_the_sessions_own() -> None:
+    # tests/conftest.py points $LATENTGEN_CACHE at a temp dir: the user's ~/.cache is not read
+    # (a stale or broken cache there cannot fail the suite) and not written.
+    cache = Path(os.environ["LATENTGEN_CACHE"])
+    assert lp.resolve_cache_dir() == cache and cache.is_relative_to(tempfile.gettempdir())
+    LPIPS.from_pretrained()
+    assert (cache / "lpips" / lp.TRUNK_FILE).is_file()
 
 
 @needs_weights

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from examples import example
+from examples import example, swept
 from latentgen import PipelineSpec, SamplerConfig, load_spec, registry
 from latentgen.errors import SpecError, UnknownComponentError
 from latentgen.specs import dump_spec, parse_component
 
-ALL_TYPES = [(k, t) for k in registry.kinds() for t in registry.list(k)]
+ALL_TYPES = [(k, t) for k in registry.kinds() for t in swept(k)]
 
 TOY = {
     "tokenizer": {"type": "toy.palette", "vocab_size": 8},

@@ -132,7 +132,7 @@ class LPIPS(nn.Module):
     Build it with :meth:`from_pretrained`; ``LPIPS()`` alone has random weights.
     """
 
-    _weights_cache: ClassVar[dict[tuple[str, str], dict[str, Tensor]]] = {}
+    _weights_cache: ClassVar[dict[tuple[str, str, str], dict[str, Tensor]]] = {}
 
     shift: Tensor
     scale: Tensor
@@ -178,7 +178,9 @@ class LPIPS(nn.Module):
         cache = resolve_cache_dir(cache_dir)
         trunk_src = _resolve_trunk(trunk_path, cache)
         heads_src = _resolve_heads(heads_path, cache)
-        key = (str(trunk_src), str(heads_src))
+        # The cache dir is part of the key: weights held in memory for one cache dir must not
+        # stop a from_pretrained(cache_dir=other) from converting into that other dir.
+        key = (str(trunk_src), str(heads_src), str(cache))
         state = cls._weights_cache.get(key)
         if state is None:
             # Only weights we found ourselves are converted into the cache; a file the user
