@@ -70,7 +70,10 @@ def _dataset_from_file(path: Path) -> Any:
             f"{path} must hold a dataset config ({{type: shapes, ...}}) or a train config with a "
             "`data:` section."
         )
-    return registry.build("dataset", data)
+    dataset = registry.build("dataset", data)
+    if len(dataset) == 0:
+        raise DataError(f"the dataset of {path} is empty.")
+    return dataset
 
 
 def _trainer_config(cfg: Any, run_dir: Path | None) -> Any:
@@ -365,17 +368,6 @@ def eval_group() -> None:
     """Measure a trained tokenizer or prior on a dataset."""
 
 
-def _loader(data_path: Path, batch_size: int, limit: int | None) -> Any:
-    from torch.utils.data import DataLoader, Subset
-
-    dataset = _dataset_from_file(data_path)
-    if limit is not None:
-        dataset = Subset(dataset, range(min(limit, len(dataset))))
-    if len(dataset) == 0:
-        raise DataError(f"the dataset of {data_path} is empty.")
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
-
-
 def _print_results(results: Mapping[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(results, indent=2))
@@ -431,70 +423,22 @@ def eval_tokenizer(
     as_json: bool,
 ) -> None:
     """Reconstruction quality (PSNR, SSIM, LPIPS) and codebook usage of SOURCE's tokenizer."""
-    from latentgen.errors import WeightsNotFoundError
-    from latentgen.metrics.codebook import CodebookUsage
-    from latentgen.metrics.image import psnr, ssim
+    from latentgen.evaluation import evaluate_tokenizer
     from latentgen.training.tasks import load_tokenizer
 
-    dev = _device(device)
-    tok = load_tokenizer(source).to(dev).eval()
-    lp = None
-    note = None
-    if lpips:
-        from latentgen.metrics.lpips import LPIPS
-
-        try:
-            lp = LPIPS.from_pretrained().to(dev)
-        except WeightsNotFoundError as e:
-            note = f"LPIPS skipped: {e}"
-    fid = None
-    if inception is not None:
-        from latentgen.metrics.fid import GaussianStats, InceptionFeatures
-
-        fid = (
-            InceptionFeatures.from_pretrained(inception).to(dev),
-            GaussianStats(),
-            GaussianStats(),
-        )
-    usage = CodebookUsage(tok.vocab_size)
-    sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
-    count = 0
-    with torch.no_grad():
-        for batch in _loader(data_path, batch_size, limit):
-            x = batch["image"].to(dev)  # [B, C, H, W]
-            codes = tok.encode(x)
-            recon = tok.decode(codes).clamp(-1, 1).float()
-            usage.update(codes)
-            sums["psnr"] += float(psnr(recon, x.float()).sum())
-            sums["ssim"] += float(ssim(recon, x.float()).sum())
-            if lp is not None:
-                sums["lpips"] += float(lp(recon, x.float()).sum())
-            if fid is not None:
-                fid[1].update(fid[0](x.float()))
-                fid[2].update(fid[0](recon))
-            count += int(x.shape[0])
-    results: dict[str, Any] = {
-        "images": count,
-        "psnr_db": sums["psnr"] / count,
-        "ssim": sums["ssim"] / count,
-    }
-    if lp is not None:
-        results["lpips"] = sums["lpips"] / count
-    if fid is not None:
-        from latentgen.metrics.fid import frechet_distance
-
-        real, rec = fid[1], fid[2]
-        results["rfid"] = frechet_distance(real.mean, real.cov, rec.mean, rec.cov)
-    stats = usage.compute()
-    results.update(
-        codebook_usage=stats["usage"],
-        perplexity=stats["perplexity"],
-        dead_codes=int(stats["dead_codes"]),
-        codebook_size=tok.vocab_size,
+    result = evaluate_tokenizer(
+        load_tokenizer(source),
+        _dataset_from_file(data_path),
+        batch_size=batch_size,
+        limit=limit,
+        lpips="auto" if lpips else False,
+        inception=inception,
+        device=_device(device),
     )
-    if note and not as_json:
-        click.echo(note, err=True)
-    _print_results(results, as_json)
+    if not as_json:
+        for note in result.notes:
+            click.echo(note, err=True)
+    _print_results(result.as_dict(), as_json)
 
 
 @eval_group.command("prior")
@@ -521,11 +465,10 @@ def eval_prior(
     as_json: bool,
 ) -> None:
     """Negative log-likelihood of the dataset's codes under PIPELINE_DIR's prior (bits per code)."""
+    from latentgen.evaluation import evaluate_prior
     from latentgen.pipeline import Pipeline
-    from latentgen.priors.base import Prior
 
-    dev = _device(device)
-    pipe = Pipeline.from_pretrained(pipeline_dir).to(dev)
+    pipe = Pipeline.from_pretrained(pipeline_dir)
     mapping = {}
     for item in keys:
         name, sep, key = item.partition("=")
@@ -535,33 +478,12 @@ def eval_prior(
                 param_hint="--key",
             )
         mapping[name] = key
-    pipe.prior.eval()
-    nats, codes_seen, images = 0.0, 0, 0
-    pixels = 0
-    with torch.no_grad():
-        for batch in _loader(data_path, batch_size, limit):
-            x = batch["image"].to(dev)
-            codes = pipe.tokenizer.encode(x)  # [B, h, w]
-            conds = {}
-            for name, cond in pipe.conditioners.items():
-                key = mapping.get(name, name)
-                if key not in batch:
-                    raise DataError(
-                        f"conditioner '{name}' needs dataset key '{key}', but items have "
-                        f"{sorted(batch)}; map it with --key {name}=<key>."
-                    )
-                conds[name] = cond.encode(batch[key]).to(dev)
-            nats -= float(pipe.prior.log_prob(codes, conds or None).sum())
-            codes_seen += codes.numel()
-            images += int(x.shape[0])
-            pixels += x[0].numel() * int(x.shape[0])
-    per_code = nats / codes_seen
-    _print_results(
-        {
-            "images": images,
-            "nll_nats_per_code": per_code,
-            "bits_per_dim": Prior.bits_per_dim(per_code),
-            "bits_per_image_dim": Prior.bits_per_dim(nats / pixels),
-        },
-        as_json,
+    result = evaluate_prior(
+        pipe,
+        _dataset_from_file(data_path),
+        batch_size=batch_size,
+        limit=limit,
+        condition_keys=mapping,
+        device=_device(device),
     )
+    _print_results(result.as_dict(), as_json)
