@@ -117,7 +117,7 @@ def test_prior_nll_equals_the_pipeline_log_likelihood(pipe: Pipeline, dataset) -
     codes = pipe.encode(x).numel()
     assert isinstance(result, PriorEvaluation) and result.images == len(dataset)
     assert result.nll_nats_per_code == pytest.approx(nats / codes, rel=1e-5)
-    assert result.bits_per_dim == pytest.approx(nats / codes / math.log(2), rel=1e-5)
+    assert result.bits_per_code == pytest.approx(nats / codes / math.log(2), rel=1e-5)
     assert result.bits_per_image_dim == pytest.approx(nats / x.numel() / math.log(2), rel=1e-5)
 
 

@@ -916,7 +916,7 @@ def test_cli_trains_both_stages_and_evaluates(tmp_path: Path) -> None:
     res = run(main, ["eval", "prior", str(final), "--data", str(tmp_path / "data.yaml"), "--json"])
     assert res.exit_code == 0, res.output
     nll = json.loads(res.output)
-    assert math.isclose(nll["bits_per_dim"], nll["nll_nats_per_code"] / math.log(2))
+    assert math.isclose(nll["bits_per_code"], nll["nll_nats_per_code"] / math.log(2))
     assert 0 < nll["nll_nats_per_code"] < 2 * math.log(16)  # near log K after 2 steps
 
     # A second run under the same name must not overwrite the first.

@@ -5,7 +5,7 @@
     scores = evaluate_tokenizer("runs/vqgan", dataset, limit=256)   # PSNR, SSIM, LPIPS, codebook
     print(scores.psnr_db, scores.codebook_usage)
     nll = evaluate_prior("runs/prior/final", dataset)               # NLL per code
-    print(nll.bits_per_dim)
+    print(nll.bits_per_code)
 
 ``dataset`` is any map-style dataset of dicts with an ``"image"`` ``[C, H, W]`` in [-1, 1]
 (every latentgen dataset), plus the keys that feed the pipeline's conditioners.
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ class PriorEvaluation:
 
     images: int
     nll_nats_per_code: float
-    bits_per_dim: float  # bits per code
+    bits_per_code: float  # NLL in bits per code (per token of the prior)
     bits_per_image_dim: float  # the same total, spread over the image's C*H*W values
 
     def as_dict(self) -> dict[str, Any]:
@@ -223,7 +224,6 @@ def evaluate_prior(
         device: where to run; None keeps the pipeline where it is.
     """
     from latentgen.pipeline import Pipeline
-    from latentgen.priors.base import Prior
 
     pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.from_pretrained(pipeline)
     keys = dict(condition_keys or {})
@@ -259,6 +259,6 @@ def evaluate_prior(
     return PriorEvaluation(
         images=images,
         nll_nats_per_code=per_code,
-        bits_per_dim=Prior.bits_per_dim(per_code),
-        bits_per_image_dim=Prior.bits_per_dim(nats / values),
+        bits_per_code=per_code / math.log(2.0),
+        bits_per_image_dim=nats / values / math.log(2.0),
     )
