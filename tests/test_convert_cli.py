@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from latentgen import Pipeline
+from latentgen.artifact import load_component
 from latentgen.cli import main
-from latentgen.training.tasks import load_tokenizer
 from test_taming_convert import N_EMBED, fake_taming_state_dict, images, ref_encode_latents, ref_vq
 
 GRID = 8  # ARCH: resolution 16, f = 2
@@ -53,7 +53,7 @@ def test_convert_taming_vqgan(tmp_path):
     ckpt = _save_ckpt(tmp_path / "last.ckpt", sd)
     res = CliRunner().invoke(main, ["convert", "taming-vqgan", str(ckpt), str(tmp_path / "tok")])
     assert res.exit_code == 0, res.output
-    tok = load_tokenizer(tmp_path / "tok").eval()
+    tok = load_component(tmp_path / "tok", "tokenizer").eval()
     x = images()
     want, _ = ref_vq(sd, ref_encode_latents(sd, x))
     assert torch.equal(tok.encode(x), want)

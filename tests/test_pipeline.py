@@ -88,16 +88,22 @@ def test_save_load_round_trip(pipe, tmp_path):
     assert loaded.spec == pipe.spec
     assert torch.equal(draw(loaded), draw(pipe))
     meta = json.loads((tmp_path / "p" / "pipeline.json").read_text())
-    assert meta["components"]["tokenizer"]["provided_by"] == {
-        "plugin": "latentgen-toy",
-        "version": "0.1.0",
+    assert meta["components"] == {
+        "tokenizer": {"path": "tokenizer"},
+        "prior": {"path": "prior"},
+        "conditioners.label": {"path": "conditioners/label"},
     }
-    assert meta["components"]["conditioners.label"]["file"] is None
     assert meta["card"]["image_size"] == 16
+    tok = json.loads((tmp_path / "p" / "tokenizer" / "component.json").read_text())
+    assert tok["provided_by"] == {"plugin": "latentgen-toy", "version": "0.1.0"}
+    assert tok["config"] == pipe.tokenizer.config.model_dump(mode="json")
+    label = json.loads((tmp_path / "p" / "conditioners" / "label" / "component.json").read_text())
+    assert label["files"] == {}  # a class-label conditioner has no tensors
     from safetensors import safe_open
 
-    with safe_open(tmp_path / "p" / "prior.safetensors", "pt") as fh:
+    with safe_open(tmp_path / "p" / "prior" / "weights.safetensors", "pt") as fh:
         assert fh.metadata()["latentgen.type"] == "toy.ngram"
+        assert json.loads(fh.metadata()["latentgen.config"])["type"] == "toy.ngram"
 
 
 def test_save_overwrites_atomically(pipe, tmp_path):
@@ -109,14 +115,14 @@ def test_save_overwrites_atomically(pipe, tmp_path):
 
 @pytest.mark.parametrize("existing", [False, True])
 def test_failed_save_leaves_nothing_half_written(pipe, tmp_path, monkeypatch, existing):
-    import latentgen.pipeline as pl
+    import latentgen.artifact as art
 
     target = tmp_path / "p"
     if existing:
         pipe.save_pretrained(target)
-        before = {p.name: p.read_bytes() for p in target.iterdir()}
+        before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
     calls = []
-    real = pl.save_tensors
+    real = art.save_tensors
 
     def flaky(path, *a, **k):
         calls.append(path)
@@ -124,12 +130,12 @@ def test_failed_save_leaves_nothing_half_written(pipe, tmp_path, monkeypatch, ex
             raise OSError("disk full")
         return real(path, *a, **k)
 
-    monkeypatch.setattr(pl, "save_tensors", flaky)
+    monkeypatch.setattr(art, "save_tensors", flaky)
     with pytest.raises(OSError, match="disk full"):
         pipe.save_pretrained(target)
     assert [p.name for p in tmp_path.iterdir()] == (["p"] if existing else [])
     if existing:
-        assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+        assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
         Pipeline.from_pretrained(target)
 
 
@@ -140,8 +146,8 @@ def _saved(pipe, tmp_path):
 
 def test_missing_weights_file(pipe, tmp_path):
     path = _saved(pipe, tmp_path)
-    (path / "prior.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="prior.safetensors is missing"):
+    (path / "prior" / "weights.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="prior/weights.safetensors is missing"):
         Pipeline.from_pretrained(path)
 
 
@@ -154,25 +160,25 @@ def test_not_a_pipeline_dir(tmp_path):
 
 def test_wrong_sha256(pipe, tmp_path):
     path = _saved(pipe, tmp_path)
-    data = bytearray((path / "tokenizer.safetensors").read_bytes())
+    data = bytearray((path / "tokenizer" / "weights.safetensors").read_bytes())
     data[-1] ^= 0xFF
-    (path / "tokenizer.safetensors").write_bytes(bytes(data))
+    (path / "tokenizer" / "weights.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256.*changed or damaged"):
         Pipeline.from_pretrained(path)
 
 
 def _rehash(path, component):
-    from latentgen.checkpoint import sha256_file
+    from latentgen.files import sha256_file
 
-    meta = json.loads((path / "pipeline.json").read_text())
-    entry = meta["components"][component]
-    entry["sha256"] = sha256_file(path / entry["file"])
-    (path / "pipeline.json").write_text(json.dumps(meta))
+    manifest = path / component / "component.json"
+    meta = json.loads(manifest.read_text())
+    meta["files"] = {f: sha256_file(path / component / f) for f in meta["files"]}
+    manifest.write_text(json.dumps(meta))
 
 
 def test_truncated_safetensors(pipe, tmp_path):
     path = _saved(pipe, tmp_path)
-    f = path / "prior.safetensors"
+    f = path / "prior" / "weights.safetensors"
     f.write_bytes(f.read_bytes()[:50])
     _rehash(path, "prior")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
@@ -180,16 +186,27 @@ def test_truncated_safetensors(pipe, tmp_path):
 
 
 def test_weights_that_do_not_match_spec(pipe, tmp_path):
+    """Tensors of another shape under the right config record (a plugin that changed its
+    module's layout without changing its config): every key and shape is still checked."""
+    from safetensors import safe_open
+
+    from latentgen.files import load_tensors, save_tensors
+
     path = _saved(pipe, tmp_path)
-    meta = json.loads((path / "pipeline.json").read_text())
-    meta["spec"]["tokenizer"]["vocab_size"] = 12
-    meta["spec"]["prior"]["vocab_size"] = 12
-    (path / "pipeline.json").write_text(json.dumps(meta))
+    f = path / "tokenizer" / "weights.safetensors"
+    with safe_open(f, "pt") as fh:
+        header = fh.metadata()
+    tensors = load_tensors(f)
+    tensors["palette"] = torch.zeros(12, 3)
+    tensors["extra"] = torch.zeros(1)
+    save_tensors(f, tensors, header)
+    _rehash(path, "tokenizer")
     with pytest.raises(CheckpointError) as err:
         Pipeline.from_pretrained(path)
     msg = str(err.value)
-    assert "tokenizer.safetensors" in msg and "shape mismatch palette" in msg
-    assert "(8, 3) vs model (12, 3)" in msg
+    assert "component 'tokenizer' (weights.safetensors" in msg
+    assert "1 unexpected key(s): extra" in msg and "1 shape mismatch(es): palette" in msg
+    assert "palette: file (12, 3) vs model (8, 3)" in msg
 
 
 def test_corrupt_pipeline_json(pipe, tmp_path):
@@ -201,10 +218,11 @@ def test_corrupt_pipeline_json(pipe, tmp_path):
 
 def test_missing_plugin_names_distribution(pipe, tmp_path):
     path = _saved(pipe, tmp_path)
-    meta = json.loads((path / "pipeline.json").read_text())
-    meta["components"]["prior"]["type"] = "gone.prior"
-    meta["components"]["prior"]["provided_by"] = {"plugin": "latentgen-gone", "version": "0.3.1"}
-    (path / "pipeline.json").write_text(json.dumps(meta))
+    manifest = path / "prior" / "component.json"
+    meta = json.loads(manifest.read_text())
+    meta["type"] = "gone.prior"
+    meta["provided_by"] = {"plugin": "latentgen-gone", "version": "0.3.1"}
+    manifest.write_text(json.dumps(meta))
     with pytest.raises(UnknownComponentError, match='pip install "latentgen-gone>=0.3.1"'):
         Pipeline.from_pretrained(path)
 

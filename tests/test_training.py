@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationError
 from torch import Tensor, nn
 
-from latentgen.checkpoint import load_tensors
 from latentgen.conditioners.base import Conditioner, Conditioning
 from latentgen.errors import CheckpointError, DataError, SpecError
+from latentgen.files import load_tensors
 from latentgen.hookspecs import hookimpl
 from latentgen.priors.base import Prior
 from latentgen.specs import ComponentConfig
@@ -601,10 +601,10 @@ def test_run_writes_metrics_grids_pruned_checkpoints_and_export(tmp_path: Path, 
     meta = ckpt.read_trainer_json(run / "checkpoints" / "step-6")
     assert meta["step"] == 6 and meta["spec_hash"] == ckpt.spec_hash(task.describe())
     # The export holds the EMA weights, and loads back through the registry.
-    from latentgen.training.tasks import load_tokenizer
+    from latentgen.artifact import load_component
 
     assert result.export == run / "final"
-    loaded = load_tokenizer(run)
+    loaded = load_component(run, "tokenizer")
     for k, v in loaded.state_dict().items():
         assert torch.equal(
             v, load_tensors(run / "checkpoints" / "step-6" / "ema.tokenizer.safetensors")[k]
@@ -889,7 +889,7 @@ def test_cli_trains_both_stages_and_evaluates(tmp_path: Path) -> None:
 
     res = run(main, ["train", "tokenizer", "--config", str(tmp_path / "tok.yaml")])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "runs" / "tok" / "final" / "tokenizer.json").is_file()
+    assert (tmp_path / "runs" / "tok" / "final" / "component.json").is_file()
     res = run(
         main,
         [

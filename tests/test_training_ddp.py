@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from latentgen.checkpoint import load_tensors, save_tensors
+from latentgen.files import load_tensors, save_tensors
 from latentgen.training import run_checkpoints as ckpt
 from latentgen.training.config import TrainerConfig
 from latentgen.training.distributed import DistInfo, gather_json, init_distributed

@@ -23,9 +23,9 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from latentgen import registry
-from latentgen.checkpoint import atomic_directory, load_tensors, save_tensors
 from latentgen.cli import main
 from latentgen.errors import CheckpointError, DiskFullError, SpecError
+from latentgen.files import atomic_directory, load_tensors, save_tensors
 from latentgen.staged_state import commit_all, set_staging, staged_modules
 from latentgen.tokenizers.quantizers.base import Quantizer
 from latentgen.training import run_checkpoints as ckpt

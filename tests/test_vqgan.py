@@ -249,7 +249,8 @@ def test_tiny_vqvae_overfits_four_images():
 
 
 def test_state_dict_round_trip_rebuilds_the_same_tokenizer(tmp_path):
-    from latentgen.checkpoint import load_module, load_tensors, save_tensors
+    from latentgen.artifact import load_module
+    from latentgen.files import load_tensors, save_tensors
 
     tok = tiny("vqgan").eval()
     save_tensors(tmp_path / "w.safetensors", tok.state_dict())

@@ -4,11 +4,15 @@ Their files are PyTorch Lightning pickles. ``read_lightning_checkpoint`` opens t
 ``torch.load(weights_only=True)`` or an allow-list unpickler that never imports what the file
 names, so converting a checkpoint cannot run code from it. Every key and shape is checked.
 
-- ``taming-vqgan CKPT OUT_DIR``: a first-stage VQGAN -> a tokenizer directory (the same layout
-  ``latentgen train tokenizer`` writes), usable by ``train prior``, ``eval tokenizer`` and
+- ``taming-vqgan CKPT OUT_DIR``: a first-stage VQGAN -> a tokenizer component directory (what
+  ``latentgen train tokenizer`` exports), usable by ``train prior``, ``eval tokenizer`` and
   ``reconstruct``. A pipeline needs a prior, which a VQGAN checkpoint does not have.
 - ``taming-transformer CKPT OUT_DIR``: a Net2NetTransformer (GPT + its first-stage VQGAN, and a
   class-label condition stage where it has one) -> a complete pipeline directory.
+
+Conversion is deterministic: converting one file twice writes identical weights. A checkpoint
+without discriminator weights (stripped for inference, or trained with their DummyLoss) gets a
+discriminator initialised from a fixed seed, which only fine-tuning uses.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def _target(node: Any) -> str:
 
 def _read_state(path: Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
-        from latentgen.checkpoint import load_tensors
+        from latentgen.files import load_tensors
 
         return load_tensors(path)
     from latentgen.tokenizers.taming import read_lightning_checkpoint
@@ -73,7 +77,7 @@ def _read_state(path: Path) -> dict[str, Any]:
 def load_taming_vqgan(state_dict: Mapping[str, Any], config: Mapping[str, Any] | None) -> Any:
     """A built ``vqgan`` tokenizer holding a taming VQGAN's weights."""
     from latentgen import registry
-    from latentgen.checkpoint import load_module
+    from latentgen.artifact import load_module
     from latentgen.tokenizers.taming import convert_taming_vqgan
 
     cfg, tensors = convert_taming_vqgan(state_dict, config, init_missing_discriminator=True)
@@ -88,15 +92,17 @@ def convert_taming_transformer(
     config: Mapping[str, Any] | None = None,
     n_head: int | None = None,
     num_classes: int | None = None,
+    sos_token: int | None = None,
 ) -> Any:
     """A ``Pipeline`` from a Net2NetTransformer state dict (and its model.yaml, if given).
 
-    Conditioning: unconditional models (their ``SOSProvider``) get no conditioner; class-label
-    models (``cond_stage_key: class_label``, e.g. their ImageNet ``cin`` model) get a
-    ``class_label`` conditioner of ``num_classes`` (from the yaml or the argument).
+    Conditioning: unconditional models (their ``SOSProvider``) get no conditioner and start
+    from ``sos_token`` (the argument, else the yaml's, else 0); class-label models
+    (``cond_stage_key: class_label``, e.g. their ImageNet ``cin`` model) get a ``class_label``
+    conditioner of ``num_classes`` (from the yaml or the argument).
     """
     from latentgen import registry
-    from latentgen.checkpoint import load_module
+    from latentgen.artifact import load_module
     from latentgen.pipeline import Pipeline
     from latentgen.priors.taming_gpt import convert_taming_gpt
 
@@ -132,12 +138,18 @@ def convert_taming_transformer(
     hints: dict[str, Any] = {"n_head": int(heads)}
     conditioners: dict[str, Any] = {}
     if num_classes is not None:
+        if sos_token is not None:
+            raise CheckpointError(
+                "--sos-token applies to unconditional models only; a class-conditional model "
+                "starts from its class token."
+            )
         hints["conditions"] = {"label": {"vocab_size": int(num_classes)}}
         conditioners["label"] = registry.build(
             "conditioner", {"type": "class_label", "num_classes": int(num_classes)}
         )
     else:
-        hints["sos_token"] = int(_params(cond_cfg).get("sos_token", params.get("sos_token", 0)))
+        default = _params(cond_cfg).get("sos_token", params.get("sos_token", 0))
+        hints["sos_token"] = int(default if sos_token is None else sos_token)
     prior_cfg, tensors = convert_taming_gpt(state_dict, hints)
     prior = registry.build("prior", prior_cfg)
     load_module(prior, tensors, "converted transformer")
@@ -164,10 +176,10 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 def taming_vqgan(ckpt: Path, out_dir: Path, model_yaml: Path | None) -> None:
     """Convert a taming-transformers VQGAN (.ckpt) into a latentgen tokenizer directory."""
-    from latentgen.training.tasks import save_tokenizer
+    from latentgen.artifact import save_component
 
     tok = load_taming_vqgan(_read_state(ckpt), _params(_read_yaml(model_yaml) or {}) or None)
-    save_tokenizer(tok, out_dir)
+    save_component(tok, "tokenizer", out_dir)
     click.echo(f"wrote tokenizer ({tok.vocab_size} codes, f={tok.downsample}) to {out_dir}")
 
 
@@ -194,6 +206,13 @@ def taming_vqgan(ckpt: Path, out_dir: Path, model_yaml: Path | None) -> None:
     help="Class-conditional models: number of classes, when no --config is given.",
 )
 @click.option(
+    "--sos-token",
+    type=click.IntRange(0),
+    default=None,
+    help="Unconditional models: the start token their SOSProvider prepends, when no --config "
+    "is given (default 0).",
+)
+@click.option(
     "--image-size",
     type=click.IntRange(1),
     default=None,
@@ -205,11 +224,12 @@ def taming_transformer(
     model_yaml: Path | None,
     n_head: int | None,
     num_classes: int | None,
+    sos_token: int | None,
     image_size: int | None,
 ) -> None:
     """Convert a taming-transformers Net2NetTransformer (.ckpt) into a latentgen pipeline."""
     pipe = convert_taming_transformer(
-        _read_state(ckpt), _read_yaml(model_yaml), n_head, num_classes
+        _read_state(ckpt), _read_yaml(model_yaml), n_head, num_classes, sos_token
     )
     card: dict[str, Any] = {"source": f"taming-transformers checkpoint {ckpt.name}"}
     if image_size:

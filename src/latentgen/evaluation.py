@@ -107,9 +107,10 @@ def _evaluating(module: nn.Module) -> Iterator[None]:
 
 def _load_tokenizer(source: Tokenizer | str | Path) -> Tokenizer:
     if isinstance(source, (str, Path)):
-        from latentgen.training.tasks import load_tokenizer
+        from latentgen.artifact import load_component
 
-        return load_tokenizer(source)
+        tokenizer: Tokenizer = load_component(source, "tokenizer")
+        return tokenizer
     return source
 
 

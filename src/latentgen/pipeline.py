@@ -2,7 +2,7 @@
 
 >>> pipe = Pipeline.from_spec(spec)                          # doctest: +SKIP
 >>> images = pipe(label=[3, 7], size=(64, 64), generator=torch.Generator().manual_seed(0))
->>> pipe.save_pretrained("out/shapes")                       # atomic
+>>> pipe.save_pretrained("out/shapes")   # atomic: pipeline.json + one component dir each
 >>> pipe = Pipeline.from_pretrained("out/shapes", prior=other_prior)  # swap one component
 """
 
@@ -20,28 +20,29 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from latentgen import __version__, registry
-from latentgen.checkpoint import (
-    atomic_directory,
-    atomic_write_json,
-    load_module,
-    load_tensors,
-    read_json,
-    save_tensors,
-    sha256_file,
+from latentgen.artifact import (
+    PIPELINE_FILE,
+    PIPELINE_FORMAT,
+    PIPELINE_FORMAT_VERSION,
+    ComponentRef,
+    check_registered,
+    load_component,
+    pipeline_component,
+    read_pipeline_manifest,
+    write_component,
 )
 from latentgen.conditioners.base import Conditioner, Conditioning
-from latentgen.errors import CheckpointError, InputError, SpecError, UnknownComponentError
+from latentgen.errors import CheckpointError, InputError, SpecError
+from latentgen.files import atomic_directory, atomic_write_json
 from latentgen.priors.base import Prior
 from latentgen.specs import ComponentConfig, PipelineSpec, SamplerConfig, load_spec, spec_error
 from latentgen.tokenizers.base import Tokenizer
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PIPELINE_FILE", "Pipeline"]
 
-PIPELINE_FILE = "pipeline.json"
-FORMAT = "latentgen.pipeline"
-FORMAT_VERSION = 1
-# format_version -> function upgrading pipeline.json's dict to the next version.
-_MIGRATIONS: dict[int, Any] = {}
+# The files are latentgen.artifact's; older versions of pipeline.json are upgraded there.
+FORMAT = PIPELINE_FORMAT
+FORMAT_VERSION = PIPELINE_FORMAT_VERSION
 
 
 def _check_fit(tokenizer: Tokenizer, prior: Prior, conditioners: Mapping[str, Conditioner]) -> None:
@@ -190,7 +191,7 @@ class Pipeline:
     def save_pretrained(
         self, path: str | os.PathLike[str], card: Mapping[str, Any] | None = None
     ) -> Path:
-        """Write ``pipeline.json`` and one ``.safetensors`` per component, atomically."""
+        """Write ``pipeline.json`` and one component directory per component, atomically."""
         path = Path(path)
         if card:
             self.card.update(card)
@@ -198,26 +199,9 @@ class Pipeline:
         components: dict[str, Any] = {}
         with atomic_directory(path) as tmp:
             for name, kind, module in self._named_modules():
-                info = registry.get(kind, module.config.type)
-                entry: dict[str, Any] = {
-                    "kind": kind,
-                    "type": module.config.type,
-                    "file": None,
-                    "sha256": None,
-                    "provided_by": {"plugin": info.plugin, "version": info.version},
-                }
-                state = module.state_dict()
-                if state:
-                    fname = f"{name}.safetensors"
-                    meta = {
-                        "latentgen.component": name,
-                        "latentgen.type": module.config.type,
-                        "format_version": str(FORMAT_VERSION),
-                    }
-                    save_tensors(tmp / fname, state, meta)
-                    entry["file"] = fname
-                    entry["sha256"] = sha256_file(tmp / fname)
-                components[name] = entry
+                rel = name.replace(".", "/")  # conditioners.label -> conditioners/label
+                write_component(module, kind, tmp / rel)
+                components[name] = {"path": rel}
             atomic_write_json(
                 tmp / PIPELINE_FILE,
                 {
@@ -234,57 +218,22 @@ class Pipeline:
     @staticmethod
     def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         """Read and upgrade ``pipeline.json`` of a saved pipeline directory."""
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(
-                f"{path} is not a directory. A saved pipeline is a directory written by "
-                "Pipeline.save_pretrained (pipeline.json + *.safetensors)."
-            )
-        if not (path / PIPELINE_FILE).is_file():
-            raise CheckpointError(
-                f"{path} is not a latentgen pipeline directory: {PIPELINE_FILE} is missing. "
-                "Save one with Pipeline.save_pretrained(path)."
-            )
-        meta = read_json(path / PIPELINE_FILE, "pipeline file")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise CheckpointError(
-                f"{path / PIPELINE_FILE} is not a latentgen pipeline file (format "
-                f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})."
-            )
-        version = meta.get("format_version")
-        while isinstance(version, int) and version < FORMAT_VERSION and version in _MIGRATIONS:
-            meta = _MIGRATIONS[version](meta)
-            version = meta["format_version"]
-        if version != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path / PIPELINE_FILE} has format_version {version!r}; this latentgen "
-                f"{__version__} reads version {FORMAT_VERSION}. Upgrade latentgen "
-                "(pip install -U latentgen) to load it."
-            )
-        return meta
+        return read_pipeline_manifest(path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], **overrides: Any) -> Pipeline:
         """Load a saved pipeline, strictly; keywords swap components as in ``replace``.
 
-        Every file's sha256, keys and shapes are checked; a component type that no installed
-        plugin provides says which distribution to install.
+        Every file must lie inside the directory and match its sha256, every config the one its
+        weights were saved with, every key and shape the spec; a component type that no
+        installed plugin provides says which distribution to install.
         """
         path = Path(path)
-        meta = cls.read_manifest(path)
-        components: dict[str, Any] = meta.get("components", {})
-        for name, entry in components.items():
-            kind, type_ = entry.get("kind"), entry.get("type")
-            try:
-                registry.get(kind, type_)
-            except UnknownComponentError as e:
-                by = entry.get("provided_by") or {}
-                plugin, version = by.get("plugin", "?"), by.get("version", "?")
-                raise UnknownComponentError(
-                    f"{path / PIPELINE_FILE} needs {kind} type '{type_}' (component '{name}') "
-                    f"from {plugin} {version}, which is not installed: pip install "
-                    f'"{plugin}>={version}". ({e})'
-                ) from None
+        meta = read_pipeline_manifest(path)
+        refs: dict[str, ComponentRef] = {}
+        for name in meta["components"]:
+            refs[name] = pipeline_component(path, name, meta)
+            check_registered(refs[name], name)
         try:
             spec = PipelineSpec.model_validate(meta.get("spec"))
         except ValidationError as e:
@@ -300,15 +249,10 @@ class Pipeline:
             short = name.split(".", 1)[-1]
             if short in overrides or (short in cond_names and "conditioners" in overrides):
                 continue  # swapped out below: its weights are not needed
-            entry = components.get(name)
-            if entry is None:
-                raise CheckpointError(
-                    f"{path / PIPELINE_FILE} lists no entry for component '{name}'; the file "
-                    "was edited by hand or is damaged. Save the pipeline again."
-                )
-            module = registry.build(kind, cfg)
-            cls._load_weights(path, name, module, entry)
-            built[short] = module
+            ref = refs.get(name) or pipeline_component(path, name, meta)  # names the gap
+            if ref.kind != kind:
+                raise CheckpointError(f"{ref.where} holds a {ref.kind}, not the {kind} '{name}'.")
+            built[short] = load_component(ref, kind, config=cfg, name=name)
         parts = {
             "tokenizer": built.get("tokenizer"),
             "prior": built.get("prior"),
@@ -316,39 +260,6 @@ class Pipeline:
             "sampler": spec.sampler,
         }
         return cls(**_apply_overrides(parts, overrides), card=meta.get("card"))
-
-    @staticmethod
-    def _load_weights(path: Path, name: str, module: nn.Module, entry: Mapping[str, Any]) -> None:
-        expected = module.state_dict()
-        fname = entry.get("file")
-        if fname is None:
-            if expected:
-                raise CheckpointError(
-                    f"component '{name}' has weights ({len(expected)} tensors) but "
-                    f"{path / PIPELINE_FILE} records no file for it. Save the pipeline again."
-                )
-            return
-        fpath = path / fname
-        if not fpath.is_file():
-            raise CheckpointError(
-                f"component '{name}': weights file {fpath} is missing. Copy the whole "
-                "directory again, or save the pipeline again."
-            )
-        digest = sha256_file(fpath)
-        if entry.get("sha256") and digest != entry["sha256"]:
-            raise CheckpointError(
-                f"component '{name}': {fpath} has sha256 {digest[:12]}… but pipeline.json "
-                f"records {str(entry['sha256'])[:12]}…; the file was changed or damaged after "
-                "saving. Copy it again from its source, or save the pipeline again."
-            )
-        tensors = load_tensors(fpath, f"component '{name}'")
-        load_module(
-            module,
-            tensors,
-            f"{fname} ({name}, type '{entry.get('type')}')",
-            hint="Was it saved with another config? Compare the weights with the config in "
-            f"{PIPELINE_FILE}.",
-        )
 
     # -- running --------------------------------------------------------------------------------
     @property

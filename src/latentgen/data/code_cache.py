@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from latentgen.checkpoint import atomic_directory, atomic_write_json, read_json
 from latentgen.errors import CheckpointError, DataError
+from latentgen.files import atomic_directory, atomic_write_json, read_json
 
 __all__ = [
     "CACHE_FILE",

@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
+from latentgen.artifact import state_dict_problems
 from latentgen.errors import CheckpointError
 from latentgen.priors.base import ConditionSlot
 from latentgen.priors.transformer import TransformerPriorConfig
@@ -68,22 +69,19 @@ class TamingGPTHints(BaseModel):
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
-def convert_taming_gpt(
-    state_dict: Mapping[str, Tensor], config_hints: TamingGPTHints | Mapping[str, Any]
-) -> tuple[TransformerPriorConfig, dict[str, Tensor]]:
-    """Map a Taming Transformers GPT state dict to ``(TransformerPriorConfig, our state dict)``.
-
-    Every key and shape is checked; all mismatches are reported together in one
-    ``CheckpointError``. Keys outside the GPT's prefix (first/cond stage models) are ignored.
-    """
+def _hints(config_hints: TamingGPTHints | Mapping[str, Any]) -> TamingGPTHints:
+    if isinstance(config_hints, TamingGPTHints):
+        return config_hints
     try:
-        hints = (
-            config_hints
-            if isinstance(config_hints, TamingGPTHints)
-            else TamingGPTHints.model_validate(dict(config_hints))
-        )
+        return TamingGPTHints.model_validate(dict(config_hints))
     except ValidationError as e:
         raise CheckpointError(f"invalid hints for convert_taming_gpt: {e}") from None
+
+
+def _gpt_tensors(
+    state_dict: Mapping[str, Tensor], hints: TamingGPTHints
+) -> tuple[str, dict[str, Tensor]]:
+    """``(prefix, the GPT's tensors without it)``; the first/cond stage models are left out."""
     prefix = hints.prefix
     if prefix is None:
         prefix = "transformer." if any(k.startswith("transformer.") for k in state_dict) else ""
@@ -93,36 +91,15 @@ def convert_taming_gpt(
             f"not a Taming GPT state dict: no '{prefix}tok_emb.weight' / '{prefix}pos_emb' "
             f"(first keys: {sorted(state_dict)[:5]}). Set hints.prefix to the GPT's key prefix."
         )
-
-    problems: list[str] = []
-    tok = theirs["tok_emb.weight"]
-    pos = theirs["pos_emb"]
-    if tok.dim() != 2:
-        raise CheckpointError(f"{prefix}tok_emb.weight must be [V, C], got {tuple(tok.shape)}.")
-    vocab, c = tok.shape
-    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[2] != c:
-        problems.append(f"pos_emb: expected [1, T, {c}], got {tuple(pos.shape)}")
-        n_pos = 0
-    else:
-        n_pos = int(pos.shape[1])
-    layers = sorted({int(m.group(1)) for k in theirs if (m := _BLOCK.match(k))})
-    n_layer = len(layers)
-    if layers != list(range(n_layer)):
-        problems.append(f"block indices are not 0..{n_layer - 1}: {layers}")
-    if c % hints.n_head:
-        problems.append(f"n_head={hints.n_head} does not divide the width {c}")
-
-    n_cond = sum(s.num_tokens for s in hints.conditions.values())
-    n_ctx = n_cond or 1
-    block_size = n_pos - n_ctx + 1
-    if n_pos and block_size < 1:
-        problems.append(
-            f"pos_emb has {n_pos} positions, fewer than the {n_ctx} condition tokens in the hints"
+    if theirs["tok_emb.weight"].dim() != 2:
+        raise CheckpointError(
+            f"{prefix}tok_emb.weight must be [V, C], got {tuple(theirs['tok_emb.weight'].shape)}."
         )
-    if not hints.conditions and hints.sos_token >= vocab:
-        problems.append(f"sos_token={hints.sos_token} is outside the token table of {vocab} rows")
+    return prefix, theirs
 
-    # Expected shapes of their keys, and how each maps to ours.
+
+def _expected_shapes(vocab: int, c: int, n_pos: int, n_layer: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of every key of their GPT with this vocabulary, width, context and depth."""
     expect: dict[str, tuple[int, ...]] = {
         "tok_emb.weight": (vocab, c),
         "pos_emb": (1, n_pos, c),
@@ -143,18 +120,41 @@ def convert_taming_gpt(
         expect[b + "mlp.0.bias"] = (4 * c,)
         expect[b + "mlp.2.weight"] = (c, 4 * c)
         expect[b + "mlp.2.bias"] = (c,)
+    return expect
 
-    missing = sorted(set(expect) - set(theirs))
-    unexpected = sorted(set(theirs) - set(expect))
-    if missing:
-        problems.append("missing keys: " + ", ".join(prefix + k for k in missing))
-    if unexpected:
-        problems.append("unexpected keys: " + ", ".join(prefix + k for k in unexpected))
-    for key, shape in expect.items():
-        if key in theirs and tuple(theirs[key].shape) != shape:
-            problems.append(
-                f"{prefix}{key}: expected shape {shape}, got {tuple(theirs[key].shape)}"
-            )
+
+def _problems(
+    theirs: Mapping[str, Tensor], hints: TamingGPTHints, prefix: str
+) -> tuple[list[str], int, int]:
+    """Everything wrong with their GPT under these hints, plus its ``(n_pos, n_layer)``."""
+    problems: list[str] = []
+    vocab, c = theirs["tok_emb.weight"].shape
+    pos = theirs["pos_emb"]
+    n_pos = int(pos.shape[1]) if pos.dim() == 3 and pos.shape[0] == 1 and pos.shape[2] == c else 0
+    if not n_pos:
+        problems.append(f"pos_emb: expected [1, T, {c}], got {tuple(pos.shape)}")
+    layers = sorted({int(m.group(1)) for k in theirs if (m := _BLOCK.match(k))})
+    n_layer = len(layers)
+    if layers != list(range(n_layer)):
+        problems.append(f"block indices are not 0..{n_layer - 1}: {layers}")
+    if c % hints.n_head:
+        problems.append(f"n_head={hints.n_head} does not divide the width {c}")
+    n_ctx = sum(s.num_tokens for s in hints.conditions.values()) or 1
+    if n_pos and n_pos - n_ctx + 1 < 1:
+        problems.append(
+            f"pos_emb has {n_pos} positions, fewer than the {n_ctx} condition tokens in the hints"
+        )
+    if not hints.conditions and hints.sos_token >= vocab:
+        problems.append(f"sos_token={hints.sos_token} is outside the token table of {vocab} rows")
+
+    # The meta device gives shapes without allocating.
+    expect = {
+        prefix + k: torch.empty(shape, device="meta")
+        for k, shape in _expected_shapes(int(vocab), int(c), n_pos, n_layer).items()
+    }
+    problems += state_dict_problems(
+        expect, {prefix + k: v for k, v in theirs.items()}, source="checkpoint", limit=None
+    )
     tril = torch.ones(n_pos, n_pos).tril()
     for i in range(n_layer):
         mask = theirs.get(f"blocks.{i}.attn.mask")
@@ -164,34 +164,17 @@ def convert_taming_gpt(
                 f"{prefix}blocks.{i}.attn.mask is not causal (trained with n_unmasked > 0?); "
                 "only plain causal minGPT checkpoints can be converted"
             )
-    if problems:
-        raise CheckpointError(
-            f"cannot convert this Taming GPT state dict ({len(problems)} problem(s)):\n  "
-            + "\n  ".join(problems)
-        )
+    return problems, n_pos, n_layer
 
-    try:
-        config = TransformerPriorConfig(
-            vocab_size=vocab,
-            block_size=block_size,
-            n_layer=n_layer,
-            n_head=hints.n_head,
-            n_embd=c,
-            positions="learned",
-            bias=True,
-            layer_norm_eps=1e-5,  # nn.LayerNorm's default, which minGPT uses
-            attention=hints.attention,
-            conditions=dict(hints.conditions),
-            layout="taming",
-            cond_offsets=dict(hints.cond_offsets),
-            tie_embeddings=False,
-        )
-    except ValidationError as e:
-        raise CheckpointError(f"the hints do not fit this checkpoint: {e}") from None
 
+def _our_state(
+    theirs: Mapping[str, Tensor], hints: TamingGPTHints, n_layer: int
+) -> dict[str, Tensor]:
+    """Their GPT's tensors under ``TransformerPrior``'s names (q, k, v fused)."""
+    tok = theirs["tok_emb.weight"]
     ours: dict[str, Tensor] = {
         "tok_emb.weight": tok,
-        "pos_emb": pos[0],  # [T, C]
+        "pos_emb": theirs["pos_emb"][0],  # [T, C]
         "ln_f.weight": theirs["ln_f.weight"],
         "ln_f.bias": theirs["ln_f.bias"],
         "head.weight": theirs["head.weight"],
@@ -213,7 +196,46 @@ def convert_taming_gpt(
         # They never trained a null condition; zeros keep the keys complete. Guidance with a
         # converted model is meaningless until it is fine-tuned with cond_dropout > 0.
         for name in hints.conditions:
-            ours[f"cond_null.{name}"] = tok.new_zeros(c)
+            ours[f"cond_null.{name}"] = tok.new_zeros(tok.shape[1])
     else:
         ours["sos"] = tok[hints.sos_token].clone()  # their start token's embedding row
-    return config, {k: v.detach().clone().contiguous() for k, v in ours.items()}
+    return {k: v.detach().clone().contiguous() for k, v in ours.items()}
+
+
+def convert_taming_gpt(
+    state_dict: Mapping[str, Tensor], config_hints: TamingGPTHints | Mapping[str, Any]
+) -> tuple[TransformerPriorConfig, dict[str, Tensor]]:
+    """Map a Taming Transformers GPT state dict to ``(TransformerPriorConfig, our state dict)``.
+
+    Every key and shape is checked; all mismatches are reported together in one
+    ``CheckpointError``. Keys outside the GPT's prefix (first/cond stage models) are ignored.
+    """
+    hints = _hints(config_hints)
+    prefix, theirs = _gpt_tensors(state_dict, hints)
+    problems, n_pos, n_layer = _problems(theirs, hints, prefix)
+    if problems:
+        raise CheckpointError(
+            f"cannot convert this Taming GPT state dict ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems)
+        )
+    vocab, c = (int(n) for n in theirs["tok_emb.weight"].shape)
+    n_ctx = sum(s.num_tokens for s in hints.conditions.values()) or 1
+    try:
+        config = TransformerPriorConfig(
+            vocab_size=vocab,
+            block_size=n_pos - n_ctx + 1,
+            n_layer=n_layer,
+            n_head=hints.n_head,
+            n_embd=c,
+            positions="learned",
+            bias=True,
+            layer_norm_eps=1e-5,  # nn.LayerNorm's default, which minGPT uses
+            attention=hints.attention,
+            conditions=dict(hints.conditions),
+            layout="taming",
+            cond_offsets=dict(hints.cond_offsets),
+            tie_embeddings=False,
+        )
+    except ValidationError as e:
+        raise CheckpointError(f"the hints do not fit this checkpoint: {e}") from None
+    return config, _our_state(theirs, hints, n_layer)

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from latentgen import registry
-from latentgen.checkpoint import load_module, load_tensors, save_tensors
+from latentgen.artifact import load_module
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
+from latentgen.files import load_tensors, save_tensors
 from latentgen.specs import ComponentConfig, SamplerConfig, parse_component
 
 __all__ = ["ConditionerContract", "PriorContract", "TokenizerContract"]

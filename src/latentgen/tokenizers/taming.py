@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from latentgen.artifact import state_dict_problems
 from latentgen.errors import CheckpointError
 from latentgen.tokenizers.discriminator import NLayerDiscriminator
 from latentgen.tokenizers.vqgan import VQGAN, VQGANConfig
@@ -230,50 +231,73 @@ def _unwrap(config: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
     return str(config.get("target", "")), config
 
 
-def taming_config(
-    state_dict: Mapping[str, Tensor], config: Mapping[str, Any] | None = None
-) -> VQGANConfig:
-    """The ``vqgan`` config of a taming checkpoint, from its model.yaml mapping or its shapes."""
-    target, params = _unwrap(config or {})
-    dd = dict(params.get("ddconfig", {}))
-    loss = dict(_unwrap(params.get("lossconfig", {}))[1])
-    gumbel = "quantize.proj.weight" in state_dict or target.endswith("GumbelVQ")
-
-    # Shapes first: they are what the weights need; the yaml only fills what shapes cannot say.
-    conv_in = _require(state_dict, "encoder.conv_in.weight")  # [ch, in_channels, 3, 3]
-    ch, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
-    levels = _indices(state_dict, r"encoder\.down\.(\d+)\.")
-    blocks = _indices(state_dict, r"encoder\.down\.0\.block\.(\d+)\.")
-    ch_mult = [
-        int(_require(state_dict, f"encoder.down.{i}.block.0.conv1.weight").shape[0]) // ch
-        for i in levels
-    ]
-    attn_levels = _indices(state_dict, r"encoder\.down\.(\d+)\.attn\.0\.")
-    z_channels = int(_require(state_dict, "decoder.conv_in.weight").shape[1])
-    if int(_require(state_dict, "encoder.conv_out.weight").shape[0]) != z_channels:
+def _encoder_layout(sd: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Widths, levels, blocks and attention levels of their encoder, read from tensor shapes."""
+    conv_in = _require(sd, "encoder.conv_in.weight")  # [ch, in_channels, 3, 3]
+    ch = int(conv_in.shape[0])
+    levels = _indices(sd, r"encoder\.down\.(\d+)\.")
+    z_channels = int(_require(sd, "decoder.conv_in.weight").shape[1])
+    if int(_require(sd, "encoder.conv_out.weight").shape[0]) != z_channels:
         raise CheckpointError(
             "encoder.conv_out has twice the decoder's z channels: this is a KL autoencoder "
             "(double_z=True), not a VQGAN; it cannot be converted to a 'vqgan' tokenizer."
         )
-    if "quantize.used" in state_dict:
+    return {
+        "ch": ch,
+        "in_channels": int(conv_in.shape[1]),
+        "ch_mult": [
+            int(_require(sd, f"encoder.down.{i}.block.0.conv1.weight").shape[0]) // ch
+            for i in levels
+        ],
+        "num_res_blocks": len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")),
+        "attn_levels": _indices(sd, r"encoder\.down\.(\d+)\.attn\.0\."),
+        "z_channels": z_channels,
+    }
+
+
+def _quantizer_config(
+    sd: Mapping[str, Tensor], params: Mapping[str, Any], gumbel: bool
+) -> dict[str, Any]:
+    """Our ``vq`` or ``gumbel`` quantizer config for their ``quantize`` module."""
+    if "quantize.used" in sd:
         raise CheckpointError(
             "the checkpoint remaps code indices (quantize.used, taming's `remap` option), which "
             "latentgen does not support; convert a model trained without remap."
         )
-    if gumbel:
-        proj = _require(state_dict, "quantize.proj.weight")  # [K, D, 1, 1]
-        n_embed, embed_dim = (int(s) for s in _require(state_dict, "quantize.embed.weight").shape)
-        if int(proj.shape[1]) != embed_dim:
-            raise CheckpointError(
-                f"Gumbel quantizer projects {int(proj.shape[1])} channels to logits but its codes "
-                f"have {embed_dim}; latentgen's gumbel quantizer needs both equal (z_channels == "
-                "embed_dim, as in the published models)."
-            )
-    else:
-        n_embed, embed_dim = (
-            int(s) for s in _require(state_dict, "quantize.embedding.weight").shape
+    if not gumbel:
+        n_embed, embed_dim = (int(s) for s in _require(sd, "quantize.embedding.weight").shape)
+        return {"type": "vq", "codebook_size": n_embed, "dim": embed_dim}
+    proj = _require(sd, "quantize.proj.weight")  # [K, D, 1, 1]
+    n_embed, embed_dim = (int(s) for s in _require(sd, "quantize.embed.weight").shape)
+    if int(proj.shape[1]) != embed_dim:
+        raise CheckpointError(
+            f"Gumbel quantizer projects {int(proj.shape[1])} channels to logits but its codes "
+            f"have {embed_dim}; latentgen's gumbel quantizer needs both equal (z_channels == "
+            "embed_dim, as in the published models)."
         )
+    quantizer: dict[str, Any] = {
+        "type": "gumbel",
+        "codebook_size": n_embed,
+        "dim": embed_dim,
+        "kl_weight": float(params.get("kl_weight", 1e-8)),
+        "straight_through": True,
+    }
+    sched = dict(_unwrap(params.get("temperature_scheduler_config", {}))[1])
+    if sched and int(sched.get("warm_up_steps", 0)) == 0:
+        # Their LambdaWarmUpCosineScheduler without warm-up is our cosine anneal.
+        quantizer.update(
+            tau_start=float(sched.get("lr_max", 1.0)),
+            tau_end=float(sched.get("lr_min", 1.0 / 16)),
+            anneal_steps=int(sched.get("max_decay_steps", 150_000)),
+            anneal="cosine",
+        )
+    return quantizer
 
+
+def _attention(
+    dd: Mapping[str, Any], ch_mult: list[int], attn_levels: list[int]
+) -> tuple[int, list[int]]:
+    """``(resolution, attn_resolutions)``: where attention sits, in their nominal resolution."""
     # Their nominal resolution only places attention; 256 for every published model.
     resolution = int(dd.get("resolution", 256))
     f = 2 ** (len(ch_mult) - 1)
@@ -287,74 +311,72 @@ def taming_config(
     else:
         attn = [resolution // 2**i for i in attn_levels]
     # A size the model never reaches places no attention in taming; our config refuses it, so
-    # keep only sizes that name a level (the key check below still compares the layouts).
+    # keep only sizes that name a level (the key check later still compares the layouts).
     levels_res = [resolution // 2**i for i in range(len(ch_mult))]
-    attn = [r for r in attn if r in levels_res]
+    return resolution, [r for r in attn if r in levels_res]
 
-    disc_layers = _indices(state_dict, r"loss\.discriminator\.main\.(\d+)\.weight")
-    convs = [i for i in disc_layers if state_dict[f"loss.discriminator.main.{i}.weight"].dim() == 4]
-    has_bn = any(k.endswith("running_mean") for k in state_dict if k.startswith("loss.disc"))
-    has_actnorm = any(k.endswith(".loc") for k in state_dict if k.startswith("loss.disc"))
+
+def _loss_config(
+    sd: Mapping[str, Tensor], loss: Mapping[str, Any], in_channels: int
+) -> dict[str, Any]:
+    """Loss weights and the discriminator's layout (from its weights, else their yaml)."""
     if loss.get("disc_conditional", False):
         raise CheckpointError(
             "lossconfig.disc_conditional=True: conditional discriminators are not supported."
         )
-    if convs:
-        disc_ndf = int(state_dict["loss.discriminator.main.0.weight"].shape[0])
-        disc_num_layers = len(convs) - 2
-    else:
-        disc_ndf = int(loss.get("disc_ndf", 64))
-        disc_num_layers = int(loss.get("disc_num_layers", 3))
-    rgb = in_channels in (1, 3)
-
-    quantizer: dict[str, Any]
-    if gumbel:
-        quantizer = {
-            "type": "gumbel",
-            "codebook_size": n_embed,
-            "dim": embed_dim,
-            "kl_weight": float(params.get("kl_weight", 1e-8)),
-            "straight_through": True,
-        }
-        sched = dict(_unwrap(params.get("temperature_scheduler_config", {}))[1])
-        if sched and int(sched.get("warm_up_steps", 0)) == 0:
-            # Their LambdaWarmUpCosineScheduler without warm-up is our cosine anneal.
-            quantizer.update(
-                tau_start=float(sched.get("lr_max", 1.0)),
-                tau_end=float(sched.get("lr_min", 1.0 / 16)),
-                anneal_steps=int(sched.get("max_decay_steps", 150_000)),
-                anneal="cosine",
-            )
-    else:
-        quantizer = {"type": "vq", "codebook_size": n_embed, "dim": embed_dim}
-
-    data = {
-        "type": "vqgan",
-        "in_channels": in_channels,
-        "resolution": resolution,
-        "ch": ch,
-        "ch_mult": ch_mult,
-        "num_res_blocks": len(blocks),
-        "attn_resolutions": attn,
-        "z_channels": z_channels,
-        "dropout": float(dd.get("dropout", 0.0)),
-        "quantizer": quantizer,
+    disc_layers = _indices(sd, r"loss\.discriminator\.main\.(\d+)\.weight")
+    convs = [i for i in disc_layers if sd[f"loss.discriminator.main.{i}.weight"].dim() == 4]
+    has_bn = any(k.endswith("running_mean") for k in sd if k.startswith("loss.disc"))
+    has_actnorm = any(k.endswith(".loc") for k in sd if k.startswith("loss.disc"))
+    if has_bn and has_actnorm:
+        raise CheckpointError("the discriminator holds both BatchNorm and ActNorm weights.")
+    data: dict[str, Any] = {
         "codebook_weight": float(loss.get("codebook_weight", 1.0)),
-        "perceptual_weight": float(loss.get("perceptual_weight", 1.0)) if rgb else 0.0,
+        "perceptual_weight": (
+            float(loss.get("perceptual_weight", 1.0)) if in_channels in (1, 3) else 0.0
+        ),
         "disc_loss": str(loss.get("disc_loss", "hinge")),
-        "disc_num_layers": disc_num_layers,
-        "disc_ndf": disc_ndf,
+        "disc_num_layers": len(convs) - 2 if convs else int(loss.get("disc_num_layers", 3)),
+        "disc_ndf": (
+            int(sd["loss.discriminator.main.0.weight"].shape[0])
+            if convs
+            else int(loss.get("disc_ndf", 64))
+        ),
         "disc_norm": "actnorm" if has_actnorm or loss.get("use_actnorm") else "batch",
     }
     if convs:
         # A trained discriminator: keep the reference's schedule (abrupt start, its weight).
+        # Without one (e.g. their Gumbel release, trained with DummyLoss), a fresh
+        # discriminator keeps our defaults: a delayed start and a ramp.
         data["disc_weight"] = float(loss.get("disc_weight", 1.0))
         data["disc_start"] = int(loss.get("disc_start", 0))
         data["disc_warmup_steps"] = 0
-    # Without one (e.g. their Gumbel release, trained with DummyLoss), a fresh discriminator
-    # keeps our defaults: a delayed start and a ramp.
-    if has_bn and has_actnorm:
-        raise CheckpointError("the discriminator holds both BatchNorm and ActNorm weights.")
+    return data
+
+
+def taming_config(
+    state_dict: Mapping[str, Tensor], config: Mapping[str, Any] | None = None
+) -> VQGANConfig:
+    """The ``vqgan`` config of a taming checkpoint, from its model.yaml mapping or its shapes.
+
+    Shapes come first (they are what the weights need); the yaml fills only what shapes cannot
+    say (dropout, the nominal resolution, loss weights).
+    """
+    target, params = _unwrap(config or {})
+    dd = dict(params.get("ddconfig", {}))
+    loss = dict(_unwrap(params.get("lossconfig", {}))[1])
+    gumbel = "quantize.proj.weight" in state_dict or target.endswith("GumbelVQ")
+    layout = _encoder_layout(state_dict)
+    resolution, attn = _attention(dd, layout["ch_mult"], layout.pop("attn_levels"))
+    data = {
+        "type": "vqgan",
+        **layout,
+        "resolution": resolution,
+        "attn_resolutions": attn,
+        "dropout": float(dd.get("dropout", 0.0)),
+        "quantizer": _quantizer_config(state_dict, params, gumbel),
+        **_loss_config(state_dict, loss, layout["in_channels"]),
+    }
     try:
         return VQGANConfig.model_validate(data)
     except Exception as e:
@@ -388,6 +410,52 @@ def _expected_state(config: VQGANConfig) -> dict[str, Tensor]:
         return dict(VQGAN(config).state_dict())
 
 
+def _map_state(
+    state_dict: Mapping[str, Tensor], gumbel: bool
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Their tensors under our names, and the keys we do not know."""
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state_dict.items():
+        new = _map_key(key, gumbel)
+        if new == "":
+            unknown.append(key)
+        elif new is not None:
+            out[new] = value.detach().clone()
+    return out, unknown
+
+
+def _fresh_discriminator(cfg: VQGANConfig) -> dict[str, Tensor]:
+    """A discriminator initialised from a fixed seed, so converting twice gives equal files.
+
+    It is only a starting point for fine-tuning (sampling and reconstruction never use it); the
+    global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        disc = NLayerDiscriminator(
+            cfg.in_channels, cfg.disc_ndf, cfg.disc_num_layers, cfg.disc_norm
+        )
+    return {f"discriminator.{k}": v for k, v in disc.state_dict().items()}
+
+
+def _fill_missing(
+    expected: Mapping[str, Tensor],
+    out: dict[str, Tensor],
+    cfg: VQGANConfig,
+    init_missing_discriminator: bool,
+) -> None:
+    """Our bookkeeping buffers and (if allowed) a seeded discriminator where theirs has none."""
+    missing = [k for k in expected if k not in out]
+    for k in missing:
+        if k in _FILLED or k.endswith("num_batches_tracked"):
+            e = expected[k]
+            out[k] = torch.full(e.shape, _FILLED.get(k, 0), dtype=e.dtype)
+    if init_missing_discriminator and any(k.startswith("discriminator.") for k in missing):
+        fresh = _fresh_discriminator(cfg)
+        out.update({k: v for k, v in fresh.items() if k in missing})
+
+
 def convert_taming_vqgan(
     state_dict: Mapping[str, Tensor],
     config: Mapping[str, Any] | None = None,
@@ -402,7 +470,8 @@ def convert_taming_vqgan(
             ``params``); None infers the architecture from tensor shapes (dropout is then 0,
             the nominal resolution 256 and the loss weights the reference defaults).
         init_missing_discriminator: accept a checkpoint without ``loss.discriminator.*``
-            (e.g. stripped for inference) and keep a freshly initialised discriminator.
+            (e.g. stripped for inference) and give it a discriminator initialised from a fixed
+            seed (so the conversion is deterministic).
 
     Returns:
         ``(config, tensors)`` with ``VQGAN(config).load_state_dict(tensors, strict=True)``
@@ -412,41 +481,17 @@ def convert_taming_vqgan(
         CheckpointError: listing every unknown, missing and mis-shaped key at once.
     """
     cfg = taming_config(state_dict, config)
-    gumbel = cfg.quantizer.type == "gumbel"
     loss_target = _unwrap(_unwrap(config or {})[1].get("lossconfig", {}))[0]
     if loss_target.endswith("DummyLoss"):
         # The yaml says the model was trained without a discriminator: none to expect.
         init_missing_discriminator = True
     expected = _expected_state(cfg)
-
-    out: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    for key, value in state_dict.items():
-        new = _map_key(key, gumbel)
-        if new is None:
-            continue
-        if new == "":
-            unknown.append(key)
-            continue
-        out[new] = value.detach().clone()
-
-    missing = [k for k in expected if k not in out]
-    fresh: dict[str, Tensor] = {}
-    for k in missing:
-        e = expected[k]
-        if k in _FILLED or k.endswith("num_batches_tracked"):
-            out[k] = torch.full(e.shape, _FILLED.get(k, 0), dtype=e.dtype)
-        elif init_missing_discriminator and k.startswith("discriminator."):
-            fresh[k] = e
-    if fresh:
-        disc = NLayerDiscriminator(
-            cfg.in_channels, cfg.disc_ndf, cfg.disc_num_layers, cfg.disc_norm
-        )
-        for k, v in disc.state_dict().items():
-            if f"discriminator.{k}" in fresh:
-                out[f"discriminator.{k}"] = v
-
-    problems = _mismatches(expected, out, unknown)
+    out, unknown = _map_state(state_dict, cfg.quantizer.type == "gumbel")
+    _fill_missing(expected, out, cfg, init_missing_discriminator)
+    problems = (
+        [f"{len(unknown)} unknown taming key(s): " + ", ".join(sorted(unknown))] if unknown else []
+    )
+    problems += state_dict_problems(expected, out, source="checkpoint", limit=None)
     if problems:
         raise CheckpointError(
             f"taming checkpoint does not fit the inferred vqgan architecture "
@@ -468,25 +513,3 @@ def convert_taming_vqgan(
         if v.dtype != expected[k].dtype and v.is_floating_point():
             out[k] = v.to(expected[k].dtype)
     return cfg, out
-
-
-def _mismatches(
-    expected: Mapping[str, Tensor], got: Mapping[str, Tensor], unknown: list[str]
-) -> list[str]:
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(got))
-        if tuple(got[k].shape) != tuple(expected[k].shape)
-    ]
-    lines = []
-    for label, items in (
-        ("unknown taming key(s)", unknown),
-        ("missing key(s)", missing),
-        ("unexpected key(s) after mapping", unexpected),
-        ("shape mismatch(es)", shapes),
-    ):
-        if items:
-            lines.append(f"{len(items)} {label}: " + "; ".join(sorted(items)))
-    return lines

@@ -100,7 +100,7 @@ def _seed(seed: int) -> None:
 
 def _save_train_config(run_dir: Path, cfg: Any, is_main: bool) -> None:
     if is_main:
-        from latentgen.checkpoint import atomic_write_json
+        from latentgen.files import atomic_write_json
 
         atomic_write_json(run_dir / "train_config.json", cfg.model_dump(mode="json"))
 
@@ -227,21 +227,21 @@ def train_prior(
     from torch.utils.data import default_collate
 
     from latentgen import registry
+    from latentgen.artifact import load_component
     from latentgen.data.code_cache import (
         open_or_build_code_cache,
         tokenizer_fingerprint,
     )
     from latentgen.pipeline import Pipeline
-    from latentgen.training.config import PriorTrainConfig, load_train_config
     from latentgen.training.distributed import init_distributed, shutdown_distributed
     from latentgen.training.loop import Trainer
-    from latentgen.training.tasks import PriorTask, load_tokenizer
+    from latentgen.training.tasks import PriorTask
 
-    cfg = load_train_config(config_path, PriorTrainConfig)
+    cfg = _prior_train_config(config_path)
     tcfg = _trainer_config(cfg.trainer, run_dir)
     info = init_distributed(tcfg.device)
     try:
-        tokenizer = load_tokenizer(cfg.tokenizer_path)
+        tokenizer = load_component(cfg.tokenizer_path, "tokenizer")
         spec_tokenizer: Any = cfg.spec.tokenizer
         want = spec_tokenizer.model_dump(mode="json")
         have = tokenizer.config.model_dump(mode="json")
@@ -301,6 +301,20 @@ def train_prior(
         shutdown_distributed()
 
 
+def _prior_train_config(config_path: Path) -> Any:
+    """The prior's train config, ``spec.tokenizer`` filled from ``tokenizer_path`` if left out."""
+    from latentgen.artifact import find_component
+    from latentgen.training.config import PriorTrainConfig, load_train_config
+
+    data = _load_mapping(config_path)
+    if isinstance(data, Mapping):
+        spec, path = data.get("spec"), data.get("tokenizer_path")
+        if isinstance(spec, Mapping) and "tokenizer" not in spec and isinstance(path, str):
+            data = {**data, "spec": {**spec, "tokenizer": find_component(path, "tokenizer").config}}
+        return load_train_config(data, PriorTrainConfig, where=str(config_path))
+    return load_train_config(config_path, PriorTrainConfig)
+
+
 def _wait_for_cache(path: Path, fingerprint: str, poll_s: float = 5.0) -> Any:
     """Other ranks wait on the file system, not in a collective, while rank 0 encodes.
 
@@ -340,13 +354,13 @@ def _wait_for_cache(path: Path, fingerprint: str, poll_s: float = 5.0) -> Any:
 )
 def reconstruct(source: Path, images: tuple[Path, ...], out: Path, device: str) -> None:
     """Encode and decode IMAGES with the tokenizer of SOURCE (pipeline, export or run dir)."""
+    from latentgen.artifact import load_component
     from latentgen.data.base import to_pil, to_tensor
     from latentgen.data.images import read_image
     from latentgen.metrics.image import psnr
-    from latentgen.training.tasks import load_tokenizer
 
     dev = _device(device)
-    tok = load_tokenizer(source).to(dev).eval()
+    tok = load_component(source, "tokenizer").to(dev).eval()
     mode: Literal["RGB", "L"] = "RGB" if tok.in_channels == 3 else "L"
     out.mkdir(parents=True, exist_ok=True)
     for path in images:
@@ -423,11 +437,11 @@ def eval_tokenizer(
     as_json: bool,
 ) -> None:
     """Reconstruction quality (PSNR, SSIM, LPIPS) and codebook usage of SOURCE's tokenizer."""
+    from latentgen.artifact import load_component
     from latentgen.evaluation import evaluate_tokenizer
-    from latentgen.training.tasks import load_tokenizer
 
     result = evaluate_tokenizer(
-        load_tokenizer(source),
+        load_component(source, "tokenizer"),
         _dataset_from_file(data_path),
         batch_size=batch_size,
         limit=limit,

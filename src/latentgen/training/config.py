@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from latentgen.specs import (
     ComponentConfig,
@@ -22,6 +22,7 @@ from latentgen.specs import (
     TokenizerSpec,
     component_field,
     load_model,
+    spec_error,
 )
 
 __all__ = [
@@ -229,8 +230,9 @@ class PriorTrainConfig(TrainConfig):
     """``latentgen train prior --config``: a pipeline spec, a trained tokenizer, a code cache."""
 
     spec: PipelineSpec = Field(
-        description="Pipeline spec: its prior and conditioners are trained. `spec.tokenizer` may "
-        "be left out: it is then read from `tokenizer_path`; if given, it must match."
+        description="Pipeline spec: its prior and conditioners are trained. In a config file "
+        "`spec.tokenizer` may be left out: `latentgen train prior` reads it from "
+        "`tokenizer_path`; if given, it must match."
     )
     tokenizer_path: Path = Field(
         description="Trained tokenizer: a saved pipeline dir, an exported tokenizer dir (from "
@@ -258,15 +260,17 @@ class PriorTrainConfig(TrainConfig):
 
     @model_validator(mode="before")
     @classmethod
-    def _tokenizer_from_path(cls, data: Any) -> Any:
-        """Fill ``spec.tokenizer`` from the trained tokenizer when the file leaves it out."""
-        if not isinstance(data, Mapping):
-            return data
-        spec, path = data.get("spec"), data.get("tokenizer_path")
-        if isinstance(spec, Mapping) and "tokenizer" not in spec and path is not None:
-            from latentgen.training.tasks import tokenizer_config_at
-
-            data = {**data, "spec": {**spec, "tokenizer": tokenizer_config_at(path)}}
+    def _spec_has_tokenizer(cls, data: Any) -> Any:
+        # The disk is read by the command (`train prior` fills spec.tokenizer from
+        # tokenizer_path), never here: validating a config stays free of I/O.
+        if isinstance(data, Mapping):
+            spec = data.get("spec")
+            if isinstance(spec, Mapping) and "tokenizer" not in spec:
+                raise ValueError(
+                    "spec.tokenizer is missing. `latentgen train prior` fills it from "
+                    "tokenizer_path; from Python, set it to the trained tokenizer's config: "
+                    "latentgen.artifact.find_component(tokenizer_path, 'tokenizer').config."
+                )
         return data
 
     def cache_keys(self) -> dict[str, str]:
@@ -277,6 +281,16 @@ class PriorTrainConfig(TrainConfig):
 C = TypeVar("C", bound=BaseModel)
 
 
-def load_train_config(source: str | Path | Mapping[str, Any], model: type[C]) -> C:
-    """Read and validate a train config from a mapping or a ``.yaml``/``.yml``/``.json`` file."""
+def load_train_config(
+    source: str | Path | Mapping[str, Any], model: type[C], where: str | None = None
+) -> C:
+    """Read and validate a train config from a mapping or a ``.yaml``/``.yml``/``.json`` file.
+
+    ``where`` names a mapping's origin (the file it was read from) in error messages.
+    """
+    if where is not None and isinstance(source, Mapping):
+        try:
+            return model.model_validate(dict(source))
+        except ValidationError as e:
+            raise spec_error(e, where, "train config") from None
     return load_model(source, model, "train config")

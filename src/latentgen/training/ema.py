@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from latentgen.errors import CheckpointError
+from latentgen.artifact import check_state_dict
 
 __all__ = ["EMA"]
 
@@ -70,14 +70,12 @@ class EMA:
     @torch.no_grad()
     def load_state_dict(self, tensors: Mapping[str, Tensor], num_updates: int = 0) -> None:
         """Restore shadow weights saved by ``state_dict``; keys and shapes must match exactly."""
-        missing = sorted(set(self.shadow) - set(tensors))
-        extra = sorted(set(tensors) - set(self.shadow))
-        bad = [k for k in self.shadow if k in tensors and tensors[k].shape != self.shadow[k].shape]
-        if missing or extra or bad:
-            raise CheckpointError(
-                f"EMA weights do not match the model: missing {missing[:5]}, unexpected "
-                f"{extra[:5]}, shape mismatch {bad[:5]}. Was the checkpoint made by another model?"
-            )
+        check_state_dict(
+            self.shadow,
+            tensors,
+            "EMA weights",
+            hint="Was the checkpoint made by another model?",
+        )
         shadow = self.shadow
         for k, v in tensors.items():
             shadow[k].copy_(v)

@@ -47,8 +47,9 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from latentgen.checkpoint import atomic_write_bytes, atomic_write_json, load_module, load_tensors
+from latentgen.artifact import load_module
 from latentgen.errors import CheckpointError, DataError, LatentgenError, SpecError
+from latentgen.files import atomic_write_bytes, atomic_write_json, load_tensors
 from latentgen.staged_state import commit_all, discard_all, set_staging, staged_modules
 from latentgen.training import run_checkpoints as ckpt
 from latentgen.training.config import RESUME_KEYS, TrainerConfig

@@ -2,7 +2,7 @@
 
 Everything ``Trainer.fit(resume=True)`` needs to continue bit for bit, written atomically, no
 pickle. Trained components for use outside training (``final/``, pipelines, tokenizers) are
-written by the component file module (``latentgen.checkpoint``), not here.
+written by the component artifact module (``latentgen.artifact``), not here.
 
 One checkpoint directory holds::
 
@@ -44,7 +44,8 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from latentgen.checkpoint import (
+from latentgen.errors import CheckpointError, DiskFullError
+from latentgen.files import (
     atomic_directory,
     atomic_write_json,
     load_tensors,
@@ -52,7 +53,6 @@ from latentgen.checkpoint import (
     save_tensors,
     sha256_file,
 )
-from latentgen.errors import CheckpointError, DiskFullError
 
 __all__ = [
     "FORMAT",
@@ -81,7 +81,7 @@ TRAINER_FILE = "trainer.json"
 FORMAT = "latentgen.trainer_checkpoint"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# What latentgen.checkpoint's atomic writes leave when killed: ".NAME.tmp-PID-HEX" (the new
+# What latentgen.files' atomic writes leave when killed: ".NAME.tmp-PID-HEX" (the new
 # content) and ".NAME.old-PID-HEX" (the previous NAME, moved aside for the final rename).
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 

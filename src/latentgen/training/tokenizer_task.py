@@ -110,6 +110,6 @@ class TokenizerTask(Task):
         return image_grid([images, recon.clamp(-1, 1)])
 
     def export(self, path: Path) -> Path:
-        from latentgen.training.tasks import save_tokenizer
+        from latentgen.artifact import save_component
 
-        return save_tokenizer(self.tokenizer, path)
+        return save_component(self.tokenizer, "tokenizer", path)

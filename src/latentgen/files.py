@@ -1,7 +1,9 @@
-"""Files on disk: atomic directory and file writes, safetensors with strict key/shape checks.
+"""Files on disk: atomic directory and file writes, JSON, sha256, safetensors.
 
 Nothing here unpickles: weights are safetensors, everything else is JSON. A failed save leaves
-the previous directory (if any) untouched and no partial directory behind.
+the previous directory (if any) untouched and no partial directory behind. Every file is
+created with the process umask (0644 under the usual 022), weights included. What a component
+directory holds, and how it is checked on load, is ``latentgen.artifact``.
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from torch import Tensor
 
 from latentgen.errors import CheckpointError
 
@@ -27,9 +28,8 @@ __all__ = [
     "atomic_directory",
     "atomic_write_bytes",
     "atomic_write_json",
-    "check_state_dict",
-    "load_module",
     "load_tensors",
+    "load_tensors_with_metadata",
     "read_json",
     "save_tensors",
     "sha256_file",
@@ -140,62 +140,37 @@ def save_tensors(
     tensors: Mapping[str, Tensor],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Save tensors as safetensors.
+    """Save tensors as safetensors, atomically, with the permissions of any other file.
 
     Tensors are copied to contiguous CPU memory first, which also unties shared weights (tied
     embeddings): safetensors refuses tensors that share storage, and loading a state dict
-    assigns both names anyway.
+    assigns both names anyway. The bytes go through ``atomic_write_bytes`` rather than
+    ``safetensors.torch.save_file``, which creates its file with mode 0600 whatever the umask.
     """
     flat = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    save_file(flat, str(path), metadata=dict(metadata) if metadata else None)
+    atomic_write_bytes(path, save(flat, metadata=dict(metadata) if metadata else None))
 
 
 def load_tensors(path: str | os.PathLike[str], what: str | None = None) -> dict[str, Tensor]:
     """Load a safetensors file; a missing, truncated or corrupt file is a ``CheckpointError``."""
+    return load_tensors_with_metadata(path, what)[0]
+
+
+def load_tensors_with_metadata(
+    path: str | os.PathLike[str], what: str | None = None
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(tensors, header metadata)`` of a safetensors file, with the errors of ``load_tensors``."""
     path = Path(path)
     what = what or str(path)
     if not path.is_file():
         raise CheckpointError(f"{what}: weights file {path} is missing.")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 -- not a dict
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{what}: {path} is not a readable safetensors file ({e}). It is truncated or "
             "corrupt: save it again, or copy it again from its source."
         ) from None
-
-
-def check_state_dict(
-    expected: Mapping[str, Tensor], got: Mapping[str, Tensor], what: str, hint: str = ""
-) -> None:
-    """Compare keys and shapes; raise one ``CheckpointError`` listing every difference."""
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(got))
-        if tuple(got[k].shape) != tuple(expected[k].shape)
-    ]
-    if not (missing or unexpected or shapes):
-        return
-
-    def head(keys: list[str]) -> str:
-        return ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
-
-    parts = [f"missing {len(missing)} key(s)" + (f" ({head(missing)})" if missing else "")]
-    parts.append(f"unexpected {len(unexpected)}" + (f" ({head(unexpected)})" if unexpected else ""))
-    if shapes:
-        parts.append(f"shape mismatch {head(shapes)}")
-    msg = f"{what} does not match its spec: " + "; ".join(parts) + "."
-    if hint:
-        msg += " " + hint
-    raise CheckpointError(msg)
-
-
-def load_module(
-    module: nn.Module, tensors: Mapping[str, Tensor], what: str, hint: str = ""
-) -> None:
-    """Strictly load ``tensors`` into ``module`` after checking every key and shape at once."""
-    check_state_dict(module.state_dict(), tensors, what, hint)
-    with torch.no_grad():
-        module.load_state_dict(dict(tensors), strict=True)
+    return tensors, metadata
