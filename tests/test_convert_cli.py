@@ -106,3 +106,40 @@ def test_convert_needs_heads(tmp_path):
         main, ["convert", "taming-transformer", str(ckpt), str(tmp_path / "p")]
     )
     assert res.exit_code != 0 and "--n-head" in res.output
+
+
+def _net2net_without_discriminator(tmp_path):
+    """A Net2NetTransformer whose first stage has no discriminator (their DummyLoss setup)."""
+    first = {
+        f"first_stage_model.{k}": v
+        for k, v in fake_taming_state_dict().items()
+        if not k.startswith("loss.discriminator.")
+    }
+    return _save_ckpt(tmp_path / "n.ckpt", {**first, **_gpt(N_EMBED, GRID * GRID)})
+
+
+def test_convert_taming_transformer_is_deterministic(tmp_path):
+    """The missing discriminator is seeded: two conversions write identical files."""
+    ckpt = _net2net_without_discriminator(tmp_path)
+    for out in ("a", "b"):
+        args = ["convert", "taming-transformer", str(ckpt), str(tmp_path / out), "--n-head", "2"]
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*"))
+    assert any(f.name == "weights.safetensors" for f in files)
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_convert_taming_transformer_sos_token(tmp_path):
+    ckpt = _net2net_without_discriminator(tmp_path)
+    args = ["convert", "taming-transformer", str(ckpt), str(tmp_path / "p"), "--n-head", "2"]
+    res = CliRunner().invoke(main, [*args, "--sos-token", "5"])
+    assert res.exit_code == 0, res.output
+    pipe = Pipeline.from_pretrained(tmp_path / "p")
+    gpt = _gpt(N_EMBED, GRID * GRID)
+    assert torch.equal(pipe.prior.state_dict()["sos"], gpt["transformer.tok_emb.weight"][5])
+    res = CliRunner().invoke(main, [*args, "--sos-token", str(N_EMBED)])
+    assert res.exit_code != 0 and f"sos_token={N_EMBED} is outside the token table" in res.output
+    res = CliRunner().invoke(main, [*args, "--sos-token", "1", "--num-classes", "3"])
+    assert res.exit_code != 0 and "--sos-token applies to unconditional models only" in res.output

@@ -102,8 +102,8 @@ def test_save_load_round_trip(pipe, tmp_path):
     from safetensors import safe_open
 
     with safe_open(tmp_path / "p" / "prior" / "weights.safetensors", "pt") as fh:
-        assert fh.metadata()["latentgen.type"] == "toy.ngram"
-        assert json.loads(fh.metadata()["latentgen.config"])["type"] == "toy.ngram"
+        record = json.loads(fh.metadata()["latentgen.component"])
+        assert record["type"] == "toy.ngram" and record["config"] == pipe.spec.prior.model_dump()
 
 
 def test_save_overwrites_atomically(pipe, tmp_path):

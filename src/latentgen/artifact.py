@@ -5,7 +5,7 @@ A component directory (a trained tokenizer, each part of a saved pipeline) holds
     component.json        format + version, kind, type, config, providing plugin + version,
                           and the sha256 of each file
     weights.safetensors   the state dict (absent when the component has no tensors); its header
-                          records the config and the config's sha256
+                          records kind, type, config and the config's sha256
 
 ``save_component`` writes one atomically; ``load_component`` reads one strictly: every file
 must lie inside the directory and match its sha256, the config must be the one the weights were
@@ -84,12 +84,13 @@ FORMAT_VERSION = 1
 PIPELINE_FILE = "pipeline.json"
 PIPELINE_FORMAT = "latentgen.pipeline"
 PIPELINE_FORMAT_VERSION = 2
-_CONFIG_KEY = "latentgen.config"
-_DIGEST_KEY = "latentgen.config_sha256"
+# One header key holding a JSON record: safetensors 0.8 writes several metadata keys in hash
+# order, which would make two saves of the same component differ byte for byte.
+_RECORD_KEY = "latentgen.component"
 _LEGACY_TOKENIZER_FILE = "tokenizer.json"  # latentgen 0.1.0's trained-tokenizer directory
 _HASH_HINT = (
-    "If you assembled this directory by hand, write each file's hash (`sha256sum FILE`) into "
-    '"files"; better, save the component with latentgen.artifact.save_component.'
+    "If you assembled this directory by hand, record each file's hash (`sha256sum FILE`) in "
+    "its manifest; better, save the component with latentgen.artifact.save_component."
 )
 
 
@@ -294,13 +295,13 @@ def write_component(module: nn.Module, kind: str, directory: Path) -> dict[str, 
     files: dict[str, str] = {}
     state = module.state_dict()
     if state:
-        metadata = {
-            "latentgen.kind": kind,
-            "latentgen.type": config.type,
-            _CONFIG_KEY: _canonical(data),
-            _DIGEST_KEY: config_digest(data),
+        record = {
+            "kind": kind,
+            "type": config.type,
+            "config": data,
+            "config_sha256": config_digest(data),
         }
-        save_tensors(directory / WEIGHTS_FILE, state, metadata)
+        save_tensors(directory / WEIGHTS_FILE, state, {_RECORD_KEY: _canonical(record)})
         files[WEIGHTS_FILE] = sha256_file(directory / WEIGHTS_FILE)
     manifest = {
         "format": FORMAT,
@@ -597,16 +598,17 @@ def load_weights(ref: ComponentRef, module: nn.Module, name: str | None = None) 
 
 def _check_config_record(metadata: Mapping[str, str], module: nn.Module, what: str) -> None:
     config: ComponentConfig = getattr(module, "config")  # noqa: B009 -- typed for mypy
-    if metadata.get(_DIGEST_KEY) == config_digest(config):
-        return
     try:
-        saved = json.loads(metadata[_CONFIG_KEY])
-    except (KeyError, ValueError):
+        record = json.loads(metadata[_RECORD_KEY])
+        saved, digest = record["config"], record["config_sha256"]
+    except (KeyError, ValueError, TypeError):
         raise CheckpointError(
             f"{what}: the weights carry no record of the config they were saved with "
-            f"('{_CONFIG_KEY}' in the safetensors header), so latentgen cannot tell whether "
+            f"('{_RECORD_KEY}' in the safetensors header), so latentgen cannot tell whether "
             "they fit. Save the component again with latentgen.artifact.save_component."
         ) from None
+    if digest == config_digest(config):
+        return
     diffs = _config_differences(saved, config) if isinstance(saved, Mapping) else ["config"]
     if diffs:
         raise CheckpointError(
