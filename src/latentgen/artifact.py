@@ -94,6 +94,12 @@ _HASH_HINT = (
 )
 
 
+_CONFIG_HINT = (
+    "A change that fits every shape can still change every output: restore the saved values, "
+    "or train weights for the new config."
+)
+
+
 # -- key and shape differences (the one diff every loader and converter uses) ---------------------
 def _head(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
@@ -325,28 +331,50 @@ def save_component(module: nn.Module, kind: str, path: str | os.PathLike[str]) -
     return path
 
 
-def read_component(path: str | os.PathLike[str]) -> ComponentRef:
-    """The manifest of the component directory ``path`` (``component.json``), checked."""
-    path = Path(path)
-    file = path / COMPONENT_FILE
+def _read_versioned(
+    file: Path,
+    fmt: str,
+    version: int,
+    save_hint: str,
+    migrations: Mapping[int, Callable[[dict[str, Any]], dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """A JSON manifest of format ``fmt``, upgraded through ``migrations`` to ``version``."""
+    from latentgen import __version__
+
     if not file.is_file():
         raise CheckpointError(
-            f"{path} is not a latentgen component directory: {COMPONENT_FILE} is missing. "
-            "Save one with latentgen.artifact.save_component (or Pipeline.save_pretrained)."
+            f"{file.parent} is not a latentgen {fmt.split('.')[-1]} directory: {file.name} is "
+            f"missing. {save_hint}"
         )
-    meta = read_json(file, "component file")
-    if not isinstance(meta, Mapping) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, Mapping) else None
-        raise CheckpointError(f"{file} is not a latentgen component file (format {got!r}).")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        from latentgen import __version__
-
+    meta = read_json(file, f"{fmt.split('.')[-1]} file")
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{file} is not a {fmt} file (format {got!r}, expected {fmt!r}).")
+    found = meta.get("format_version")
+    while isinstance(found, int) and found < version and found in (migrations or {}):
+        try:
+            meta = (migrations or {})[found](meta)
+        except CheckpointError as e:
+            raise CheckpointError(f"{file}: {e}") from None
+        found = meta["format_version"]
+    if found != version:
         raise CheckpointError(
-            f"{file} has format_version {version!r}; this latentgen {__version__} reads "
-            f"version {FORMAT_VERSION}. Upgrade latentgen (pip install -U latentgen) to load it."
+            f"{file} has format_version {found!r}; this latentgen {__version__} reads version "
+            f"{version}. Upgrade latentgen (pip install -U latentgen) to load it."
         )
-    return ComponentRef(path, _check_manifest(meta, str(file)), str(file))
+    return meta
+
+
+def read_component(path: str | os.PathLike[str]) -> ComponentRef:
+    """The manifest of the component directory ``path`` (``component.json``), checked."""
+    file = Path(path) / COMPONENT_FILE
+    meta = _read_versioned(
+        file,
+        FORMAT,
+        FORMAT_VERSION,
+        "Save one with latentgen.artifact.save_component (or Pipeline.save_pretrained).",
+    )
+    return ComponentRef(Path(path), _check_manifest(meta, str(file)), str(file))
 
 
 # -- pipeline directories -------------------------------------------------------------------------
@@ -359,7 +387,7 @@ def _pipeline_v1_to_v2(meta: dict[str, Any]) -> dict[str, Any]:
     components = meta.get("components")
     if not isinstance(components, Mapping):
         raise CheckpointError(
-            f"'components' in {PIPELINE_FILE} must be a mapping of component name to entry, got "
+            "'components' must be a mapping of component name to entry, got "
             f"{type(components).__name__}; the file is damaged. Save the pipeline again."
         )
     spec: Mapping[str, Any] = meta["spec"] if isinstance(meta.get("spec"), Mapping) else {}
@@ -370,14 +398,14 @@ def _pipeline_v1_to_v2(meta: dict[str, Any]) -> dict[str, Any]:
     for name, entry in components.items():
         if not isinstance(entry, Mapping):
             raise CheckpointError(
-                f"component '{name}' in {PIPELINE_FILE} must be a mapping, got "
-                f"{type(entry).__name__}; the file is damaged. Save the pipeline again."
+                f"component '{name}' must be a mapping, got {type(entry).__name__}; the file "
+                "is damaged. Save the pipeline again."
             )
         file = entry.get("file")
         if file is not None and not isinstance(file, str):
             raise CheckpointError(
-                f"component '{name}' in {PIPELINE_FILE}: 'file' must be a file name (a string) "
-                f"or null, got {type(file).__name__} {file!r}; the file is damaged."
+                f"component '{name}': 'file' must be a file name (a string) or null, got "
+                f"{type(file).__name__} {file!r}; the file is damaged."
             )
         short = name.split(".", 1)[-1]
         config = conds.get(short) if name.startswith("conditioners.") else spec.get(name)
@@ -402,8 +430,6 @@ PIPELINE_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 def read_pipeline_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``pipeline.json`` of a saved pipeline directory, upgraded to the current version."""
-    from latentgen import __version__
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(
@@ -411,32 +437,13 @@ def read_pipeline_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             "Pipeline.save_pretrained (pipeline.json + one directory per component)."
         )
     file = path / PIPELINE_FILE
-    if not file.is_file():
-        raise CheckpointError(
-            f"{path} is not a latentgen pipeline directory: {PIPELINE_FILE} is missing. "
-            "Save one with Pipeline.save_pretrained(path)."
-        )
-    meta = read_json(file, "pipeline file")
-    if not isinstance(meta, dict) or meta.get("format") != PIPELINE_FORMAT:
-        raise CheckpointError(
-            f"{file} is not a latentgen pipeline file (format "
-            f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected "
-            f"{PIPELINE_FORMAT!r})."
-        )
-    version = meta.get("format_version")
-    while (
-        isinstance(version, int)
-        and version < PIPELINE_FORMAT_VERSION
-        and version in PIPELINE_MIGRATIONS
-    ):
-        meta = PIPELINE_MIGRATIONS[version](meta)
-        version = meta["format_version"]
-    if version != PIPELINE_FORMAT_VERSION:
-        raise CheckpointError(
-            f"{file} has format_version {version!r}; this latentgen {__version__} reads "
-            f"version {PIPELINE_FORMAT_VERSION}. Upgrade latentgen (pip install -U latentgen) "
-            "to load it."
-        )
+    meta = _read_versioned(
+        file,
+        PIPELINE_FORMAT,
+        PIPELINE_FORMAT_VERSION,
+        "Save one with Pipeline.save_pretrained(path).",
+        PIPELINE_MIGRATIONS,
+    )
     components = meta.get("components")
     if not isinstance(components, Mapping):
         raise CheckpointError(
@@ -614,8 +621,7 @@ def _check_config_record(metadata: Mapping[str, str], module: nn.Module, what: s
         raise CheckpointError(
             f"{what}: the config differs from the one these weights were saved with ("
             + "; ".join(diffs)
-            + ", saved -> now). Such a change can fit every shape and still change every "
-            "output: restore the saved values, or train weights for the new config."
+            + f", saved -> now). {_CONFIG_HINT}"
         )
 
 
@@ -624,13 +630,14 @@ def load_component(
     kind: str | None = None,
     config: ComponentConfig | Mapping[str, Any] | None = None,
     name: str | None = None,
+    config_source: str = "the config given",
 ) -> Any:
     """Build and strictly load a component: ``load_component("runs/vqgan", "tokenizer")``.
 
     ``source`` is anything ``find_component`` finds a ``kind`` component in (without ``kind``:
     a component directory). ``config`` builds the module from the given config instead of the
     saved one, which it must equal (the pipeline passes its spec's, so an edited spec is
-    caught).
+    caught); ``config_source`` names it in that error.
     """
     from latentgen import registry
 
@@ -645,10 +652,11 @@ def load_component(
     if config is not None and not ref.legacy:
         diffs = _config_differences(ref.config, module.config)
         if diffs:
+            what = f"component '{name}'" if name else f"this {ref.kind}"
             raise CheckpointError(
-                f"{ref.where}: the config of {f'component {name!r}' if name else ref.kind} "
-                f"does not match the one given ({'; '.join(diffs)}, saved -> given). Make "
-                "them agree, or save the component again."
+                f"{ref.where}: {what} was saved with another config than {config_source} ("
+                + "; ".join(diffs)
+                + f", saved -> given). {_CONFIG_HINT}"
             )
     load_weights(ref, module, name)
     return module

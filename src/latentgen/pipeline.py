@@ -230,6 +230,7 @@ class Pipeline:
         """
         path = Path(path)
         meta = read_pipeline_manifest(path)
+        meta_file = path / PIPELINE_FILE
         refs: dict[str, ComponentRef] = {}
         for name in meta["components"]:
             refs[name] = pipeline_component(path, name, meta)
@@ -252,7 +253,9 @@ class Pipeline:
             ref = refs.get(name) or pipeline_component(path, name, meta)  # names the gap
             if ref.kind != kind:
                 raise CheckpointError(f"{ref.where} holds a {ref.kind}, not the {kind} '{name}'.")
-            built[short] = load_component(ref, kind, config=cfg, name=name)
+            built[short] = load_component(
+                ref, kind, config=cfg, name=name, config_source=f"the spec in {meta_file}"
+            )
         parts = {
             "tokenizer": built.get("tokenizer"),
             "prior": built.get("prior"),
