@@ -508,9 +508,9 @@ def test_taming_conversion_lists_every_mismatch():
         convert_taming_gpt(sd, {"n_head": 4})
     msg = str(e.value)
     assert "4 problem(s)" in msg
-    assert "missing keys: transformer.blocks.1.attn.value.bias" in msg
-    assert "unexpected keys: transformer.blocks.0.attn.extra" in msg
-    assert "blocks.0.mlp.2.weight: expected shape (32, 128), got (32, 64)" in msg
+    assert "1 missing key(s): transformer.blocks.1.attn.value.bias" in msg
+    assert "1 unexpected key(s): transformer.blocks.0.attn.extra" in msg
+    assert "blocks.0.mlp.2.weight: checkpoint (32, 64) vs model (32, 128)" in msg
     assert "blocks.1.attn.mask is not causal" in msg
     with pytest.raises(CheckpointError, match="does not divide"):
         convert_taming_gpt(_taming_state_dict(24, 9, 1, 32), {"n_head": 5})

@@ -44,10 +44,10 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _load_mapping(path: Path) -> Any:
+def _load_mapping(path: Path, what: str = "dataset config") -> Any:
     from latentgen.utils import read_config_text
 
-    text = read_config_text(path, "dataset config")
+    text = read_config_text(path, what)
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -306,7 +306,7 @@ def _prior_train_config(config_path: Path) -> Any:
     from latentgen.artifact import find_component
     from latentgen.training.config import PriorTrainConfig, load_train_config
 
-    data = _load_mapping(config_path)
+    data = _load_mapping(config_path, "train config")
     if isinstance(data, Mapping):
         spec, path = data.get("spec"), data.get("tokenizer_path")
         if isinstance(spec, Mapping) and "tokenizer" not in spec and isinstance(path, str):
