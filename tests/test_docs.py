@@ -31,11 +31,6 @@ def test_doc_examples_run(doc, tmp_path, monkeypatch):
     finally:
         sys.modules.pop(name, None)
         from latentgen import plugins
-        from latentgen.metrics.lpips import LPIPS
-
-        # docs/training.md loads LPIPS; its in-process weights must not spare later tests the
-        # conversion into their own cache directory.
-        LPIPS._weights_cache.clear()
 
         for plugin_name in ("latentgen-docs",):
             if plugins.get_plugin_manager().get_plugin(plugin_name) is not None:
