@@ -136,10 +136,12 @@ def test_dropped_condition_equals_null_and_cond_dropout_one_drops_all() -> None:
         nulled = model.log_prob(codes, {"label": label([0, 1], drop=[True, True])})
         other = model.log_prob(codes, {"label": label([1, 0], drop=[True, True])})
         kept = model.log_prob(codes, {"label": label([0, 1])})
-        model.train()  # cond_dropout=1 drops every sample in training mode
-        train = model.log_prob(codes, {"label": label([0, 1])})
+        model.train()  # cond_dropout=1 drops every sample in the training loss ...
+        train = model.loss(codes, {"label": label([0, 1])})
+        exact = model.log_prob(codes, {"label": label([0, 1])})  # ... and never in log_prob
     torch.testing.assert_close(nulled, other)  # the label no longer matters
-    torch.testing.assert_close(train, nulled)
+    torch.testing.assert_close(train, -nulled.sum() / codes.numel())
+    torch.testing.assert_close(exact, kept)
     assert not torch.allclose(kept, nulled)
 
 

@@ -127,6 +127,7 @@ class TinyPriorConfig(ComponentConfig):
     type: Literal["test.tiny_prior"] = "test.tiny_prior"
     vocab_size: int = 16
     num_classes: int = 3
+    cond_dropout: float = 0.3  # Prior.loss drops conditions: the resume test replays the draws
 
 
 class TinyPrior(Prior):
@@ -281,9 +282,7 @@ def tokenizer_task(seed: int = 0, **cfg: Any) -> TokenizerTask:
 
 def prior_task(seed: int = 0) -> PriorTask:
     torch.manual_seed(seed)
-    return PriorTask(
-        TinyPrior(TinyPriorConfig()), {"label": TinyLabel(TinyLabelConfig())}, cond_drop_prob=0.3
-    )
+    return PriorTask(TinyPrior(TinyPriorConfig()), {"label": TinyLabel(TinyLabelConfig())})
 
 
 def full_state(trainer: Trainer) -> dict[str, Tensor]:

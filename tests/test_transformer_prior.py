@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import CheckpointError, InputError, SpecError
 from latentgen.priors.base import ConditionSlot
-from latentgen.priors.sampling import draw_fast, filter_logits
 from latentgen.priors.taming_gpt import convert_taming_gpt
 from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
 from latentgen.specs import SamplerConfig
@@ -96,8 +95,11 @@ def test_cached_step_logits_equal_uncached(positions, layout, copies):
     """Stricter than equal samples (which tolerate tiny errors): the logits of every step match."""
     model = make(positions, True, layout)
     codes = torch.randint(0, K, (3, 12), generator=gen(4))
+    sampler = SamplerConfig(guidance_scale=3.0 if copies == 2 else 1.0)
+    request = model.sample_request(conds_for(), GRID, sampler)
+    assert request.rows == 3 * copies
     with torch.no_grad():
-        x0 = model._sample_prefix(model._checked_conds(conds_for()), 3, copies == 2)
+        x0 = model._prefix(request.conds, request.rows)
     seen = {"cached": [], "uncached": []}
 
     def recorder(key):
@@ -181,7 +183,7 @@ def test_log_prob_is_sum_of_stepwise_log_softmax(positions, layout, conditional)
     flat = codes.reshape(3, -1)
     ref = torch.zeros(3)
     with torch.no_grad():
-        x0 = model._prefix(model._checked_conds(conds), 3)
+        x0 = model._prefix(model.check_conds(conds), 3)
         for i in range(flat.shape[1]):  # uncached: the whole sequence up to code i
             x = torch.cat((x0, model._embed_codes(flat[:, :i], 0)), dim=1) if i else x0
             logits = model._head(model._run(x)[:, -1])  # [B, K]
@@ -189,7 +191,7 @@ def test_log_prob_is_sum_of_stepwise_log_softmax(positions, layout, conditional)
     torch.testing.assert_close(lp, ref, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(model.loss(codes, conds), -lp.sum() / codes.numel())
     assert lp.shape == (3,) and (lp < 0).all()
-    assert model.bits_per_dim(-lp.mean().item() / 12) > 0
+    assert model.bits_per_code(-lp.mean().item() / 12) > 0
 
 
 def test_log_prob_depends_on_every_condition_token():
@@ -378,24 +380,6 @@ def test_bad_configs():
         )
     with pytest.raises(SpecError, match="unknown attention backend"):
         TransformerPrior(TransformerPriorConfig(n_layer=1, n_embd=8, n_head=2, attention="fast"))
-
-
-# -- sampling helper --------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "sampler",
-    [
-        SamplerConfig(top_k=3),
-        SamplerConfig(top_p=0.7),
-        SamplerConfig(top_k=4, top_p=0.8, temperature=2),
-    ],
-)
-def test_draw_fast_has_the_filtered_distribution(sampler):
-    logits = torch.randn(1, 10, generator=gen(0)) * 2
-    want = filter_logits(logits, sampler).softmax(-1)[0]
-    draws = draw_fast(logits.expand(20000, 10), sampler, gen(1))
-    freq = torch.bincount(draws, minlength=10).float() / draws.numel()
-    assert (freq[want == 0] == 0).all()
-    torch.testing.assert_close(freq, want, atol=0.015, rtol=0)
 
 
 # -- Taming Transformers conversion -----------------------------------------------------------

@@ -23,7 +23,7 @@ from latentgen.errors import (
 )
 from latentgen.hookspecs import hookimpl
 from latentgen.pipeline import Pipeline
-from latentgen.priors.base import ConditionSlot, Prior
+from latentgen.priors.base import ConditionSlot, Prior, PriorConfig, SampleRequest
 from latentgen.specs import ComponentConfig, PipelineSpec, SamplerConfig, load_spec
 from latentgen.tokenizers.base import Tokenizer, TokenizerOutput, TrainableTokenizer
 from latentgen.tokenizers.quantizers.base import Quantizer, QuantizerOutput
@@ -44,8 +44,10 @@ __all__ = [
     "PipelineSpec",
     "PluginLoadError",
     "Prior",
+    "PriorConfig",
     "Quantizer",
     "QuantizerOutput",
+    "SampleRequest",
     "SamplerConfig",
     "SpecError",
     "Tokenizer",

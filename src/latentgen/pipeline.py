@@ -59,14 +59,24 @@ def _check_fit(tokenizer: Tokenizer, prior: Prior, conditioners: Mapping[str, Co
             f"conditioners {sorted(have) or 'none'}. Make the prior config's `conditions` and "
             "the spec's `conditioners` name the same conditions."
         )
-    slots = getattr(prior.config, "conditions", None) or {}
+    slots = prior.condition_slots
     for name, cond in conditioners.items():
         slot = slots.get(name)
-        if slot is not None and slot.vocab_size != cond.vocab_size:
+        if slot is None:
+            continue
+        if slot.vocab_size != cond.vocab_size:
             raise SpecError(
                 f"conditioner '{name}' has a vocabulary of {cond.vocab_size} tokens but the "
                 f"prior's slot for it expects {slot.vocab_size}: set "
                 f"prior.conditions.{name}.vocab_size = {cond.vocab_size}."
+            )
+        n = cond.num_tokens
+        if n is not None and n != slot.num_tokens:
+            raise SpecError(
+                f"conditioner '{name}' ({cond.config.type}) emits {n} token(s) per sample but "
+                f"the prior's slot for it expects {slot.num_tokens}: set "
+                f"prior.conditions.{name}.num_tokens = {n} (or, if the conditioner really emits "
+                f"{slot.num_tokens}, make its num_tokens property say so)."
             )
 
 

@@ -84,3 +84,38 @@ def test_pipeline_saves_loads_samples(tmp_path):
         loaded(2, size=8, generator=g(), output_type="tensor"),
         pipe(2, size=8, generator=g(), output_type="tensor"),
     )
+
+
+def test_ngram_guidance_and_dropped_label_use_all_labels():
+    """The n-gram prior gets guidance from Prior.sample: its null branch reads all labels."""
+    from latentgen import registry
+    from latentgen.conditioners.base import Conditioning
+    from latentgen.specs import SamplerConfig
+
+    prior = registry.build(
+        "prior",
+        {
+            "type": "toy.ngram",
+            "vocab_size": 4,
+            "order": 1,
+            "alpha": 1e-3,
+            "conditions": {"label": {"vocab_size": 2}},
+        },
+    )
+    zeros, threes = torch.zeros(4, 2, 2, dtype=torch.long), torch.full((4, 2, 2), 3)
+    label = Conditioning(torch.tensor([[0]] * 4 + [[1]] * 4), 2)
+    prior.fit(torch.cat((zeros, threes)), {"label": label})
+    one = Conditioning(torch.tensor([[0], [1]]), 2)
+    dropped = one.null()
+    lp = prior.log_prob(torch.zeros(2, 2, 2, dtype=torch.long), {"label": dropped})
+    # Dropped: code 0 has half the mass whichever label was given.
+    torch.testing.assert_close(
+        lp, torch.full((2,), 4 * torch.log(torch.tensor(0.5))), atol=1e-3, rtol=0
+    )
+    out = prior.sample(
+        {"label": one},
+        grid=(2, 2),
+        sampler=SamplerConfig(guidance_scale=3.0),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert torch.equal(out, torch.stack((zeros[0], threes[0])))

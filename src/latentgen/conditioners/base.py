@@ -84,8 +84,14 @@ class Conditioner(Component, nn.Module, ABC):
     def encode(self, raw: Any) -> Conditioning:
         """Raw condition for a batch -> ``Conditioning`` with ``tokens [B, n]``."""
 
-    def num_tokens(self, grid: tuple[int, int] | None = None) -> int:
-        """Tokens per sample; spatial conditioners may depend on the code ``grid``."""
+    @property
+    def num_tokens(self) -> int | None:
+        """Tokens per sample that ``encode`` emits (``Conditioning.num_tokens``): 1 by default.
+
+        The pipeline checks it against the prior's ``ConditionSlot.num_tokens``. A conditioner
+        whose count follows the size of its raw input (a spatial map) returns None; its
+        ``Conditioning`` is then checked when it is made.
+        """
         return 1
 
     def forward(self, raw: Any) -> Conditioning:

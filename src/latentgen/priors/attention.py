@@ -54,8 +54,8 @@ __all__ = [
 class AttentionBackend(Component, ABC):
     """One way of computing attention; subclasses set ``Config`` and implement ``attend``.
 
-    Backends are stateless apart from caches (compiled kernels, block masks), so one instance per
-    config is shared by every layer that uses it.
+    Backends are stateless apart from caches (compiled kernels, block masks), so a model builds
+    one instance from its config and every layer shares it.
     """
 
     kind: ClassVar[str] = "attention_backend"
@@ -339,9 +339,6 @@ class FlexAttentionConfig(ComponentConfig):
     )
 
 
-_compiled_flex: Callable[..., Tensor] | None = None
-
-
 class FlexAttention(AttentionBackend):
     """``torch.nn.attention.flex_attention`` driven by a block mask (PyTorch >= 2.5).
 
@@ -356,6 +353,7 @@ class FlexAttention(AttentionBackend):
     def __init__(self, config: FlexAttentionConfig) -> None:
         super().__init__(config)
         self._masks: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._compiled: Callable[..., Tensor] | None = None
 
     def is_available(self, device: torch.device, dtype: torch.dtype) -> bool:
         if device.type != "cuda" or not torch.cuda.is_available():
@@ -367,14 +365,13 @@ class FlexAttention(AttentionBackend):
         return True
 
     def _kernel(self, device: torch.device) -> Callable[..., Tensor]:
-        global _compiled_flex
         from torch.nn.attention.flex_attention import flex_attention
 
         if device.type != "cuda" or not self.config.compile:
             return flex_attention
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex
+        if self._compiled is None:
+            self._compiled = torch.compile(flex_attention, dynamic=False)
+        return self._compiled
 
     def attend(
         self,
@@ -440,71 +437,67 @@ class FlexAttention(AttentionBackend):
 
 
 # -- lookup and the module-level function ------------------------------------------------------
-_BUILTIN: dict[str, type[AttentionBackend]] = {
-    "sdpa": SDPAttention,
-    "xformers": XFormersAttention,
-    "flex": FlexAttention,
-    "math": MathAttention,
-}
+# The registry is the one table of backends (built-ins register through the same hook as
+# plugins). A backend instance holds its own caches (block masks, compiled kernels), so a model
+# builds its backend once and keeps it.
+
 #: What ``auto`` tries, fastest first. SDPA already dispatches to flash / memory-efficient
 #: kernels on CUDA, so xformers only wins where SDPA cannot run (e.g. an old torch build).
 _AUTO_ORDER = ("sdpa", "xformers", "math")
 
-_instances: dict[str, AttentionBackend] = {}
-_auto_choice: dict[tuple[str, torch.dtype], AttentionBackend] = {}
-
-
-def _registered() -> dict[str, type[AttentionBackend]]:
-    """Backends registered by plugins through the registry, when the registry is importable."""
-    try:
-        from latentgen import registry
-
-        names = registry.list("attention_backend")
-    except Exception:  # no registry yet, or no such kind: built-ins only
-        return {}
-    found: dict[str, type[AttentionBackend]] = {}
-    for name in names:
-        try:
-            info = registry.get("attention_backend", name)
-        except Exception:
-            continue
-        cls = getattr(info, "cls", None)
-        if isinstance(cls, type) and issubclass(cls, AttentionBackend):
-            found[name] = cls
-    return found
-
 
 def known_backends() -> list[str]:
-    """Names ``attend`` accepts: ``auto`` plus every built-in and registered backend."""
-    return ["auto", *sorted({*_BUILTIN, *_registered()})]
+    """Names ``attend`` accepts: ``auto`` plus every registered backend."""
+    from latentgen import registry
+
+    return ["auto", *registry.list("attention_backend")]
+
+
+def _build(spec: str | ComponentConfig) -> AttentionBackend:
+    """The backend a name (default options) or a backend config describes."""
+    import difflib
+
+    from latentgen import registry
+    from latentgen.errors import UnknownComponentError
+
+    name = spec if isinstance(spec, str) else spec.type
+    config = {"type": spec} if isinstance(spec, str) else spec
+    try:
+        backend = registry.build("attention_backend", config)
+    except UnknownComponentError:
+        known = known_backends()
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise SpecError(
+            f"unknown attention backend {name!r}. Known backends: {', '.join(known)}.{hint}"
+        ) from None
+    if not isinstance(backend, AttentionBackend):  # the registry checks the base class
+        raise SpecError(f"attention backend {name!r} built a {type(backend).__name__}.")
+    return backend
 
 
 def get_backend(
-    name: str | AttentionBackend,
+    spec: str | ComponentConfig | AttentionBackend,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    check: bool = True,
 ) -> AttentionBackend:
-    """The backend called ``name`` (``auto``: the fastest that works on ``device``/``dtype``).
+    """The backend for ``spec``: a registered name, a backend config (with its options) or an
+    instance; ``auto`` is the fastest that works on ``device`` / ``dtype``.
 
-    Raises ``SpecError`` for an unknown name (listing the known ones) or a backend that cannot
-    run on this device / dtype.
+    Raises ``SpecError`` for an unknown name (listing the known ones) or, with ``check``, a
+    backend that cannot run on this device / dtype.
     """
     device = torch.device(device)
-    if isinstance(name, AttentionBackend):
-        backend = name
+    if isinstance(spec, str) and spec == "auto":
+        for cand in _AUTO_ORDER:
+            backend = _build(cand)
+            if backend.is_available(device, dtype):
+                return backend
+        raise SpecError(f"no attention backend of {_AUTO_ORDER} runs on {device.type}.")
+    backend = spec if isinstance(spec, AttentionBackend) else _build(spec)
+    if check and not backend.is_available(device, dtype):
         name = backend.type_name()
-    elif name == "auto":
-        key = (device.type, dtype)
-        if key not in _auto_choice:
-            for cand in _AUTO_ORDER:
-                b = get_backend_instance(cand)
-                if b.is_available(device, dtype):
-                    _auto_choice[key] = b
-                    break
-        return _auto_choice[key]
-    else:
-        backend = get_backend_instance(name)
-    if not backend.is_available(device, dtype):
         raise SpecError(
             f"attention backend {name!r} is not available on {device.type} with {dtype}. "
             f"Use 'auto' (picks the fastest that works here) or one of "
@@ -514,40 +507,21 @@ def get_backend(
     return backend
 
 
-def get_backend_instance(name: str) -> AttentionBackend:
-    """The shared instance (default config) of the backend type ``name``, built on first use."""
-    backend = _instances.get(name)
-    if backend is None:
-        cls = _BUILTIN.get(name) or _registered().get(name)
-        if cls is None:
-            import difflib
-
-            known = known_backends()
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise SpecError(
-                f"unknown attention backend {name!r}. Known backends: {', '.join(known)}.{hint}"
-            )
-        # Every backend config defaults its `type`, so it builds with no arguments.
-        backend = cls(cls.Config())  # type: ignore[call-arg]
-        _instances[name] = backend
-    return backend
-
-
 def attend(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     causal: bool = False,
     mask: Tensor | None = None,
-    backend: str | AttentionBackend = "auto",
+    backend: str | ComponentConfig | AttentionBackend = "auto",
     dropout_p: float = 0.0,
 ) -> Tensor:
     """Attention of ``q [B, H, Tq, Dh]`` over ``k, v [B, H, Tk, Dh]`` -> ``[B, H, Tq, Dh]``.
 
     ``causal`` aligns the mask to the end of the keys (query ``i`` sees keys up to
     ``Tk - Tq + i``); ``mask`` (bool: True = attend, float: added to the scores) broadcasts to
-    ``[B, H, Tq, Tk]``. ``backend`` is a name from ``known_backends()`` or an instance.
+    ``[B, H, Tq, Tk]``. ``backend`` is a name from ``known_backends()``, a backend config, or
+    an instance (which keeps its caches between calls; a name builds a fresh backend).
     """
     _check_shapes(q, k, v, causal)
     impl = get_backend(backend, q.device, q.dtype)

@@ -1,22 +1,30 @@
-"""The Prior contract: an autoregressive model of code grids ``[B, h, w]`` given conditions."""
+"""The Prior contract: a model of code grids ``[B, h, w]`` given conditions, and its plumbing.
+
+Every prior shares the same sampling preamble (batch size, guidance, prefix and condition
+checks, the doubled batch of classifier-free guidance) and the same condition dropout, so they
+live here once and a new prior writes only what is its own.
+"""
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from latentgen.components import Component
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
-from latentgen.specs import SamplerConfig
+from latentgen.priors.sampling import draw_fast, guide
+from latentgen.specs import ComponentConfig, SamplerConfig
 from latentgen.tokenizers.base import _check_codes
 
-__all__ = ["ConditionSlot", "Conds", "Prior"]
+__all__ = ["ConditionSlot", "Conds", "Prior", "PriorConfig", "SampleRequest"]
 
 #: Conditions by name, as the pipeline's conditioners produced them.
 Conds = Mapping[str, Conditioning]
@@ -35,14 +43,124 @@ class ConditionSlot(BaseModel):
     num_tokens: int = Field(1, ge=1, description="Tokens per sample (hc*wc for spatial maps).")
 
 
-class Prior(Component, nn.Module, ABC):
-    """Stage 2: models ``p(codes | conds)`` over a row-major code sequence.
+class PriorConfig(ComponentConfig):
+    """Fields every prior config shares: the conditions it is built for and their dropout.
 
-    Subclasses implement ``log_prob`` and ``sample``; ``loss`` defaults to the mean NLL per code
-    in nats. ``condition_names`` lists the conditions the prior expects (from its config).
+    A prior config subclasses this (and adds ``type: Literal[...]``) to get condition checks,
+    ``condition_names`` and condition dropout from ``Prior`` without writing them.
+    """
+
+    conditions: dict[str, ConditionSlot] = Field(
+        default_factory=dict,
+        description="Conditions by name (vocab_size, num_tokens each), matched by name to the "
+        "pipeline's conditioners. Empty: unconditional.",
+    )
+    cond_dropout: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Training probability of replacing all of a sample's conditions with the "
+        "prior's null condition (the input of the unconditional branch), so that "
+        "classifier-free guidance works (arXiv 2207.12598). 0: no null is learned.",
+    )
+
+    @model_validator(mode="after")
+    def _check_condition_names(self) -> PriorConfig:
+        for name in self.conditions:
+            if not name.isidentifier():
+                raise ValueError(
+                    f"condition name {name!r} must be a Python identifier (it is passed as a "
+                    "keyword, e.g. pipe(label=[3])); use letters, digits and underscores."
+                )
+        return self
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """Checked inputs of one ``Prior.sample`` call, as ``Prior.generate`` receives them.
+
+    Attributes:
+        grid: code grid ``(h, w)``, already checked by ``Prior.check_grid``.
+        batch: B, the number of code grids to draw.
+        sampler: temperature / top-k / top-p / guidance.
+        generator: the ``torch.Generator`` every random draw must use (or None).
+        conds: the checked conditions on the prior's device, with ``rows`` rows each: with
+            guidance the B conditional rows followed by the same B rows dropped (the null
+            branch), so that one batched forward serves both; else the B rows as given.
+        prefix: ``[B, h, w]`` long on the prior's device, -1 where a code is to be drawn and a
+            code that must be kept elsewhere; None when everything is drawn.
+        options: the prior's own sampling options given to ``sample`` (names checked against
+            ``Prior.sample_options``).
+    """
+
+    grid: tuple[int, int]
+    batch: int
+    sampler: SamplerConfig
+    generator: torch.Generator | None
+    conds: dict[str, Conditioning]
+    prefix: Tensor | None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance mixes a null branch into the logits."""
+        return bool(self.conds) and self.sampler.guidance_scale != 1.0
+
+    @property
+    def rows(self) -> int:
+        """Rows a forward pass runs: 2B with guidance, else B."""
+        return 2 * self.batch if self.guided else self.batch
+
+    def expand(self, x: Tensor) -> Tensor:
+        """``[B, ...]`` -> ``[rows, ...]``: the same inputs for the conditional and null rows."""
+        return torch.cat((x, x)) if self.guided else x
+
+    def mix(self, logits: Tensor) -> Tensor:
+        """``[rows, ..., K]`` -> ``[B, ..., K]``: the guided logits ``u + s * (c - u)``."""
+        if not self.guided:
+            return logits
+        b = self.batch
+        return guide(logits[:b], logits[b:], self.sampler.guidance_scale)
+
+    def keep(self, codes: Tensor, position: int) -> Tensor:
+        """Drawn ``codes [B]`` at raster ``position``, with the prefix's given codes kept."""
+        if self.prefix is None:
+            return codes
+        given = self.prefix.view(self.batch, -1)[:, position]  # [B]
+        return torch.where(given >= 0, given, codes)
+
+    def pick(self, logits: Tensor, position: int) -> Tensor:
+        """Code ``[B]`` at raster ``position`` from ``logits [rows, K]``: guide, draw, keep."""
+        return self.keep(draw_fast(self.mix(logits), self.sampler, self.generator), position)
+
+
+class Prior(Component, nn.Module, ABC):
+    """Stage 2: models ``p(codes | conds)`` over a code grid.
+
+    What a prior implements: ``vocab_size``, ``log_prob(codes, conds)`` (nats per grid) and
+    ``generate(request)`` (draw codes). What the base does for it:
+
+    - ``sample(conds, grid, sampler, generator, num_samples, prefix)`` is a template method: it
+      checks the grid (``check_grid``, which a prior with a size limit overrides), the
+      conditions (``check_conds``), the batch (B is the conditions' batch; without conditions
+      ``num_samples``, else the prefix's batch, else 1), that guidance has conditions to guide
+      by, and the prefix (``[B, h, w]`` integer codes, -1 where a code is drawn); moves
+      everything to the prior's device; doubles the conditions for classifier-free guidance;
+      then calls ``generate(request)`` in eval and inference mode with a ``SampleRequest``,
+      and restores the mode. Extra keywords of ``sample`` are the prior's own options: their
+      names are listed in ``sample_options`` and reach ``generate`` as ``request.options``.
+    - ``condition_names`` and ``condition_slots`` come from the config's ``conditions`` (a
+      ``PriorConfig`` field); ``check_conds`` checks names, vocabularies, token counts, dtypes,
+      value ranges, drop masks and batch sizes against them.
+    - ``loss`` is the mean NLL per code in nats, with the config's ``cond_dropout`` applied in
+      training mode (``drop_conditions``): one draw per sample nulls all its conditions, the
+      input the null branch of guidance sees. ``log_prob`` itself never drops conditions.
+    - ``check_inputs(codes, conds)`` is the preamble of ``log_prob``: codes, grid, conditions.
     """
 
     kind: ClassVar[str] = "prior"
+    #: Names of the prior's own keyword options to ``sample`` (e.g. ``use_cache``).
+    sample_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: Any) -> None:
         nn.Module.__init__(self)
@@ -54,47 +172,141 @@ class Prior(Component, nn.Module, ABC):
         """Number of codes K the prior predicts over."""
 
     @property
+    def condition_slots(self) -> dict[str, ConditionSlot]:
+        """The config's ``conditions`` by name (empty: unconditional)."""
+        return dict(getattr(self.config, "conditions", None) or {})
+
+    @property
     def condition_names(self) -> tuple[str, ...]:
-        """Names of the conditions this prior was built for (empty: unconditional)."""
-        return ()
+        """Names of the conditions this prior was built for, from its config's ``conditions``."""
+        return tuple(self.condition_slots)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the prior's weights live (CPU when it has none)."""
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
 
     @abstractmethod
     def log_prob(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
         """Total log-likelihood ``[B]`` in nats of each code grid ``[B, h, w]``."""
 
-    @abstractmethod
+    def generate(self, request: SampleRequest) -> Tensor:
+        """Draw codes ``[B, h, w]`` for checked inputs; called by ``sample``, call that instead.
+
+        ``request.pick(logits, i)`` turns the logits of raster position ``i`` (``rows`` rows)
+        into ``B`` codes: the guidance mix, the sampler's filters and the kept prefix codes.
+        Not abstract only so that a prior written before it, which overrides ``sample``
+        itself, still builds.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} implements neither generate(request) nor sample(...): "
+            "implement generate and let Prior.sample check the inputs."
+        )
+
+    # -- the sampling template ---------------------------------------------------------------
     def sample(
         self,
         conds: Conds | None = None,
         grid: tuple[int, int] = (16, 16),
         sampler: SamplerConfig | None = None,
-        generator: Any = None,
+        generator: torch.Generator | None = None,
         num_samples: int | None = None,
         prefix: Tensor | None = None,
+        **options: Any,
     ) -> Tensor:
         """Draw codes ``[B, h, w]``.
 
         Args:
-            conds: conditions by name; B is their batch size.
+            conds: conditions by name; B is their batch size (``Conditioning.repeat(n)`` gives
+                n samples per condition).
             grid: code grid ``(h, w)``.
             sampler: temperature / top-k / top-p / guidance; None uses the defaults.
-            generator: a ``torch.Generator`` for reproducible draws.
-            num_samples: B when there are no conditions.
+            generator: a ``torch.Generator`` on the prior's device for reproducible draws.
+            num_samples: B when there are no conditions (default: the prefix's batch, else 1);
+                with conditions it may only repeat their batch size.
             prefix: optional ``[B, h, w]`` codes with -1 where codes are to be drawn; given
                 codes are kept (completion, as in the paper's image-completion figures).
+            **options: prior-specific sampling options, passed on to ``generate``.
         """
+        request = self.sample_request(
+            conds, grid, sampler, generator, num_samples, prefix, **options
+        )
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                out = self.generate(request)
+        finally:
+            self.train(was_training)
+        want = (request.batch, *request.grid)
+        if tuple(out.shape) != want:
+            raise RuntimeError(
+                f"{type(self).__name__}.generate returned codes of shape {tuple(out.shape)}, "
+                f"expected [B, h, w] = {list(want)}."
+            )
+        # Clone outside inference mode: inference tensors cannot be used later in autograd
+        # (e.g. sampled codes fed to a training step).
+        return out.clone()
 
-    def loss(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
-        """Mean negative log-likelihood per code, in nats (the training objective)."""
-        nll = -self.log_prob(codes, conds)
-        return nll.sum() / codes.numel()
+    def sample_request(
+        self,
+        conds: Conds | None = None,
+        grid: tuple[int, int] = (16, 16),
+        sampler: SamplerConfig | None = None,
+        generator: torch.Generator | None = None,
+        num_samples: int | None = None,
+        prefix: Tensor | None = None,
+        **options: Any,
+    ) -> SampleRequest:
+        """Check ``sample``'s arguments and gather them into a ``SampleRequest``."""
+        unknown = sorted(set(options) - self.sample_options)
+        if unknown:
+            takes = ", ".join(sorted(self.sample_options)) or "no options of its own"
+            raise InputError(
+                f"{type(self).__name__}.sample got unknown option(s) {unknown}; it takes "
+                f"conds, grid, sampler, generator, num_samples, prefix and {takes}."
+            )
+        sampler = sampler or SamplerConfig()
+        gh, gw = int(grid[0]), int(grid[1])
+        if gh < 1 or gw < 1:
+            raise InputError(f"code grid must be at least 1x1, got {gh}x{gw}.")
+        self.check_grid(gh, gw)
+        got = self.check_conds(conds)
+        batch = self._sample_batch(got, num_samples, prefix, sampler)
+        device = self.device
+        given = None
+        if prefix is not None:
+            self._check_prefix(prefix, batch, (gh, gw), num_samples)
+            given = prefix.to(device=device, dtype=torch.long)
+        got = {name: c.to(device) for name, c in got.items()}
+        if got and sampler.guidance_scale != 1.0:
+            got = {name: _with_null_rows(c) for name, c in got.items()}
+        return SampleRequest((gh, gw), batch, sampler, generator, got, given, options)
 
-    # -- shared helpers ------------------------------------------------------------------------
+    # -- checks every prior shares ------------------------------------------------------------
+    def check_grid(self, h: int, w: int) -> None:
+        """Raise ``InputError`` when this prior cannot model an ``h x w`` grid (default: any)."""
+
     def check_codes(self, codes: Tensor) -> None:
         _check_codes(codes, self.vocab_size, type(self).__name__)
 
-    def check_conds(self, conds: Conds | None) -> dict[str, Conditioning]:
-        """Check that ``conds`` holds exactly the conditions this prior was built for."""
+    def check_inputs(self, codes: Tensor, conds: Conds | None) -> dict[str, Conditioning]:
+        """``log_prob``'s preamble: codes in ``[0, K)``, the grid, and conditions for its batch."""
+        self.check_codes(codes)
+        self.check_grid(int(codes.shape[1]), int(codes.shape[2]))
+        return self.check_conds(conds, batch=int(codes.shape[0]))
+
+    def check_conds(self, conds: Conds | None, batch: int | None = None) -> dict[str, Conditioning]:
+        """Check ``conds`` against the conditions this prior was built for; returns them as a dict.
+
+        Names must match ``condition_names``; where the config has a slot, vocabulary and token
+        count must match it and tokens lie in its range; drop masks are bool ``[B]``; every
+        condition has the same batch size, equal to ``batch`` when given.
+        """
         got = dict(conds or {})
         want = set(self.condition_names)
         if set(got) != want:
@@ -109,11 +321,153 @@ class Prior(Component, nn.Module, ABC):
                 f"{'; '.join(parts)}. Pass each as a keyword (e.g. label=[3, 7]) or fix "
                 "the prior's config."
             )
+        slots = self.condition_slots
+        for name, c in got.items():
+            if not isinstance(c, Conditioning):
+                raise InputError(
+                    f"condition {name!r} must be a Conditioning (what a conditioner's encode "
+                    f"returns), got {type(c).__name__}."
+                )
+            slot = slots.get(name)
+            if slot is not None:
+                self._check_slot(name, slot, c)
+            if c.drop is not None and (
+                not isinstance(c.drop, Tensor)
+                or c.drop.dtype != torch.bool
+                or tuple(c.drop.shape) != (c.batch_size,)
+            ):
+                raise InputError(
+                    f"condition {name!r} drop must be a bool tensor [{c.batch_size}] (True where "
+                    f"the condition is dropped), got {getattr(c.drop, 'dtype', type(c.drop))} "
+                    f"{tuple(getattr(c.drop, 'shape', ()))}."
+                )
         sizes = {c.batch_size for c in got.values()}
         if len(sizes) > 1:
-            raise InputError(f"conditions have different batch sizes: {sorted(sizes)}")
+            raise InputError(
+                f"conditions have different batch sizes: {sorted(sizes)}; give every condition "
+                "one row per sample."
+            )
+        if batch is not None and sizes and sizes != {batch}:
+            raise InputError(
+                f"the conditions have batch size {sizes.pop()} but codes have {batch}; pass one "
+                "condition row per code grid."
+            )
         return got
 
+    def _check_slot(self, name: str, slot: ConditionSlot, c: Conditioning) -> None:
+        if c.vocab_size != slot.vocab_size or c.num_tokens != slot.num_tokens:
+            raise InputError(
+                f"condition {name!r} has vocab_size={c.vocab_size}, num_tokens={c.num_tokens}, "
+                f"but {type(self).__name__} was built for vocab_size={slot.vocab_size}, "
+                f"num_tokens={slot.num_tokens}. Use the conditioner the prior was trained with "
+                f"(or fix conditions.{name} in the prior's config)."
+            )
+        if (
+            c.tokens.dtype.is_floating_point
+            or c.tokens.dtype.is_complex
+            or c.tokens.dtype == (torch.bool)
+        ):
+            raise InputError(
+                f"condition {name!r} tokens must be integers, got dtype {c.tokens.dtype}."
+            )
+        if c.tokens.numel():
+            lo, hi = int(c.tokens.min()), int(c.tokens.max())
+            if lo < 0 or hi >= slot.vocab_size:
+                raise InputError(
+                    f"condition {name!r} tokens must lie in [0, {slot.vocab_size}), got values "
+                    f"in [{lo}, {hi}]."
+                )
+
+    def _sample_batch(
+        self,
+        conds: dict[str, Conditioning],
+        num_samples: int | None,
+        prefix: Tensor | None,
+        sampler: SamplerConfig,
+    ) -> int:
+        if conds:
+            b = next(iter(conds.values())).batch_size
+            if num_samples is not None and num_samples != b:
+                raise InputError(
+                    f"num_samples={num_samples} but the conditions hold {b} rows; repeat them "
+                    "instead (Conditioning.repeat(n)) or leave num_samples out."
+                )
+            return b
+        if sampler.guidance_scale != 1.0:
+            raise InputError(
+                f"guidance_scale={sampler.guidance_scale} needs a conditional prior; this one "
+                "is unconditional. Use guidance_scale=1."
+            )
+        if num_samples is not None:
+            if num_samples < 1:
+                raise InputError(f"num_samples must be >= 1, got {num_samples}.")
+            return num_samples
+        return int(prefix.shape[0]) if isinstance(prefix, Tensor) and prefix.dim() == 3 else 1
+
+    def _check_prefix(
+        self, prefix: Any, b: int, grid: tuple[int, int], num_samples: int | None
+    ) -> None:
+        h, w = grid
+        if not isinstance(prefix, Tensor) or prefix.dim() != 3 or tuple(prefix.shape[1:]) != grid:
+            got = tuple(prefix.shape) if isinstance(prefix, Tensor) else type(prefix).__name__
+            raise InputError(
+                f"prefix must be a [B, h, w] = [{b}, {h}, {w}] tensor of codes with -1 where "
+                f"codes are to be drawn, got {got}."
+            )
+        if prefix.shape[0] != b:
+            source = "num_samples" if num_samples is not None else "the conditions"
+            raise InputError(
+                f"prefix holds {prefix.shape[0]} grids but {b} samples are drawn (B from "
+                f"{source}); give one prefix grid per sample, or leave num_samples out to draw "
+                "one sample per prefix grid."
+            )
+        if prefix.dtype.is_floating_point or prefix.dtype.is_complex or prefix.dtype == torch.bool:
+            raise InputError(f"prefix must hold integer codes, got dtype {prefix.dtype}.")
+        if prefix.numel():
+            lo, hi = int(prefix.min()), int(prefix.max())
+            if lo < -1 or hi >= self.vocab_size:
+                raise InputError(
+                    f"prefix codes must lie in [0, {self.vocab_size}) or be -1 (to draw), got "
+                    f"values in [{lo}, {hi}]."
+                )
+
+    # -- training ------------------------------------------------------------------------------
+    def drop_conditions(self, conds: Conds | None, batch: int) -> Conds | None:
+        """In training mode, null all conditions of a sample with probability ``cond_dropout``.
+
+        One draw per sample for all conditions together, OR-ed into ``Conditioning.drop``: the
+        unconditional branch of guidance drops them all at once, so that is what is trained.
+        Outside training, or with ``cond_dropout`` 0, ``conds`` come back unchanged.
+        """
+        p = float(getattr(self.config, "cond_dropout", 0.0) or 0.0)
+        if not self.training or p <= 0 or not conds:
+            return conds
+        drop = torch.rand(batch, device=self.device) < p  # [B]
+        out = {}
+        for name, c in conds.items():
+            if isinstance(c, Conditioning) and c.batch_size == batch:
+                d = drop.to(c.tokens.device)
+                c = c.with_drop(d if c.drop is None else c.drop.to(d.device) | d)
+            out[name] = c  # a mismatched batch is left for check_conds to report
+        return out
+
+    def loss(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
+        """Mean negative log-likelihood per code in nats, with condition dropout in training."""
+        nll = -self.log_prob(codes, self.drop_conditions(conds, int(codes.shape[0])))
+        return nll.sum() / codes.numel()
+
     @staticmethod
-    def bits_per_dim(nats_per_token: float) -> float:
-        return nats_per_token / math.log(2.0)
+    def bits_per_code(nats_per_code: float) -> float:
+        """Nats per code -> bits per code (``log2 e`` times)."""
+        return nats_per_code / math.log(2.0)
+
+
+def _with_null_rows(c: Conditioning) -> Conditioning:
+    """``[c; null(c)]``: the conditional rows, then the same rows dropped (for guidance)."""
+    keep = c.drop if c.drop is not None else torch.zeros_like(c.tokens[:, 0], dtype=torch.bool)
+    return Conditioning(
+        tokens=torch.cat((c.tokens, c.tokens)),
+        vocab_size=c.vocab_size,
+        grid=c.grid,
+        drop=torch.cat((keep, torch.ones_like(keep))),
+    )

@@ -21,7 +21,7 @@ defined.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +30,12 @@ from torch import Tensor, nn
 
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
-from latentgen.priors.base import ConditionSlot, Conds, Prior
-from latentgen.priors.sampling import draw, guide
-from latentgen.specs import ComponentConfig, SamplerConfig
+from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
 
 __all__ = ["PixelSNAILConfig", "PixelSNAILPrior"]
 
 
-class PixelSNAILConfig(ComponentConfig):
+class PixelSNAILConfig(PriorConfig):
     """Configuration of :class:`PixelSNAILPrior` (defaults near VQ-VAE-2's top prior)."""
 
     type: Literal["pixelsnail"] = "pixelsnail"
@@ -90,13 +88,6 @@ class PixelSNAILConfig(ComponentConfig):
         "gated block; num_tokens hc*wc: a spatial map (Conditioning.grid), resized to the code "
         "grid (nearest) and added through a 1x1 convolution in each gated block.",
     )
-    cond_dropout: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
-        description="Training only: probability that a sample's conditions are all replaced "
-        "by their learned null embeddings, for classifier-free guidance (arXiv 2207.12598).",
-    )
 
     @model_validator(mode="after")
     def _check(self) -> PixelSNAILConfig:
@@ -113,9 +104,6 @@ class PixelSNAILConfig(ComponentConfig):
                         f"{name}={value} is not divisible by n_head={self.n_head}; pick a "
                         f"multiple of {self.n_head}."
                     )
-        for name in self.conditions:
-            if not name.isidentifier():
-                raise ValueError(f"condition name {name!r} must be a Python identifier.")
         return self
 
 
@@ -314,17 +302,11 @@ class PixelSNAILPrior(Prior):
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
-    @property
-    def condition_names(self) -> tuple[str, ...]:
-        return tuple(self.config.conditions)
-
     # -- forward -------------------------------------------------------------------------------
     def forward(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
         """Logits ``[B, K, h, w]`` for codes ``[B, h, w]``; logits at ``i`` see codes ``< i``."""
-        self.check_codes(codes)
+        got = self.check_inputs(codes, conds)
         b, h, w = codes.shape
-        self._check_grid(h, w)
-        got = self._check_conditions(conds, batch=b)
         cond = self._condition_map(got, (h, w), b)
         return self._logits(codes.long(), cond)
 
@@ -360,18 +342,11 @@ class PixelSNAILPrior(Prior):
         """Sum of the conditions' embedding maps: ``[B, C, 1, 1]`` or ``[B, C, h, w]``."""
         if not self.config.conditions:
             return None
-        train_drop = None
-        if self.training and self.config.cond_dropout > 0:
-            device = self.embed.weight.device
-            # One draw per sample for all conditions: CFG's null branch drops them all at once.
-            train_drop = torch.rand(batch, device=device) < self.config.cond_dropout
         out: Tensor | None = None
         for name, slot in self.config.conditions.items():
             c = conds[name]
             tokens = c.tokens.to(self.embed.weight.device).long()  # [B, n]
             drop = c.drop.to(tokens.device) if c.drop is not None else None
-            if train_drop is not None:
-                drop = train_drop if drop is None else drop | train_drop
             if drop is not None:
                 tokens = tokens.masked_fill(drop[:, None], slot.vocab_size)  # null row
             e = self.cond_embed[name](tokens).transpose(1, 2)  # [B, C, n]
@@ -390,79 +365,35 @@ class PixelSNAILPrior(Prior):
         nll = F.cross_entropy(logits.float(), codes.long(), reduction="none")  # [B, h, w]
         return -nll.flatten(1).sum(1)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        conds: Conds | None = None,
-        grid: tuple[int, int] = (16, 16),
-        sampler: SamplerConfig | None = None,
-        generator: Any = None,
-        num_samples: int | None = None,
-        prefix: Tensor | None = None,
-    ) -> Tensor:
+    def generate(self, request: SampleRequest) -> Tensor:
         """Draw codes ``[B, h, w]`` in raster order, one cropped forward per position.
 
-        Args:
-            conds: conditions by name; B is their batch size (``Conditioning.repeat`` gives
-                several samples per condition).
-            grid: code grid ``(h, w)``, at most ``(max_height, max_width)``.
-            sampler: temperature / top-k / top-p / guidance; None uses the defaults. With
-                ``guidance_scale != 1`` the conditional and null branches run as one batch.
-            generator: a ``torch.Generator`` on the model's device for reproducible draws.
-            num_samples: B when there are no conditions (default 1, or the prefix's batch).
-            prefix: optional ``[B, h, w]`` codes with -1 where codes are to be drawn; given
-                codes are kept.
-
-        The model runs in eval mode (no dropout, no condition dropout) and is put back in the
-        mode it was in.
+        ``Prior.sample`` checks the inputs and runs this in eval mode (no dropout); with
+        guidance the conditional and null branches run as one batch of ``2B`` rows.
         """
-        sampler = sampler or SamplerConfig()
-        h, w = int(grid[0]), int(grid[1])
-        self._check_grid(h, w)
-        got = self._check_conditions(conds)
-        b = self._sample_batch(got, num_samples, prefix, sampler)
+        b, (h, w) = request.batch, request.grid
         device = self.embed.weight.device
-        got = {n: c.to(device) for n, c in got.items()}
-
-        if prefix is None:
+        if request.prefix is None:
             todo = torch.ones(b, h, w, dtype=torch.bool, device=device)
             codes = torch.zeros(b, h, w, dtype=torch.long, device=device)
         else:
-            self._check_prefix(prefix, b, (h, w))
-            prefix = prefix.to(device).long()
-            todo = prefix < 0
+            todo = request.prefix < 0
             # Placeholders read as code 0 until drawn; causality means nothing before them
             # ever sees them.
-            codes = prefix.clamp(min=0)
-
-        guided = bool(got) and sampler.guidance_scale != 1.0
-        if guided:
-            got = {n: _cat_null(c) for n, c in got.items()}  # [2B, n]: cond rows, then null
-        was_training = self.training
-        self.eval()
-        try:
-            cond = self._condition_map(got, (h, w), 2 * b if guided else b)
-            for r in range(h):
-                for c in range(w):
-                    need = todo[:, r, c]  # [B]
-                    if not need.any():
-                        continue
-                    x = codes[:, : r + 1]  # [B, r+1, w]: rows below r cannot matter
-                    if guided:
-                        x = torch.cat([x, x])
-                    # The head is 1x1, so only the position being drawn needs it.
-                    feat = self._features(x, cond)[:, :, r : r + 1, c : c + 1]  # [B|2B, C, 1, 1]
-                    logits = self.head(feat).flatten(1)  # [B or 2B, K]
-                    if guided:
-                        logits = guide(logits[:b], logits[b:], sampler.guidance_scale)
-                    new = draw(logits, sampler, generator)  # [B]
-                    codes[:, r, c] = torch.where(need, new, codes[:, r, c])
-        finally:
-            self.train(was_training)
+            codes = request.prefix.clamp(min=0)
+        cond = self._condition_map(request.conds, (h, w), request.rows)
+        for r in range(h):
+            for c in range(w):
+                if not todo[:, r, c].any():
+                    continue
+                x = request.expand(codes[:, : r + 1])  # [rows, r+1, w]: rows below r cannot matter
+                # The head is 1x1, so only the position being drawn needs it.
+                feat = self._features(x, cond)[:, :, r : r + 1, c : c + 1]  # [rows, C, 1, 1]
+                codes[:, r, c] = request.pick(self.head(feat).flatten(1), r * w + c)  # [B]
         return codes
 
     # -- checks --------------------------------------------------------------------------------
-    def _check_grid(self, h: int, w: int) -> None:
+    def check_grid(self, h: int, w: int) -> None:
         cfg = self.config
         if h < 1 or w < 1 or h > cfg.max_height or w > cfg.max_width:
             raise InputError(
@@ -471,97 +402,12 @@ class PixelSNAILPrior(Prior):
                 "window) or build the prior with larger max_height / max_width."
             )
 
-    def _check_conditions(
-        self, conds: Conds | None, batch: int | None = None
-    ) -> dict[str, Conditioning]:
-        got = self.check_conds(conds)
-        for name, slot in self.config.conditions.items():
-            c = got[name]
-            if c.vocab_size != slot.vocab_size or c.num_tokens != slot.num_tokens:
-                raise InputError(
-                    f"condition {name!r} has vocab_size={c.vocab_size}, num_tokens="
-                    f"{c.num_tokens} but the prior was built for vocab_size={slot.vocab_size}, "
-                    f"num_tokens={slot.num_tokens}; use the matching conditioner or fix "
-                    f"conditions.{name} in the prior's config."
-                )
+    def check_conds(self, conds: Conds | None, batch: int | None = None) -> dict[str, Conditioning]:
+        got = super().check_conds(conds, batch)
+        for name, c in got.items():
             if c.num_tokens > 1 and c.grid is None:
                 raise InputError(
                     f"condition {name!r} has {c.num_tokens} tokens but no grid; PixelSNAIL "
                     "takes several tokens only as a spatial map. Set Conditioning.grid=(hc, wc)."
                 )
-            if c.tokens.dtype.is_floating_point or c.tokens.dtype == torch.bool:
-                raise InputError(
-                    f"condition {name!r} tokens must be integers, got {c.tokens.dtype}."
-                )
-            lo, hi = int(c.tokens.min()), int(c.tokens.max())
-            if lo < 0 or hi >= slot.vocab_size:
-                raise InputError(
-                    f"condition {name!r} tokens must lie in [0, {slot.vocab_size}), got values "
-                    f"in [{lo}, {hi}]."
-                )
-            if c.drop is not None and (
-                c.drop.dtype != torch.bool or c.drop.shape != (c.batch_size,)
-            ):
-                raise InputError(
-                    f"condition {name!r} drop must be a bool tensor [{c.batch_size}], got "
-                    f"{getattr(c.drop, 'dtype', None)} {tuple(getattr(c.drop, 'shape', ()))}."
-                )
-            if batch is not None and c.batch_size != batch:
-                raise InputError(
-                    f"condition {name!r} has batch size {c.batch_size} but codes have {batch}; "
-                    "pass one condition row per code grid."
-                )
         return got
-
-    def _sample_batch(
-        self,
-        conds: dict[str, Conditioning],
-        num_samples: int | None,
-        prefix: Tensor | None,
-        sampler: SamplerConfig,
-    ) -> int:
-        if conds:
-            b = next(iter(conds.values())).batch_size
-            if num_samples is not None and num_samples != b:
-                raise InputError(
-                    f"num_samples={num_samples} but the conditions hold {b} rows; repeat them "
-                    "instead (Conditioning.repeat(n)) or leave num_samples out."
-                )
-            return b
-        if sampler.guidance_scale != 1.0:
-            raise InputError(
-                f"guidance_scale={sampler.guidance_scale} needs a conditional prior; this one "
-                "is unconditional. Use guidance_scale=1."
-            )
-        if num_samples is not None:
-            if num_samples < 1:
-                raise InputError(f"num_samples must be >= 1, got {num_samples}.")
-            return num_samples
-        return int(prefix.shape[0]) if isinstance(prefix, Tensor) and prefix.dim() == 3 else 1
-
-    def _check_prefix(self, prefix: Tensor, b: int, grid: tuple[int, int]) -> None:
-        if not isinstance(prefix, Tensor) or tuple(prefix.shape) != (b, *grid):
-            got = tuple(prefix.shape) if isinstance(prefix, Tensor) else type(prefix).__name__
-            raise InputError(
-                f"prefix must be a tensor [{b}, {grid[0]}, {grid[1]}] (batch, grid), got {got}."
-            )
-        if prefix.dtype.is_floating_point or prefix.dtype == torch.bool:
-            raise InputError(f"prefix must hold integer codes, got dtype {prefix.dtype}.")
-        lo, hi = int(prefix.min()), int(prefix.max())
-        if lo < -1 or hi >= self.vocab_size:
-            raise InputError(
-                f"prefix codes must lie in [0, {self.vocab_size}) or be -1 (to draw), got "
-                f"values in [{lo}, {hi}]."
-            )
-
-
-def _cat_null(c: Conditioning) -> Conditioning:
-    """``[c; null(c)]``: the conditional rows followed by the same rows dropped (for CFG)."""
-    keep = c.drop if c.drop is not None else torch.zeros_like(c.tokens[:, 0], dtype=torch.bool)
-    null = torch.ones_like(keep)
-    return Conditioning(
-        tokens=torch.cat([c.tokens, c.tokens]),
-        vocab_size=c.vocab_size,
-        grid=c.grid,
-        drop=torch.cat([keep, null]),
-    )

@@ -1,4 +1,9 @@
-"""Turning logits into codes: temperature, top-k, top-p and classifier-free guidance."""
+"""Turning logits into codes: temperature, top-k, top-p and classifier-free guidance.
+
+Ties are broken by code index everywhere, so a filter keeps exactly what it says: ``top_k=k``
+keeps exactly ``k`` codes (among equal logits the lowest indices), and ``top_k=1`` is greedy
+even when several codes share the largest logit.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,39 @@ from torch import Tensor
 
 from latentgen.specs import SamplerConfig
 
-__all__ = ["draw", "draw_fast", "filter_logits", "guide"]
+__all__ = ["draw", "draw_fast", "filter_logits", "guide", "top_k_mask", "top_p_remove"]
+
+
+def top_k_mask(logits: Tensor, k: int) -> Tensor:
+    """Bool ``[..., K]``: True for exactly ``k`` codes per row, the largest logits first and,
+    among equal logits, the lowest code indices."""
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # [..., 1]
+    above = logits > kth
+    tied = logits == kth
+    room = k - above.sum(-1, keepdim=True)  # how many of the tied codes still fit
+    # torch.topk picks among ties in no documented order; counting ties left to right does.
+    return above | (tied & (tied.cumsum(-1) <= room))
+
+
+def top_p_remove(logits: Tensor, p: float) -> Tensor:
+    """Bool ``[..., K]``: True where nucleus sampling (arXiv 1904.09751) drops the code.
+
+    A code is dropped once the mass of the codes before it (largest first, ties by index)
+    reaches ``p``, so the most likely code always stays.
+    """
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    probs = sorted_logits.softmax(-1)
+    remove_sorted = probs.cumsum(-1) - probs >= p
+    return torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
 
 
 def filter_logits(logits: Tensor, sampler: SamplerConfig) -> Tensor:
     """Apply temperature, top-k and top-p to ``logits [..., K]``; removed entries become -inf."""
     logits = logits.float() / sampler.temperature
-    k = logits.shape[-1]
-    if sampler.top_k is not None and sampler.top_k < k:
-        kth = torch.topk(logits, sampler.top_k, dim=-1).values[..., -1:]  # [..., 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampler.top_k is not None and sampler.top_k < logits.shape[-1]:
+        logits = logits.masked_fill(~top_k_mask(logits, sampler.top_k), float("-inf"))
     if sampler.top_p is not None and sampler.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a code when the mass *before* it already reaches p: the top code always stays.
-        remove_sorted = (cum - sorted_logits.softmax(-1)) >= sampler.top_p
-        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
+        logits = logits.masked_fill(top_p_remove(logits, sampler.top_p), float("-inf"))
     return logits
 
 
@@ -45,28 +66,29 @@ def draw_fast(
 ) -> Tensor:
     """Like ``draw`` (same distribution), but softmax and draw over the top-k candidates only.
 
-    Per-step sampling cost then scales with k, not the vocabulary. Two differences from
-    ``draw``: ties at the k-th logit keep exactly k codes, and for a given generator state the
-    drawn codes differ from ``draw``'s (the random numbers map onto other candidates).
+    Per-step sampling cost then scales with k, not the vocabulary. For a given generator state
+    the drawn codes differ from ``draw``'s (the random numbers map onto other candidates).
     """
     logits = logits.float()
     if sampler.temperature != 1.0:
         logits = logits / sampler.temperature
-    top_k = sampler.top_k if sampler.top_k is not None and sampler.top_k < logits.shape[-1] else 0
+    k = logits.shape[-1]
+    top_k = sampler.top_k if sampler.top_k is not None and sampler.top_k < k else 0
     top_p = sampler.top_p if sampler.top_p is not None and sampler.top_p < 1.0 else 0.0
     if not top_k and not top_p:
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
     if top_k:
-        vals, idx = torch.topk(logits, top_k, dim=-1)  # [B, k], sorted descending
+        keep = top_k_mask(logits, top_k)  # [B, K], exactly top_k per row
+        # The kept codes in code order (distinct integer keys, so topk has no ties to break):
+        # logits equal up to rounding (cached vs uncached forward) then cannot swap two
+        # near-tied candidates and with them the drawn code.
+        rank = torch.arange(k, 0, -1, device=logits.device).expand_as(logits)  # K .. 1
+        idx = rank.masked_fill(~keep, 0).topk(top_k, dim=-1).indices  # [B, k], ascending
+        vals = logits.gather(-1, idx)  # [B, k]
     else:
-        vals, idx = torch.sort(logits, dim=-1, descending=True)  # [B, K]
+        idx = torch.arange(k, device=logits.device).expand_as(logits)  # [B, K]
+        vals = logits
     if top_p:
-        probs = vals.softmax(-1)
-        # Same rule as filter_logits: drop a code once the mass before it reaches p.
-        vals = vals.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
-    # Lay the candidates out in code order, so that logits equal up to rounding (cached vs
-    # uncached forward) cannot swap two near-tied candidates and with them the drawn code.
-    idx, order = idx.sort(-1)
-    vals = vals.gather(-1, order)
+        vals = vals.masked_fill(top_p_remove(vals, top_p), float("-inf"))
     pick = torch.multinomial(vals.softmax(-1), 1, generator=generator)  # [B, 1]
     return idx.gather(-1, pick).squeeze(-1)

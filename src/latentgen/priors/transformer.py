@@ -15,25 +15,36 @@ the whole sequence, and the last condition token (or a start token) predicts the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
 from torch import Tensor, nn
 
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
-from latentgen.priors.attention import AttentionBackend, get_backend, get_backend_instance
-from latentgen.priors.base import ConditionSlot, Conds, Prior
-from latentgen.priors.sampling import draw_fast, guide
-from latentgen.specs import ComponentConfig, SamplerConfig
+from latentgen.priors.attention import AttentionBackend, get_backend
+from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
+from latentgen.specs import ComponentConfig, parse_component
 
 __all__ = ["TransformerPrior", "TransformerPriorConfig"]
 
 
-class TransformerPriorConfig(ComponentConfig):
+def _attention_spec(value: Any) -> Any:
+    """A backend name stays a name; a mapping becomes that backend's config (its options)."""
+    if isinstance(value, ComponentConfig | Mapping):
+        return parse_component("attention_backend", value)
+    return value
+
+
+#: ``"auto"``, a backend name, or a backend config with options (``{"type": "flex", "window":
+#: 64}``), validated by the config class the backend registered.
+AttentionSpec = Annotated[str | SerializeAsAny[ComponentConfig], BeforeValidator(_attention_spec)]
+
+
+class TransformerPriorConfig(PriorConfig):
     """Config of the GPT prior (Radford et al. 2019; as used in arXiv 2012.09841)."""
 
     type: Literal["transformer"] = "transformer"
@@ -60,22 +71,16 @@ class TransformerPriorConfig(ComponentConfig):
     mlp: Literal["gelu"] = Field("gelu", description="Block MLP: Linear(4x) -> GELU -> Linear.")
     bias: bool = Field(True, description="Biases in the linear layers and LayerNorms.")
     layer_norm_eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon.")
-    attention: str = Field(
+    attention: AttentionSpec = Field(
         "auto",
-        description="Attention backend name ('auto', 'sdpa', 'xformers', 'flex', 'math' or a "
-        "plugin's); 'auto' picks the fastest that works on the device and dtype.",
+        description="Attention backend: a name ('auto', 'sdpa', 'xformers', 'flex', 'math' or a "
+        "plugin's; 'auto' picks the fastest that works on the device and dtype), or a backend "
+        "config with its options, e.g. {type: sdpa, kernel: flash} or {type: flex, window: 64}.",
     )
     conditions: dict[str, ConditionSlot] = Field(
         default_factory=dict,
         description="Conditions by name (vocab_size, num_tokens each); their prefixes come in "
         "this order. Empty: unconditional.",
-    )
-    cond_dropout: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="Training probability of replacing a sample's conditions with the learned "
-        "null embeddings, so that classifier-free guidance works (arXiv 2207.12598).",
     )
     tie_embeddings: bool = Field(
         False,
@@ -214,20 +219,22 @@ class TransformerPrior(Prior):
     """GPT prior: pre-LN decoder-only transformer over row-major codes (arXiv 2012.09841).
 
     Conditions become prefix tokens, each with its own embedding table, learned position
-    embedding and learned null embedding (used where ``Conditioning.drop`` is True, and with
-    probability ``cond_dropout`` in training, so that classifier-free guidance works). An
+    embedding and learned null embedding (used where ``Conditioning.drop`` is True, which
+    ``Prior.loss`` sets with probability ``cond_dropout`` in training, so that classifier-free
+    guidance works). An
     unconditional model starts from one learned SOS token. ``layout="taming"`` reproduces the
     minGPT of Taming Transformers instead (shared token table, one position table, no SOS).
 
     Args:
         config: a ``TransformerPriorConfig``; nothing else is needed to rebuild the model.
 
-    Sampling (``sample``) runs the prefix once into a static KV cache ``[L, 2, B, H, T, Dh]``
-    and then one code per step; ``use_cache=False`` re-runs the whole sequence each step (the
-    reference the cache is tested against).
+    Sampling (``sample`` -> ``generate``) runs the prefix once into a static KV cache
+    ``[L, 2, B, H, T, Dh]`` and then one code per step; ``use_cache=False`` re-runs the whole
+    sequence each step (the reference the cache is tested against).
     """
 
     Config = TransformerPriorConfig
+    sample_options = frozenset({"use_cache"})
 
     def __init__(self, config: TransformerPriorConfig) -> None:
         super().__init__(config)
@@ -269,9 +276,12 @@ class TransformerPrior(Prior):
         # A tied head reads tok_emb.weight directly, so no two state-dict keys share storage
         # (safetensors refuses shared tensors).
         self.head = None if cfg.tie_embeddings else nn.Linear(c, cfg.vocab_size, bias=False)
+        # One backend per (device, dtype): "auto" may pick another kernel on another device.
         self._backends: dict[tuple[torch.device, torch.dtype], AttentionBackend] = {}
+        self._attention: str | AttentionBackend = "auto"
         if cfg.attention != "auto":
-            get_backend_instance(cfg.attention)  # an unknown name fails at build time
+            # Built now, so an unknown name fails at build time and caches live with the model.
+            self._attention = get_backend(cfg.attention, check=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -302,14 +312,8 @@ class TransformerPrior(Prior):
     def vocab_size(self) -> int:
         return int(self.config.vocab_size)
 
-    @property
-    def condition_names(self) -> tuple[str, ...]:
-        return tuple(self.config.conditions)
-
     # -- input checks ----------------------------------------------------------------------
-    def _check_grid(self, h: int, w: int) -> None:
-        if h < 1 or w < 1:
-            raise InputError(f"code grid must be at least 1x1, got {h}x{w}.")
+    def check_grid(self, h: int, w: int) -> None:
         if h * w > self.config.block_size:
             raise InputError(
                 f"code grid {h}x{w} ({h * w} codes) is larger than the positional table "
@@ -317,48 +321,17 @@ class TransformerPrior(Prior):
                 "the sliding window."
             )
 
-    def _checked_conds(self, conds: Conds | None) -> dict[str, Conditioning]:
-        got = self.check_conds(conds)
-        for name, slot in self.config.conditions.items():
-            c = got[name]
-            if c.vocab_size != slot.vocab_size or c.num_tokens != slot.num_tokens:
-                raise InputError(
-                    f"condition {name!r} has vocab_size={c.vocab_size}, num_tokens="
-                    f"{c.num_tokens}, but {type(self).__name__} was built for vocab_size="
-                    f"{slot.vocab_size}, num_tokens={slot.num_tokens}. Use the conditioner the "
-                    "prior was trained with (or fix conditions in the prior's config)."
-                )
-            if c.tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-                raise InputError(
-                    f"condition {name!r} tokens must be integers, got dtype {c.tokens.dtype}."
-                )
-            if c.tokens.numel():
-                lo, hi = int(c.tokens.min()), int(c.tokens.max())
-                if lo < 0 or hi >= slot.vocab_size:
-                    raise InputError(
-                        f"condition {name!r} tokens must lie in [0, {slot.vocab_size}), got "
-                        f"values in [{lo}, {hi}]."
-                    )
-            if c.drop is not None and tuple(c.drop.shape) != (c.batch_size,):
-                raise InputError(
-                    f"condition {name!r} drop mask must have shape [{c.batch_size}], got "
-                    f"{tuple(c.drop.shape)}."
-                )
-        return got
-
     def _backend(self, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
         key = (device, dtype)
         backend = self._backends.get(key)
         if backend is None:
-            backend = get_backend(self.config.attention, device, dtype)
+            backend = get_backend(self._attention, device, dtype)
             self._backends[key] = backend
         return backend
 
     # -- forward pieces ---------------------------------------------------------------------
-    def _prefix(
-        self, conds: dict[str, Conditioning], batch: int, drop: Tensor | None = None
-    ) -> Tensor:
-        """Embedded prefix ``[B, n_ctx, C]`` (positions included); ``drop [B]`` drops all conds."""
+    def _prefix(self, conds: dict[str, Conditioning], batch: int) -> Tensor:
+        """Embedded prefix ``[B, n_ctx, C]`` (positions included)."""
         cfg = self.config
         device = self.tok_emb.weight.device
         parts = []
@@ -370,8 +343,6 @@ class TransformerPrior(Prior):
             else:
                 e = self.cond_emb[name](tokens)  # [B, n, C]
             d = None if cond.drop is None else cond.drop.to(device=device, dtype=torch.bool)
-            if drop is not None:
-                d = drop if d is None else d | drop
             if d is not None:
                 e = torch.where(d[:, None, None], self.cond_null[name].to(e.dtype), e)
             if cfg.layout != "taming":
@@ -428,21 +399,11 @@ class TransformerPrior(Prior):
 
     def _code_logits(self, codes: Tensor, conds: Conds | None) -> Tensor:
         """Teacher-forced logits ``[B, h*w, K]``: entry ``i`` predicts code ``i``."""
-        self.check_codes(codes)
+        got = self.check_inputs(codes, conds)
         b, gh, gw = codes.shape
-        self._check_grid(gh, gw)
-        got = self._checked_conds(conds)
-        if got and next(iter(got.values())).batch_size != b:
-            raise InputError(
-                f"codes have batch size {b} but the conditions have "
-                f"{next(iter(got.values())).batch_size}."
-            )
         train = self.training
-        drop = None
-        if train and self.config.cond_dropout > 0 and got:
-            drop = torch.rand(b, device=self.tok_emb.weight.device) < self.config.cond_dropout
         flat = codes.reshape(b, gh * gw).to(self.tok_emb.weight.device, torch.long)  # [B, n]
-        x = torch.cat((self._prefix(got, b, drop), self._embed_codes(flat[:, :-1], 0)), dim=1)
+        x = torch.cat((self._prefix(got, b), self._embed_codes(flat[:, :-1], 0)), dim=1)
         if train and self.config.embd_dropout:
             x = F.dropout(x, self.config.embd_dropout, training=True)
         h = self._run(x, train=train)  # [B, n_ctx + n - 1, C]
@@ -452,8 +413,8 @@ class TransformerPrior(Prior):
     def log_prob(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
         """Total log-likelihood ``[B]`` in nats of each code grid ``[B, h, w]``.
 
-        In training mode dropout and ``cond_dropout`` apply (it is then the training objective);
-        call ``eval()`` for exact likelihoods.
+        In training mode dropout applies; call ``eval()`` for exact likelihoods. Condition
+        dropout (``cond_dropout``) applies in ``loss`` only.
         """
         logits = self._code_logits(codes, conds).float()  # [B, n, K]
         flat = codes.reshape(codes.shape[0], -1).to(logits.device, torch.long)  # [B, n]
@@ -461,116 +422,23 @@ class TransformerPrior(Prior):
         return logp.sum(-1)
 
     def loss(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
-        """Mean negative log-likelihood per code in nats (fused cross-entropy)."""
-        logits = self._code_logits(codes, conds)
+        """Mean negative log-likelihood per code in nats (fused cross-entropy), with condition
+        dropout in training mode."""
+        logits = self._code_logits(codes, self.drop_conditions(conds, int(codes.shape[0])))
         target = codes.reshape(-1).to(logits.device, torch.long)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target)
 
-    def sample(
-        self,
-        conds: Conds | None = None,
-        grid: tuple[int, int] = (16, 16),
-        sampler: SamplerConfig | None = None,
-        generator: Any = None,
-        num_samples: int | None = None,
-        prefix: Tensor | None = None,
-        use_cache: bool = True,
-    ) -> Tensor:
-        """Draw codes ``[B, h, w]`` (see ``Prior.sample``); ``use_cache=False`` is the slow
-        reference that re-runs the whole sequence for every code."""
-        sampler = sampler or SamplerConfig()
-        gh, gw = int(grid[0]), int(grid[1])
-        self._check_grid(gh, gw)
-        got = self._checked_conds(conds)
-        device = self.tok_emb.weight.device
-        if got:
-            b = next(iter(got.values())).batch_size
-            if num_samples is not None and num_samples != b:
-                raise InputError(
-                    f"num_samples={num_samples} but the conditions hold {b} rows; repeat them "
-                    f"instead (Conditioning.repeat(n)) or leave num_samples out."
-                )
-        else:
-            if sampler.guidance_scale != 1.0:
-                raise InputError(
-                    f"guidance_scale={sampler.guidance_scale} needs a conditional prior; this "
-                    "one is unconditional. Use guidance_scale=1."
-                )
-            b = (
-                num_samples
-                if num_samples is not None
-                else (int(prefix.shape[0]) if prefix is not None else 1)
-            )
-            if b < 1:
-                raise InputError(f"num_samples must be >= 1, got {b}.")
-        n = gh * gw
-        given = None
-        if prefix is not None:
-            if not isinstance(prefix, Tensor) or tuple(prefix.shape) != (b, gh, gw):
-                shape = tuple(prefix.shape) if isinstance(prefix, Tensor) else type(prefix)
-                raise InputError(
-                    f"prefix must be a [B, h, w] = [{b}, {gh}, {gw}] tensor of codes with -1 "
-                    f"where codes are to be drawn, got {shape}."
-                )
-            if prefix.dtype.is_floating_point or prefix.dtype == torch.bool:
-                raise InputError(f"prefix must hold integer codes, got dtype {prefix.dtype}.")
-            if prefix.numel():
-                lo, hi = int(prefix.min()), int(prefix.max())
-                if lo < -1 or hi >= self.vocab_size:
-                    raise InputError(
-                        f"prefix codes must lie in [0, {self.vocab_size}) or be -1 (to draw), "
-                        f"got values in [{lo}, {hi}]."
-                    )
-            given = prefix.reshape(b, n).to(device, torch.long)  # [B, n]
-        guided = bool(got) and sampler.guidance_scale != 1.0
-        with torch.inference_mode():
-            x0 = self._sample_prefix(got, b, guided)
-            pick = self._picker(sampler, generator, given, b, guided)
-            decode = self._decode_cached if use_cache else self._decode_uncached
-            out = decode(x0, n, pick, 2 if guided else 1)
-        # Clone outside inference mode: inference tensors cannot be used later in autograd
-        # (e.g. embedded in a training step).
-        return out.clone().view(b, gh, gw)
+    def generate(self, request: SampleRequest) -> Tensor:
+        """Draw codes ``[B, h, w]`` (``Prior.sample`` checks the inputs); the option
+        ``use_cache=False`` is the slow reference that re-runs the whole sequence per code."""
+        gh, gw = request.grid
+        x0 = self._prefix(request.conds, request.rows)  # [rows, n_ctx, C]
+        use_cache = bool(request.options.get("use_cache", True))
+        decode = self._decode_cached if use_cache else self._decode_uncached
+        out = decode(x0, gh * gw, request.pick, 2 if request.guided else 1)
+        return out.view(request.batch, gh, gw)
 
     # -- sampling internals -----------------------------------------------------------------
-    def _sample_prefix(self, got: dict[str, Conditioning], b: int, guided: bool) -> Tensor:
-        """Prefix embeddings; with guidance ``[2B, n_ctx, C]``: conditional rows, then null rows."""
-        if not guided:
-            return self._prefix(got, b)
-        both = {}
-        for name, c in got.items():
-            keep = torch.zeros(b, dtype=torch.bool) if c.drop is None else c.drop.cpu().bool()
-            drop = torch.cat((keep, torch.ones(b, dtype=torch.bool)))
-            both[name] = Conditioning(
-                tokens=torch.cat((c.tokens, c.tokens)),
-                vocab_size=c.vocab_size,
-                grid=c.grid,
-                drop=drop.to(c.tokens.device),
-            )
-        return self._prefix(both, 2 * b)
-
-    def _picker(
-        self,
-        sampler: SamplerConfig,
-        generator: Any,
-        given: Tensor | None,
-        b: int,
-        guided: bool,
-    ) -> Callable[[Tensor, int], Tensor]:
-        """``pick(logits [B or 2B, K], i) -> codes [B]`` for code ``i``: guide, draw, keep given."""
-        scale = sampler.guidance_scale
-
-        def pick(logits: Tensor, i: int) -> Tensor:
-            if guided:
-                logits = guide(logits[:b], logits[b:], scale)  # [B, K]
-            code = draw_fast(logits, sampler, generator)  # [B]
-            if given is not None:
-                g = given[:, i]
-                code = torch.where(g >= 0, g, code)
-            return code
-
-        return pick
-
     def _decode_cached(
         self, x0: Tensor, n: int, pick: Callable[[Tensor, int], Tensor], copies: int
     ) -> Tensor:

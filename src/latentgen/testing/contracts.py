@@ -267,6 +267,8 @@ class ConditionerContract(_Contract):
         assert out.vocab_size == cond.vocab_size
         assert int(out.tokens.min()) >= 0 and int(out.tokens.max()) < cond.vocab_size
         assert torch.equal(cond.encode(self.raw).tokens, out.tokens)
+        if cond.num_tokens is not None:  # the count the pipeline checks against prior slots
+            assert out.num_tokens == cond.num_tokens, "encode disagrees with num_tokens"
 
     def test_null_drops_all(self) -> None:
         out = self.build().encode(self.raw).null()

@@ -286,7 +286,6 @@ def train_prior(
             conds,
             tokenizer=tokenizer,
             condition_keys=keys,
-            cond_drop_prob=cfg.cond_drop_prob,
             grid_batch=default_collate([cache[i] for i in range(n)]),
             data_fingerprint=cache.fingerprint,
             sampler=cfg.spec.sampler,

@@ -248,15 +248,20 @@ class PriorTrainConfig(TrainConfig):
         description="Dataset key of each conditioner's raw data by conditioner name (default: "
         "the same name, e.g. label -> label).",
     )
-    cond_drop_prob: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="Probability of dropping each condition to the prior's null embedding while "
-        "training, for classifier-free guidance (arXiv 2207.12598). 0 turns it off.",
-    )
     grid_samples: int = Field(8, ge=1, le=256, description="Samples drawn for each sample grid.")
     encode_batch_size: int = Field(64, ge=1, le=65_536, description="Batch size for the cache.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_condition_dropout(cls, data: Any) -> Any:
+        """Condition dropout is the prior's ``cond_dropout``; say so to old configs."""
+        if isinstance(data, Mapping) and "cond_drop_prob" in data:
+            raise ValueError(
+                "cond_drop_prob is no longer a training option: condition dropout is the "
+                "prior's own `cond_dropout` (two knobs compounded). Move it to spec.prior: "
+                f"`cond_dropout: {data['cond_drop_prob']}` and remove cond_drop_prob."
+            )
+        return data
 
     @model_validator(mode="before")
     @classmethod

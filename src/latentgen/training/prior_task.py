@@ -46,8 +46,6 @@ class PriorTask(Task):
         conditioners: the pipeline's conditioners by name (not trained here).
         tokenizer: decodes samples for ``make_grid`` and goes into the exported pipeline.
         condition_keys: dataset key of each condition (default: its name).
-        cond_drop_prob: chance of replacing each condition by the prior's null embedding, for
-            classifier-free guidance (arXiv 2207.12598).
         grid_batch: a batch from the code cache; ``make_grid`` decodes its codes in one row and
             samples with its conditions in the next.
         data_fingerprint: the code cache's tokenizer fingerprint, checked on resume.
@@ -61,20 +59,16 @@ class PriorTask(Task):
         *,
         tokenizer: Tokenizer | None = None,
         condition_keys: Mapping[str, str] | None = None,
-        cond_drop_prob: float = 0.0,
         grid_batch: Mapping[str, Any] | None = None,
         data_fingerprint: str | None = None,
         sampler: SamplerConfig | None = None,
     ) -> None:
-        if not 0.0 <= cond_drop_prob < 1.0:
-            raise SpecError(f"cond_drop_prob must lie in [0, 1), got {cond_drop_prob}.")
         self.prior = prior
         self._loss = _PriorLoss(prior)
         self.conditioners = dict(conditioners or {})
         self.tokenizer = tokenizer
         keys = dict(condition_keys or {})
         self.condition_keys = {n: keys.get(n, n) for n in self.conditioners}
-        self.cond_drop_prob = cond_drop_prob
         self.grid_batch = grid_batch
         self.data_fingerprint = data_fingerprint
         self.sampler = sampler
@@ -96,7 +90,6 @@ class PriorTask(Task):
                 n: c.config.model_dump(mode="json") for n, c in self.conditioners.items()
             },
             "condition_keys": self.condition_keys,
-            "cond_drop_prob": self.cond_drop_prob,
             "data_fingerprint": self.data_fingerprint,
         }
 
@@ -108,10 +101,9 @@ class PriorTask(Task):
             self.tokenizer.to(device)
         return self
 
-    def conditions(
-        self, batch: Mapping[str, Any], drop_prob: float = 0.0
-    ) -> dict[str, Conditioning]:
-        """Encode the batch's raw conditions; with ``drop_prob`` mark random rows as dropped."""
+    def conditions(self, batch: Mapping[str, Any]) -> dict[str, Conditioning]:
+        """Encode the batch's raw conditions (``Prior.loss`` applies the prior's
+        ``cond_dropout``, so condition dropout has one knob)."""
         device = module_device(self.prior)
         conds = {}
         for name, cond in self.conditioners.items():
@@ -122,25 +114,20 @@ class PriorTask(Task):
                     f"{sorted(batch)}. Rebuild the code cache with that key, or map it with "
                     f"condition_keys: {{{name}: <key>}}."
                 )
-            c = cond.encode(batch[key]).to(device)
-            if drop_prob > 0:
-                # The global RNG is checkpointed, so the dropped rows replay exactly on resume.
-                drop = torch.rand(c.batch_size, device=device) < drop_prob  # [B]
-                c = c.with_drop(drop if c.drop is None else (c.drop | drop))
-            conds[name] = c
+            conds[name] = cond.encode(batch[key]).to(device)
         return conds
 
     def train_step(self, ctx: StepContext) -> dict[str, float | Tensor]:
         logs: dict[str, Any] = {}
         n = len(ctx.micro_batches)
         for batch in ctx.micro_batches:
-            conds = self.conditions(batch, self.cond_drop_prob)
+            conds = self.conditions(batch)
             with ctx.autocast():
                 loss = ctx.module("prior")(batch["codes"], conds)  # [] mean NLL per code
             ctx.backward(loss, "prior")
             mean_over_micro_batches(logs, {"loss": loss.detach()}, n)
         logs["grad_norm"] = ctx.update("prior")
-        logs["bits_per_dim"] = Prior.bits_per_dim(float(logs["loss"]))
+        logs["bits_per_code"] = Prior.bits_per_code(float(logs["loss"]))
         return logs
 
     @torch.no_grad()

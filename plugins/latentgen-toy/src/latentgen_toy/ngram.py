@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from latentgen import ComponentConfig, ConditionSlot, InputError, Prior, SamplerConfig
+from latentgen import ConditionSlot, InputError, Prior, PriorConfig, SampleRequest
 from latentgen.priors.base import Conds
-from latentgen.priors.sampling import draw
 
 
-class NGramPriorConfig(ComponentConfig):
+class NGramPriorConfig(PriorConfig):
     type: Literal["toy.ngram"] = "toy.ngram"
     vocab_size: int = Field(16, ge=2, le=256, description="Codes K.")
     order: int = Field(
@@ -32,7 +31,10 @@ class NGramPriorConfig(ComponentConfig):
 class NGramPrior(Prior):
     """``p(c[i,j] | left, up, up-left, label)`` from counts; outside the grid reads symbol K.
 
-    The neighbours all come earlier in raster order, so sampling stays autoregressive.
+    The neighbours all come earlier in raster order, so sampling stays autoregressive. A dropped
+    label (``Conditioning.drop``, classifier-free guidance's null branch) reads the counts of
+    all labels together, so guidance works without a table of its own. ``Prior.sample`` checks
+    the inputs and doubles the batch for guidance; this class only implements ``generate``.
     """
 
     Config = NGramPriorConfig
@@ -52,16 +54,20 @@ class NGramPrior(Prior):
     def vocab_size(self) -> int:
         return int(self.config.vocab_size)
 
-    @property
-    def condition_names(self) -> tuple[str, ...]:
-        return tuple(self.config.conditions)
-
     def _table_index(self, conds: Conds | None, batch: int) -> Tensor:
-        got = self.check_conds(conds)
+        """Table of each row ``[B]``: its label, or ``tables`` (all labels) where dropped."""
+        got = dict(conds or {})
         if not got:
             return torch.zeros(batch, dtype=torch.long, device=self.counts.device)
         cond = next(iter(got.values()))
-        return cond.tokens[:, 0].long().to(self.counts.device)
+        table = cond.tokens[:, 0].long().to(self.counts.device)
+        if cond.drop is not None:
+            table = table.masked_fill(cond.drop.to(table.device), self._tables)
+        return table
+
+    def _all_counts(self) -> Tensor:
+        """``[tables + 1, contexts, K]``: the per-label counts, then their sum (the null row)."""
+        return torch.cat((self.counts, self.counts.sum(0, keepdim=True)))
 
     _NEIGHBOURS = ((0, -1), (-1, 0), (-1, -1))  # (dy, dx): left, up, up-left
 
@@ -76,16 +82,20 @@ class NGramPrior(Prior):
             ids = ids * (k + 1) + padded[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
         return ids
 
-    def _probs(self, table: Tensor, context: Tensor) -> Tensor:
-        c = self.counts[table, context] + self.config.alpha  # [..., K]
+    def _probs(self, counts: Tensor, table: Tensor, context: Tensor) -> Tensor:
+        c = counts[table, context] + self.config.alpha  # [..., K]
         return c / c.sum(-1, keepdim=True)
 
     @torch.no_grad()
     def fit(self, codes: Tensor, conds: Conds | None = None) -> NGramPrior:
         """Add the n-gram counts of ``codes [B, h, w]`` (call repeatedly to add more data)."""
-        self.check_codes(codes)
+        got = self.check_inputs(codes, conds)
         grid = codes.long()
-        table = self._table_index(conds, grid.shape[0])[:, None, None].expand_as(grid)
+        plain = {
+            n: c.with_drop(torch.zeros_like(c.tokens[:, 0], dtype=torch.bool))
+            for n, c in got.items()
+        }
+        table = self._table_index(plain, grid.shape[0])[:, None, None].expand_as(grid)
         self.counts.index_put_(
             (table.reshape(-1), self._contexts(grid).reshape(-1), grid.reshape(-1)),
             torch.ones(grid.numel(), device=self.counts.device),
@@ -94,34 +104,17 @@ class NGramPrior(Prior):
         return self
 
     def log_prob(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
-        self.check_codes(codes)
+        got = self.check_inputs(codes, conds)
         grid = codes.long()
-        table = self._table_index(conds, grid.shape[0])[:, None, None].expand_as(grid)
-        p = self._probs(table, self._contexts(grid))  # [B, h, w, K]
+        table = self._table_index(got, grid.shape[0])[:, None, None].expand_as(grid)
+        p = self._probs(self._all_counts(), table, self._contexts(grid))  # [B, h, w, K]
         return p.gather(-1, grid[..., None]).squeeze(-1).log().flatten(1).sum(-1)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        conds: Conds | None = None,
-        grid: tuple[int, int] = (8, 8),
-        sampler: SamplerConfig | None = None,
-        generator: Any = None,
-        num_samples: int | None = None,
-        prefix: Tensor | None = None,
-    ) -> Tensor:
-        sampler = sampler or SamplerConfig()
-        got = self.check_conds(conds)
-        b = next(iter(got.values())).batch_size if got else (num_samples or 1)
-        h, w = grid
-        k = self.vocab_size
-        table = self._table_index(conds, b)
+    def generate(self, request: SampleRequest) -> Tensor:
+        b, (h, w), k = request.batch, request.grid, self.vocab_size
+        counts = self._all_counts()
+        table = self._table_index(request.conds, request.rows)  # [rows]
         out = torch.full((b, h, w), k, dtype=torch.long, device=self.counts.device)
-        given = None
-        if prefix is not None:
-            if tuple(prefix.shape) != (b, h, w):
-                raise InputError(f"prefix must be [{b}, {h}, {w}], got {tuple(prefix.shape)}.")
-            given = prefix.to(out.device).long()
         for i in range(h):
             for j in range(w):
                 context = torch.zeros(b, dtype=torch.long, device=out.device)
@@ -129,9 +122,6 @@ class NGramPrior(Prior):
                     y, x = i + dy, j + dx
                     inside = y >= 0 and 0 <= x < w
                     context = context * (k + 1) + (out[:, y, x] if inside else k)
-                probs = self._probs(table, context)  # [B, K]
-                nxt = draw(probs.log(), sampler, generator)
-                if given is not None:
-                    nxt = torch.where(given[:, i, j] >= 0, given[:, i, j], nxt)
-                out[:, i, j] = nxt
+                probs = self._probs(counts, table, request.expand(context))  # [rows, K]
+                out[:, i, j] = request.pick(probs.log(), i * w + j)
         return out
