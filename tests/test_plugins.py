@@ -470,3 +470,17 @@ def test_clashing_type_in_strict_mode_raises(clashing_dists):
     assert res.returncode != 0
     assert "registered twice" in res.stderr
     assert "'latentgen-dupa'" in res.stderr and "'latentgen-dupb'" in res.stderr
+
+
+def test_plugins_hook_filter_and_unknown_hook():
+    from click.testing import CliRunner
+
+    from latentgen.cli import main
+
+    res = CliRunner().invoke(main, ["plugins", "--json", "--hook", "register_priors"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert rows and all("register_priors" in r["hooks"] for r in rows)
+    res = CliRunner().invoke(main, ["plugins", "--hook", "register_prior"])
+    assert res.exit_code == 1
+    assert "unknown hook 'register_prior' (did you mean 'register_priors'?)" in res.output
