@@ -69,16 +69,43 @@ def test_throwaway_plugin_is_gone_after_test():
     assert "test.echo" not in registry.list("conditioner")
 
 
-def test_duplicate_type_names_both_plugins(latentgen_plugin):
+def test_duplicate_type_fails_at_registration_naming_both_plugins(latentgen_plugin):
     latentgen_plugin(_plugin(register_conditioners=lambda register: register(_Echo)), name="one")
 
     class _Other(_Echo):
         pass
 
-    latentgen_plugin(_plugin(register_conditioners=lambda register: register(_Other)), name="two")
     with pytest.raises(DuplicateComponentError, match="registered twice") as err:
-        registry.list("conditioner")
+        latentgen_plugin(
+            _plugin(register_conditioners=lambda register: register(_Other)), name="two"
+        )
     assert "'one'" in str(err.value) and "'two'" in str(err.value)
+    assert "_Other" in str(err.value) and "rename the type" in str(err.value)
+    # The first plugin keeps its type and the second left nothing behind.
+    assert registry.get("conditioner", "test.echo").cls is _Echo
+    assert "two" not in {p.name for p in plugin_infos()}
+
+
+def test_same_plugin_registered_twice_says_how_to_test_a_checkout(latentgen_plugin):
+    plugin = _plugin(register_conditioners=lambda register: register(_Echo))
+    latentgen_plugin(plugin, name="latentgen-echo", version="1.0")
+    # A second copy of the same package (same class names, other objects) ...
+    copy = _plugin(
+        register_conditioners=lambda register: register(
+            type(_Echo)(
+                "_Echo",
+                (_Echo,),
+                {"__module__": _Echo.__module__, "__qualname__": _Echo.__qualname__},
+            )
+        )
+    )
+    with pytest.raises(DuplicateComponentError, match='LATENTGEN_LOAD_PLUGINS=""'):
+        latentgen_plugin(copy, name="latentgen-echo-dev")
+    # ... or under the name the installed copy already holds.
+    with pytest.raises(PluginLoadError, match="already registered") as err:
+        latentgen_plugin(copy, name="latentgen-echo")
+    assert "latentgen-echo 1.0" in str(err.value)
+    assert 'LATENTGEN_LOAD_PLUGINS=""' in str(err.value)
 
 
 def test_misspelled_hook_gets_did_you_mean(latentgen_plugin):
@@ -90,39 +117,87 @@ def test_misspelled_hook_gets_did_you_mean(latentgen_plugin):
     assert "typo" not in {p.name for p in plugin_infos()}
 
 
-def _failure(name):
-    from latentgen.plugins import plugin_failures
-
-    return next(f.error for f in plugin_failures() if f.name == name)
-
-
-def test_register_rejects_non_component(latentgen_plugin, capsys, monkeypatch):
-    monkeypatch.delenv("LATENTGEN_STRICT_PLUGINS", raising=False)
-    latentgen_plugin(_plugin(register_conditioners=lambda register: register(dict)), name="bad")
+@pytest.mark.parametrize("strict", ["1", ""])
+def test_register_rejects_non_component_at_registration(latentgen_plugin, monkeypatch, strict):
+    monkeypatch.setenv("LATENTGEN_STRICT_PLUGINS", strict)
+    with pytest.raises(
+        PluginLoadError,
+        match=r"builtins.dict as a conditioner, but it is not a "
+        r"subclass of latentgen.Conditioner",
+    ):
+        latentgen_plugin(_plugin(register_conditioners=lambda register: register(dict)), name="b")
     assert "class_label" in registry.list("conditioner")  # the host carries on
-    assert "not a subclass of Conditioner" in _failure("bad")
-    assert "plugin bad 0 failed to load" in capsys.readouterr().err
+    assert "b" not in {p.name for p in plugin_infos()}
 
 
-def test_register_in_strict_mode_raises(latentgen_plugin, monkeypatch):
-    monkeypatch.setenv("LATENTGEN_STRICT_PLUGINS", "1")
-    latentgen_plugin(_plugin(register_conditioners=lambda register: register(dict)), name="bad")
-    with pytest.raises(PluginLoadError, match="not a subclass of Conditioner"):
-        registry.list("conditioner")
+def test_register_rejects_class_without_config(latentgen_plugin):
+    class NoConfig(Conditioner):
+        vocab_size = 2
+
+        def encode(self, raw):
+            raise NotImplementedError
+
+    with pytest.raises(PluginLoadError, match="has no `Config`") as err:
+        latentgen_plugin(_plugin(register_conditioners=lambda register: register(NoConfig)))
+    assert "test_register_rejects_class_without_config.<locals>.NoConfig" in str(err.value)
 
 
-def test_register_rejects_non_literal_type(latentgen_plugin, monkeypatch):
-    monkeypatch.delenv("LATENTGEN_STRICT_PLUGINS", raising=False)
-
+def test_register_rejects_non_literal_type(latentgen_plugin):
     class LooseConfig(ComponentConfig):
         type: str = "loose"
 
     class Loose(_Echo):
         Config = LooseConfig
 
-    latentgen_plugin(_plugin(register_conditioners=lambda register: register(Loose)), name="loose")
-    registry.list("conditioner")
-    assert "Literal['name']" in _failure("loose")
+    with pytest.raises(PluginLoadError, match=r"Literal\['name'\]") as err:
+        latentgen_plugin(_plugin(register_conditioners=lambda register: register(Loose)), name="l")
+    assert "<locals>.Loose as a conditioner" in str(err.value)
+    assert "<locals>.LooseConfig.type is <class 'str'>" in str(err.value)
+
+
+def test_hook_that_raises_fails_registration(latentgen_plugin):
+    def register_conditioners(register):
+        raise RuntimeError("no GPU kernels")
+
+    with pytest.raises(PluginLoadError, match="register_conditioners raised RuntimeError: no GPU"):
+        latentgen_plugin(_plugin(register_conditioners=register_conditioners), name="boom")
+
+
+def test_excluded_plugin_says_so(isolated_plugins, tmp_path):
+    with pytest.raises(latentgen.UnknownComponentError) as err:
+        registry.get("tokenizer", "toy.palette")
+    assert "excluded by LATENTGEN_LOAD_PLUGINS=''" in str(err.value)
+    assert "latentgen-toy" in str(err.value)
+    from latentgen.plugins import missing_plugin_hint
+
+    assert missing_plugin_hint("latentgen-toy", "0.1.0") == (
+        "latentgen-toy is installed but excluded by LATENTGEN_LOAD_PLUGINS='': add "
+        "latentgen-toy to that list or unset the variable"
+    )
+    assert missing_plugin_hint("latentgen-nowhere", "2.0") == (
+        'latentgen-nowhere 2.0 is not installed: pip install "latentgen-nowhere>=2.0"'
+    )
+
+
+def test_pipeline_of_excluded_plugin_says_so(tmp_path, monkeypatch):
+    from latentgen import Pipeline, plugins
+
+    Pipeline.from_spec(
+        {
+            "tokenizer": {"type": "toy.palette", "vocab_size": 4},
+            "prior": {"type": "toy.ngram", "vocab_size": 4},
+        }
+    ).save_pretrained(tmp_path / "toy")
+    monkeypatch.setenv("LATENTGEN_LOAD_PLUGINS", "")
+    plugins.reset_plugins()
+    try:
+        with pytest.raises(latentgen.UnknownComponentError) as err:
+            Pipeline.from_pretrained(tmp_path / "toy")
+    finally:
+        monkeypatch.undo()
+        plugins.reset_plugins()
+    assert "latentgen-toy is installed but excluded by LATENTGEN_LOAD_PLUGINS=''" in str(err.value)
+    assert "pip install" not in str(err.value)
 
 
 def test_isolated_plugins_has_builtins_only(isolated_plugins):
@@ -251,8 +326,11 @@ def _fake_dist(root: Path, dist: str, module: str, body: str) -> None:
 
 
 def _run(args, tmp_path, **env):
-    full = dict(os.environ, PYTHONPATH=str(tmp_path), **env)
-    full.pop("LATENTGEN_STRICT_PLUGINS", None) if "LATENTGEN_STRICT_PLUGINS" not in env else None
+    # The fake dists go in front of the current path, so the child runs this checkout's code.
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    full = dict(os.environ, PYTHONPATH=path, **env)
+    if "LATENTGEN_STRICT_PLUGINS" not in env:
+        full.pop("LATENTGEN_STRICT_PLUGINS", None)
     return subprocess.run(
         [str(BIN / "latentgen"), *args], capture_output=True, text=True, env=full, timeout=120
     )
@@ -319,3 +397,90 @@ def test_installed_toy_plugin_strict():
         "prior": ["toy.ngram"],
     }
     assert rows["latentgen-toy"]["version"] == "0.1.0"
+
+
+_DUP_BODY = """
+import latentgen
+import torch
+from typing import Literal
+from latentgen import ComponentConfig, Conditioner, Conditioning
+
+class DupConfig(ComponentConfig):
+    type: Literal["dup.parity"] = "dup.parity"
+
+class Dup(Conditioner):
+    Config = DupConfig
+    vocab_size = 2
+
+    def encode(self, raw):
+        return Conditioning(torch.as_tensor(raw).view(-1, 1).long() % 2, 2)
+
+@latentgen.hookimpl
+def register_conditioners(register):
+    register(Dup)
+"""
+
+
+@pytest.fixture
+def clashing_dists(tmp_path):
+    """Two installed plugins that both register conditioner type 'dup.parity'."""
+    _fake_dist(tmp_path, "latentgen-dupa", "dupa_plugin", _DUP_BODY)
+    _fake_dist(tmp_path, "latentgen-dupb", "dupb_plugin", _DUP_BODY)
+    return tmp_path
+
+
+def test_clashing_type_disables_the_later_plugin(clashing_dists, tmp_path):
+    res = _run(["plugins", "--json"], clashing_dists)
+    assert res.returncode == 0, res.stderr
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert rows["latentgen-dupa"]["components"] == {"conditioner": ["dup.parity"]}
+    assert rows["latentgen-dupa"]["error"] is None
+    error = rows["latentgen-dupb"]["error"]
+    assert "'latentgen-dupa' 0.2 (dupa_plugin.Dup)" in error
+    assert "'latentgen-dupb' 0.2 (dupb_plugin.Dup)" in error
+    assert "latentgen-dupb loaded later, so it is the one left out" in error
+    # Every other plugin's components are still listed.
+    assert "toy.palette" in rows["latentgen-toy"]["components"]["tokenizer"]
+    assert "class_label" in rows["latentgen"]["components"]["conditioner"]
+    assert [ln for ln in res.stderr.splitlines() if "latentgen-dupb 0.2 is disabled" in ln]
+    text = _run(["plugins"], clashing_dists).stdout
+    assert "failed to load or disabled:" in text and "toy.palette, " not in text
+    assert "tokenizer: toy.palette" in text
+
+
+def test_clashing_type_leaves_unrelated_commands_working(clashing_dists, tmp_path):
+    from latentgen import Pipeline
+
+    Pipeline.from_spec(
+        {
+            "tokenizer": {"type": "toy.palette", "vocab_size": 4},
+            "prior": {"type": "toy.ngram", "vocab_size": 4},
+        }
+    ).save_pretrained(tmp_path / "toy")
+    out = tmp_path / "s.png"
+    res = _run(
+        ["sample", str(tmp_path / "toy"), "-n", "2", "--size", "8", "-o", str(out)], clashing_dists
+    )
+    assert res.returncode == 0, res.stderr
+    assert out.is_file()
+
+
+def test_clashing_type_in_strict_mode_raises(clashing_dists):
+    res = _run(["plugins"], clashing_dists, LATENTGEN_STRICT_PLUGINS="1")
+    assert res.returncode != 0
+    assert "registered twice" in res.stderr
+    assert "'latentgen-dupa'" in res.stderr and "'latentgen-dupb'" in res.stderr
+
+
+def test_plugins_hook_filter_and_unknown_hook():
+    from click.testing import CliRunner
+
+    from latentgen.cli import main
+
+    res = CliRunner().invoke(main, ["plugins", "--json", "--hook", "register_priors"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert rows and all("register_priors" in r["hooks"] for r in rows)
+    res = CliRunner().invoke(main, ["plugins", "--hook", "register_prior"])
+    assert res.exit_code == 1
+    assert "unknown hook 'register_prior' (did you mean 'register_priors'?)" in res.output

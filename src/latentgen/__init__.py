@@ -4,8 +4,6 @@ The public API is small: ``Pipeline``, the specs, the registry, the ``hookimpl``
 plugins, and the base classes a plugin subclasses.
 """
 
-__version__ = "0.1.0"
-
 from latentgen import registry
 from latentgen.components import Component
 from latentgen.conditioners.base import Conditioner, Conditioning
@@ -27,6 +25,7 @@ from latentgen.priors.base import ConditionSlot, Prior, PriorConfig, SampleReque
 from latentgen.specs import ComponentConfig, PipelineSpec, SamplerConfig, load_spec
 from latentgen.tokenizers.base import Tokenizer, TokenizerOutput, TrainableTokenizer
 from latentgen.tokenizers.quantizers.base import Quantizer, QuantizerOutput
+from latentgen.version import __version__
 
 __all__ = [
     "CheckpointError",

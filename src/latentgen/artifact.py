@@ -286,7 +286,8 @@ def write_component(module: nn.Module, kind: str, directory: Path) -> dict[str, 
     Not atomic by itself: ``save_component`` and ``Pipeline.save_pretrained`` call it inside
     an ``atomic_directory``.
     """
-    from latentgen import __version__, registry
+    from latentgen import registry
+    from latentgen.version import __version__
 
     config: ComponentConfig = getattr(module, "config")  # noqa: B009 -- typed for mypy
     try:
@@ -339,7 +340,7 @@ def _read_versioned(
     migrations: Mapping[int, Callable[[dict[str, Any]], dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """A JSON manifest of format ``fmt``, upgraded through ``migrations`` to ``version``."""
-    from latentgen import __version__
+    from latentgen.version import __version__
 
     if not file.is_file():
         raise CheckpointError(
@@ -533,7 +534,8 @@ def find_component(path: str | os.PathLike[str], kind: str) -> ComponentRef:
 # -- loading --------------------------------------------------------------------------------------
 def check_registered(ref: ComponentRef, name: str | None = None) -> None:
     """An ``UnknownComponentError`` saying what to install when no plugin provides the type."""
-    from latentgen import __version__, registry
+    from latentgen import registry
+    from latentgen.version import __version__
 
     try:
         registry.get(ref.kind, ref.type)
@@ -554,9 +556,11 @@ def check_registered(ref: ComponentRef, name: str | None = None) -> None:
                 f"(pip install -U latentgen); otherwise the type was renamed or the file "
                 f"edited. ({e})"
             ) from None
+        from latentgen.plugins import missing_plugin_hint
+
         raise UnknownComponentError(
-            f"{ref.where} needs {what} from {plugin} {version}, which is not installed: pip "
-            f'install "{plugin}>={version}". ({e})'
+            f"{ref.where} needs {what} from {plugin} {version}, but "
+            f"{missing_plugin_hint(plugin, version)}. ({e})"
         ) from None
 
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 from pydantic import ValidationError
 
-from latentgen import __version__
 from latentgen.errors import LatentgenError
+from latentgen.version import __version__
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -40,68 +39,10 @@ def main() -> None:
 @click.option("--hook", default=None, help="Only plugins implementing this hook.")
 def plugins(as_json: bool, hook: str | None) -> None:
     """List every plugin, its version and components, and plugins that failed to load."""
-    from latentgen import plugins as plugins_mod
-    from latentgen import registry
+    from latentgen.plugins import format_plugin_rows, plugin_rows
 
-    infos = plugins_mod.plugin_infos()
-    by_dist: dict[str, dict[str, Any]] = {}
-    for info in infos:
-        row = by_dist.setdefault(
-            info.dist,
-            {
-                "name": info.dist,
-                "version": info.version,
-                "hooks": [],
-                "components": {},
-                "builtin": info.builtin,
-                "error": None,
-            },
-        )
-        row["hooks"] = sorted(set(row["hooks"]) | set(info.hooks))
-    registry_error = None
-    try:
-        for entry in registry.entries():
-            row = by_dist.setdefault(
-                entry.plugin,
-                {
-                    "name": entry.plugin,
-                    "version": entry.version,
-                    "hooks": [],
-                    "components": {},
-                    "builtin": False,
-                    "error": None,
-                },
-            )
-            row["components"].setdefault(entry.kind, []).append(entry.type)
-    except LatentgenError as e:  # e.g. a duplicate type: still list what we can
-        registry_error = str(e)
-    failures = [
-        {
-            "name": f.dist,
-            "version": f.version,
-            "hooks": [],
-            "components": {},
-            "builtin": False,
-            "error": f.error,
-        }
-        for f in plugins_mod.plugin_failures()
-    ]
-    rows = [r for r in by_dist.values() if hook is None or hook in r["hooks"]]
-    if as_json:
-        out: Any = rows + failures
-        click.echo(json.dumps(out, indent=2))
-    else:
-        click.echo(f"{'plugin':<20} {'version':<9} components")
-        for r in rows:
-            comps = " | ".join(f"{k}: {', '.join(v)}" for k, v in r["components"].items())
-            click.echo(f"{r['name']:<20} {r['version']:<9} {comps or '(none)'}")
-        if failures:
-            click.echo("failed to load:")
-            for f in failures:
-                click.echo(f"{f['name']:<20} {f['version']:<9} {f['error']}")
-    if registry_error:
-        click.echo(f"error: {registry_error}", err=True)
-        sys.exit(1)
+    rows = plugin_rows(hook)
+    click.echo(json.dumps(rows, indent=2) if as_json else format_plugin_rows(rows))
 
 
 @main.command()
@@ -247,6 +188,29 @@ def demo(out: Path, seed: int, toy: bool) -> None:
         run_demo(out, seed=seed)
 
 
+@main.command("new-plugin")
+@click.argument("name")
+@click.option(
+    "--dir",
+    "directory",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Where to write the package (default: ./latentgen-NAME). Must not exist.",
+)
+def new_plugin(name: str, directory: Path | None) -> None:
+    """Write a plugin package NAME with one component of each kind, its tests and CI."""
+    from latentgen.scaffold import new_plugin as write
+    from latentgen.scaffold import plugin_names
+
+    target = write(name, directory)
+    names = plugin_names(name)
+    click.echo(f"wrote {names.dist} (module {names.module}, types '{names.name}.*') to {target}")
+    click.echo(
+        f'test it: cd {target} && LATENTGEN_LOAD_PLUGINS="" PYTHONPATH=src python -m pytest; '
+        'install it: pip install -e ".[test]"'
+    )
+
+
 def _png_path(out: Path) -> Path:
     if out.suffix.lower() != ".png":
         raise click.BadParameter(f"{out}: the output must be a .png file", param_hint="--out")
@@ -264,6 +228,3 @@ def _add_training_commands() -> None:
 
 
 _add_training_commands()
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

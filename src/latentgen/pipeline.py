@@ -19,7 +19,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from latentgen import __version__, registry
+from latentgen import registry
 from latentgen.artifact import (
     PIPELINE_FILE,
     PIPELINE_FORMAT,
@@ -37,6 +37,7 @@ from latentgen.files import atomic_directory, atomic_write_json
 from latentgen.priors.base import Prior
 from latentgen.specs import ComponentConfig, PipelineSpec, SamplerConfig, load_spec, spec_error
 from latentgen.tokenizers.base import Tokenizer
+from latentgen.version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PIPELINE_FILE", "Pipeline"]
 

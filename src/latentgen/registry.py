@@ -1,8 +1,8 @@
 """The component registry: kind -> type -> (class, config class, plugin, version).
 
-Built lazily from the plugin hooks and rebuilt whenever a plugin is registered or unregistered.
-Each hook implementation is called on its own with a ``register`` bound to its plugin, so every
-entry knows who registered it.
+Questions about what is registered: ``kinds``, ``list``, ``get``, ``entries``, ``kind_of``,
+``parse_component`` and ``build``. The answers come from ``latentgen.plugins``, which collects
+each plugin's components (and checks them) as the plugin is registered.
 
     >>> from latentgen import registry
     >>> registry.list("quantizer")          # doctest: +SKIP
@@ -15,206 +15,91 @@ from __future__ import annotations
 import builtins
 import difflib
 import fnmatch
-import importlib
-import sys
-import threading
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, get_args, get_origin
+from typing import Any
 
-from latentgen.errors import (
-    DuplicateComponentError,
-    PluginLoadError,
-    SpecError,
-    UnknownComponentError,
-)
-from latentgen.specs import ComponentConfig
+from latentgen import plugins
+from latentgen.components import ComponentConfig
+from latentgen.errors import SpecError, UnknownComponentError
+from latentgen.plugins import ComponentInfo
 
-__all__ = ["ComponentInfo", "build", "entries", "get", "kind_of", "kinds", "list"]
-
-
-@dataclass(frozen=True)
-class _Kind:
-    name: str
-    hook: str
-    base: str  # "module:Class", imported lazily
-
-
-_KINDS: dict[str, _Kind] = {
-    k.name: k
-    for k in (
-        _Kind("tokenizer", "register_tokenizers", "latentgen.tokenizers.base:Tokenizer"),
-        _Kind("prior", "register_priors", "latentgen.priors.base:Prior"),
-        _Kind("conditioner", "register_conditioners", "latentgen.conditioners.base:Conditioner"),
-        _Kind("quantizer", "register_quantizers", "latentgen.tokenizers.quantizers.base:Quantizer"),
-        _Kind(
-            "attention_backend",
-            "register_attention_backends",
-            "latentgen.priors.attention:AttentionBackend",
-        ),
-        _Kind("dataset", "register_datasets", "latentgen.data.base:ImageDataset"),
-    )
-}
-
-
-@dataclass(frozen=True)
-class ComponentInfo:
-    """One registered component."""
-
-    kind: str
-    type: str
-    cls: builtins.type[Any]
-    config_cls: builtins.type[ComponentConfig]
-    plugin: str
-    version: str
-
-    @property
-    def qualname(self) -> str:
-        return f"{self.cls.__module__}.{self.cls.__qualname__}"
-
-    def describe(self) -> str:
-        return f"'{self.plugin}' {self.version} ({self.qualname})"
-
-
-_lock = threading.RLock()
-_entries: dict[str, dict[str, ComponentInfo]] | None = None
-
-
-def _invalidate() -> None:
-    global _entries
-    with _lock:
-        _entries = None
-
-
-def _base(kind: _Kind) -> type[Any]:
-    mod, _, cls = kind.base.partition(":")
-    base: type[Any] = getattr(importlib.import_module(mod), cls)
-    return base
-
-
-def _check_class(kind: _Kind, cls: Any, plugin: str) -> tuple[str, type[ComponentConfig]]:
-    base = _base(kind)
-    where = f"plugin {plugin} registered {getattr(cls, '__qualname__', cls)!r} as a {kind.name}"
-    if not isinstance(cls, type) or not issubclass(cls, base):
-        raise PluginLoadError(f"{where}, but it is not a subclass of {base.__qualname__}.")
-    config_cls = getattr(cls, "Config", None)
-    if not isinstance(config_cls, type) or not issubclass(config_cls, ComponentConfig):
-        raise PluginLoadError(
-            f"{where}, but its `Config` is not a latentgen.ComponentConfig subclass. Add "
-            f"`Config = MyConfig` where `class MyConfig(ComponentConfig): type: Literal['name']`."
-        )
-    ann = config_cls.model_fields["type"].annotation
-    args = get_args(ann)
-    if get_origin(ann) is not Literal or len(args) != 1 or not isinstance(args[0], str):
-        raise PluginLoadError(
-            f"{where}, but {config_cls.__qualname__}.type is {ann!r}; it must be "
-            f"`Literal['name']` with exactly one string."
-        )
-    return args[0], config_cls
-
-
-def _collect() -> dict[str, dict[str, ComponentInfo]]:
-    from latentgen import plugins
-
-    pm = plugins.get_plugin_manager()
-    table: dict[str, dict[str, ComponentInfo]] = {k: {} for k in _KINDS}
-    for kind in _KINDS.values():
-        caller = getattr(pm.hook, kind.hook)
-        # pluggy returns impls in call order (LIFO); register in plugin order instead so the
-        # built-ins come first and duplicate errors name the earlier plugin first.
-        for impl in reversed(caller.get_hookimpls()):
-            plugin = impl.plugin_name
-            dist, version = plugins.plugin_version(plugin)
-
-            def register(
-                cls: Any,
-                _kind: _Kind = kind,
-                _dist: str = dist,
-                _ver: str = version,
-                _plugin: str = plugin,
-            ) -> None:
-                type_name, config_cls = _check_class(_kind, cls, _plugin)
-                prev = table[_kind.name].get(type_name)
-                info = ComponentInfo(_kind.name, type_name, cls, config_cls, _dist, _ver)
-                if prev is not None and prev.cls is not cls:
-                    raise DuplicateComponentError(
-                        f"{_kind.name} type '{type_name}' is registered twice: by "
-                        f"{prev.describe()} and by {info.describe()}. Uninstall one or rename "
-                        f"the type."
-                    )
-                table[_kind.name][type_name] = info
-
-            kwargs = {"register": register} if "register" in impl.argnames else {}
-            try:
-                impl.function(**kwargs)
-            except DuplicateComponentError:
-                raise
-            except Exception as exc:
-                if plugins._strict() or plugin in plugins.BUILTIN_MODULES:
-                    raise
-                failure = plugins.PluginFailure(
-                    plugin, dist, version, f"{type(exc).__name__} in {kind.hook}: {exc}"
-                )
-                pm.failures.append(failure)  # type: ignore[attr-defined]
-                print(failure.line(), file=sys.stderr)
-    return table
-
-
-def _table() -> dict[str, dict[str, ComponentInfo]]:
-    global _entries
-    with _lock:
-        if _entries is None:
-            _entries = _collect()
-        return _entries
+__all__ = [
+    "ComponentInfo",
+    "build",
+    "entries",
+    "get",
+    "kind_of",
+    "kinds",
+    "list",
+    "parse_component",
+]
 
 
 def kinds() -> tuple[str, ...]:
     """The component kinds, e.g. ``('tokenizer', 'prior', 'conditioner', ...)``."""
-    return tuple(_KINDS)
+    return tuple(plugins.KINDS)
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in _KINDS:
-        close = difflib.get_close_matches(kind, _KINDS, n=1)
+    if kind not in plugins.KINDS:
+        close = difflib.get_close_matches(kind, plugins.KINDS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UnknownComponentError(
-            f"unknown component kind '{kind}'{hint}; kinds: {', '.join(_KINDS)}."
+            f"unknown component kind '{kind}'{hint}; kinds: {', '.join(plugins.KINDS)}."
         )
 
 
 def list(kind: str, pattern: str = "*") -> builtins.list[str]:
     """Sorted type names of ``kind`` matching the fnmatch ``pattern``."""
     _check_kind(kind)
-    return sorted(t for t in _table()[kind] if fnmatch.fnmatchcase(t, pattern))
+    return sorted(t for t in plugins.component_table()[kind] if fnmatch.fnmatchcase(t, pattern))
 
 
 def entries(kind: str | None = None) -> builtins.list[ComponentInfo]:
     """Every registered component (of one kind, or all), sorted by kind then type."""
     if kind is not None:
         _check_kind(kind)
-    table = _table()
-    wanted = (kind,) if kind is not None else tuple(_KINDS)
+    table = plugins.component_table()
+    wanted = (kind,) if kind is not None else tuple(plugins.KINDS)
     return [table[k][t] for k in wanted for t in sorted(table[k])]
+
+
+def _not_loaded_note() -> str:
+    """Plugins that are installed but not loaded: one of them may be what the user wants."""
+    notes = []
+    excluded = plugins.excluded_plugins()
+    if excluded:
+        env = os.environ.get("LATENTGEN_LOAD_PLUGINS", "")
+        notes.append(
+            f"installed but excluded by LATENTGEN_LOAD_PLUGINS={env!r}: "
+            f"{', '.join(sorted(excluded))}"
+        )
+    failed = sorted({f.dist for f in plugins.plugin_failures()})
+    if failed:
+        notes.append(f"failed to load or disabled: {', '.join(failed)}")
+    return f" Not loaded ({'; '.join(notes)})." if notes else ""
 
 
 def get(kind: str, type: str) -> ComponentInfo:
     """The registered component ``type`` of ``kind``; unknown types list the known ones."""
     _check_kind(kind)
-    table = _table()[kind]
+    table = plugins.component_table()[kind]
     if type not in table:
         known = sorted(table)
         close = difflib.get_close_matches(type, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UnknownComponentError(
             f"unknown {kind} type '{type}'{hint}; known {kind} types: "
-            f"{', '.join(known) or '(none)'}. Run `latentgen plugins` to see what is installed."
+            f"{', '.join(known) or '(none)'}. Run `latentgen plugins` to see what is "
+            f"installed.{_not_loaded_note()}"
         )
     return table[type]
 
 
 def kind_of(config: ComponentConfig) -> str:
     """The kind whose registry holds this config's class."""
-    for kind, table in _table().items():
+    for kind, table in plugins.component_table().items():
         info = table.get(config.type)
         if info is not None and isinstance(config, info.config_cls):
             return kind
@@ -224,10 +109,35 @@ def kind_of(config: ComponentConfig) -> str:
     )
 
 
+def parse_component(kind: str, data: Any) -> ComponentConfig:
+    """Validate ``data`` (a mapping or a config) as a config of the registered ``kind``.
+
+    Two passes: read ``type``, then validate the whole mapping with the config model the
+    plugin registered for it, so each plugin's config is checked by its own model.
+    """
+    if isinstance(data, ComponentConfig):
+        info = get(kind, data.type)
+        if not isinstance(data, info.config_cls):
+            # A config of the right type name but another class (e.g. a reloaded module).
+            data = data.model_dump()
+        else:
+            return data
+    if not isinstance(data, Mapping):
+        raise SpecError(
+            f"a {kind} config must be a mapping with a 'type' key, got {type(data).__name__}: "
+            f"{data!r}. Known {kind} types: {', '.join(list(kind)) or '(none)'}."
+        )
+    if "type" not in data:
+        raise SpecError(
+            f"{kind} config {dict(data)!r} has no 'type'. Add one of: "
+            f"{', '.join(list(kind)) or '(none installed)'}."
+        )
+    info = get(kind, str(data["type"]))
+    return info.config_cls.model_validate(dict(data))
+
+
 def build(kind_or_config: str | ComponentConfig, config: Any = None) -> Any:
     """Build a component: ``build("prior", {...})``, ``build("prior", cfg)`` or ``build(cfg)``."""
-    from latentgen.specs import parse_component
-
     if isinstance(kind_or_config, ComponentConfig):
         if config is not None:
             raise SpecError("build(config) takes one config; pass build(kind, config) instead.")

@@ -1,9 +1,10 @@
-"""Typed specs: the pydantic config every component is built from, and the PipelineSpec.
+"""Typed specs: the PipelineSpec, the sampler config, and reading/writing specs as JSON or YAML.
 
-Parsing a component config is two-pass: read its ``type``, look the type up in the registry for
-that kind, then validate the whole mapping with the config model the plugin registered. Each
-plugin's config is therefore checked by its own model, and an unknown type gets one line naming
-the known types and a did-you-mean.
+A component field is parsed in two passes by ``registry.parse_component``: read its ``type``,
+look the type up in the registry for that kind, then validate the whole mapping with the config
+model the plugin registered. Each plugin's config is therefore checked by its own model, and an
+unknown type gets one line naming the known types and a did-you-mean. ``ComponentConfig`` (the
+base of every component config) lives in ``latentgen.components`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -23,7 +24,9 @@ from pydantic import (
     model_validator,
 )
 
+from latentgen.components import ComponentConfig
 from latentgen.errors import SpecError
+from latentgen.registry import parse_component
 from latentgen.utils import read_config_text
 
 __all__ = [
@@ -35,57 +38,6 @@ __all__ = [
     "load_spec",
     "parse_component",
 ]
-
-
-class ComponentConfig(BaseModel):
-    """Base of every component config.
-
-    Subclasses declare ``type: Literal["name"] = "name"``; the literal is how the registry and
-    specs find the class. Configs are frozen (hashable, safe to share) and reject unknown fields
-    so a typo in a spec is an error, not a silently ignored option.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-    type: str
-
-    @classmethod
-    def type_name(cls) -> str:
-        """The single string of this config's ``type: Literal[...]`` field."""
-        field = cls.model_fields.get("type")
-        ann = field.annotation if field is not None else None
-        args: tuple[Any, ...] = tuple(get_args(ann))
-        if get_origin(ann) is not Literal or len(args) != 1 or not isinstance(args[0], str):
-            raise SpecError(
-                f'{cls.__module__}.{cls.__qualname__} must declare `type: Literal["name"] = '
-                f'"name"` with exactly one string; got {field.annotation if field else None!r}.'
-            )
-        return str(args[0])
-
-
-def parse_component(kind: str, data: Any) -> ComponentConfig:
-    """Validate ``data`` (a mapping or a config) as a config of the registered ``kind``."""
-    from latentgen import registry  # lazy: registry loads plugins, which import this module
-
-    if isinstance(data, ComponentConfig):
-        info = registry.get(kind, data.type)
-        if not isinstance(data, info.config_cls):
-            # A config of the right type name but another class (e.g. a reloaded module).
-            data = data.model_dump()
-        else:
-            return data
-    if not isinstance(data, Mapping):
-        raise SpecError(
-            f"a {kind} config must be a mapping with a 'type' key, got {type(data).__name__}: "
-            f"{data!r}. Known {kind} types: {', '.join(registry.list(kind)) or '(none)'}."
-        )
-    if "type" not in data:
-        raise SpecError(
-            f"{kind} config {dict(data)!r} has no 'type'. Add one of: "
-            f"{', '.join(registry.list(kind)) or '(none installed)'}."
-        )
-    info = registry.get(kind, str(data["type"]))
-    return info.config_cls.model_validate(dict(data))
 
 
 def _dispatch(kind: str) -> Callable[[Any], ComponentConfig]:

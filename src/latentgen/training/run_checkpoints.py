@@ -346,10 +346,11 @@ class _FileTracker:
 
     def __init__(self) -> None:
         self.current: str | None = None
+        self.used = False  # every write of the block went through writing()
 
     @contextlib.contextmanager
     def writing(self, name: str) -> Iterator[None]:
-        self.current = name
+        self.current, self.used = name, True
         yield
         self.current = None
 
@@ -370,14 +371,23 @@ def disk_full_guard(what: str, folder: Path, intact: str, then: str) -> Iterator
     except (OSError, SafetensorError) as e:
         if not is_disk_full(e) or isinstance(e, DiskFullError):
             raise
-        where = f"while writing {files.current}" if files.current else "while syncing it to disk"
         err = DiskFullError(
-            f"cannot write {what}: the disk is full ({_reason(e)}) {where} in {folder}. "
+            f"cannot write {what}: the disk is full ({_reason(e)}){_where(files, e)} in {folder}. "
             f"Nothing of it was kept; {intact}. Free space on that disk, then continue with: "
             f"{then}"
         )
         err.errno = errno.ENOSPC
         raise err from e
+
+
+def _where(files: _FileTracker, e: BaseException) -> str:
+    if files.current:
+        return f" while writing {files.current}"
+    name = getattr(e, "filename", None)
+    if name:
+        return f" while writing {Path(name).name}"
+    # All writes were tracked and none failed: the fsync or rename at the end did.
+    return " while syncing it to disk" if files.used else ""
 
 
 def _reason(e: BaseException) -> str:
