@@ -1,0 +1,199 @@
+"""Spatial conditioners: raw forms, grids aligned with the code grid, bad input, pipelines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentgen import Pipeline, registry
+from latentgen.conditioners.pose import heatmaps
+from latentgen.conditioners.spatial import sobel_edges
+from latentgen.data.shapes import ShapesConfig, ShapesDataset
+from latentgen.errors import InputError, SpecError
+
+TOKENIZER = {
+    "type": "vqvae",
+    "ch": 8,
+    "ch_mult": [1, 2, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "z_channels": 8,
+    "resolution": 16,
+    "norm_groups": 4,
+    "quantizer": {"type": "vq", "codebook_size": 16, "dim": 4},
+}
+
+
+def _item(i: int = 0):
+    return ShapesDataset(ShapesConfig(size=4, image_size=16))[i]
+
+
+def _pipe(conditioners, slots):
+    prior = {
+        "type": "transformer",
+        "vocab_size": 16,
+        "block_size": 16,
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 16,
+        "conditions": slots,
+    }
+    spec = {"tokenizer": TOKENIZER, "prior": prior, "conditioners": conditioners}
+    return Pipeline.from_spec(spec)
+
+
+def test_segmentation_zero_training_tokens_are_centre_class_ids():
+    seg = registry.build("conditioner", {"type": "segmentation", "num_classes": 7})
+    ids = _item()["segmentation"]  # [16, 16]
+    out = seg.encode(ids)
+    assert out.grid == (4, 4) and out.vocab_size == 7
+    assert torch.equal(out.tokens.view(4, 4), ids[2::4, 2::4])
+
+
+def test_segmentation_png_npy_tensor_and_path_agree(tmp_path):
+    seg = registry.build("conditioner", {"type": "segmentation", "num_classes": 7})
+    ids = _item()["segmentation"]
+    Image.fromarray(ids.numpy().astype(np.uint8), mode="L").save(tmp_path / "m.png")
+    np.save(tmp_path / "m.npy", ids.numpy())
+    want = seg.encode(ids).tokens
+    assert torch.equal(seg.encode(tmp_path / "m.png").tokens, want)
+    assert torch.equal(seg.encode(str(tmp_path / "m.npy")).tokens, want)
+    assert torch.equal(seg.encode(Image.open(tmp_path / "m.png")).tokens, want)
+    both = seg.encode([ids, tmp_path / "m.png"])
+    assert both.batch_size == 2 and torch.equal(both.tokens[1:], want)
+
+
+def test_segmentation_bad_ids_and_types():
+    seg = registry.build("conditioner", {"type": "segmentation", "num_classes": 7})
+    with pytest.raises(InputError, match=r"class id 9, outside \[0, 7\).*remap"):
+        seg.encode(torch.full((16, 16), 9))
+    with pytest.raises(InputError, match="integer class ids, got dtype torch.float32"):
+        seg.encode(torch.zeros(16, 16))
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    with pytest.raises(InputError, match="greyscale or palette PNG"):
+        seg.encode(rgb)
+    with pytest.raises(InputError, match="not a multiple of 4"):
+        seg.encode(torch.zeros(18, 16, dtype=torch.long))
+
+
+def test_depth_levels_follow_the_map_and_png_scales_to_range(tmp_path):
+    depth = registry.build("conditioner", {"type": "depth", "levels": 4})
+    near, far = torch.full((1, 16, 16), -1.0), torch.full((1, 16, 16), 1.0)
+    assert depth.encode(near).tokens.max() == 0 and depth.encode(far).tokens.min() == 3
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "d.png")
+    assert depth.encode(tmp_path / "d.png").tokens.min() == 3
+    with pytest.raises(InputError, match=r"depth map values must lie in \[-1, 1\], got \[0, 7\]"):
+        depth.encode(torch.linspace(0, 7, 256).view(1, 16, 16))
+
+
+def test_pose_heatmap_peaks_at_the_keypoint_and_invisible_is_empty():
+    kp = torch.tensor([[[4.5 / 16, 12.5 / 16, 1.0], [0.5, 0.5, 0.0]]])  # [1, 2, 3]
+    maps = heatmaps(kp, (16, 16), 0.05)  # [1, 2, 16, 16]
+    y, x = divmod(int(maps[0, 0].argmax()), 16)
+    assert (y, x) == (12, 4) and float(maps[0, 1].abs().max()) == 0.0
+
+
+def test_pose_json_forms_and_bad_keypoints(tmp_path):
+    pose = registry.build("conditioner", {"type": "pose", "num_keypoints": 5, "image_size": 16})
+    kp = _item()["pose"]  # [5, 3]
+    (tmp_path / "kp.json").write_text(json.dumps({"keypoints": kp.tolist()}))
+    want = pose.encode(kp).tokens
+    assert torch.equal(pose.encode(tmp_path / "kp.json").tokens, want)
+    assert torch.equal(pose.encode(kp.tolist()).tokens, want)
+    with pytest.raises(InputError, match="has 4 keypoints but this conditioner takes 5"):
+        pose.encode(kp[:4])
+    bad = kp.clone()
+    bad[2] = torch.tensor([1.5, 0.5, 1.0])
+    with pytest.raises(InputError, match=r"keypoint 2 of pose 0 is at \(1.5, 0.5\), outside"):
+        pose.encode(bad)
+    bad[2, 0] = float("nan")
+    with pytest.raises(InputError, match="keypoint 2 of pose 0 is missing"):
+        pose.encode(bad)
+    hidden = kp.clone()
+    hidden[2] = torch.tensor([1.5, 0.5, 0.0])  # out of range but not seen: fine
+    pose.encode(hidden)
+
+
+def test_edges_from_image_equal_edges_from_its_map():
+    edges = registry.build("conditioner", {"type": "edges"})
+    image = _item()["image"]  # [3, 16, 16]
+    emap = sobel_edges(image[None])[0]  # [1, 16, 16] in [0, 1]
+    assert float(emap.max()) > 0.2
+    assert torch.equal(edges.encode(image[None]).tokens, edges.encode(emap).tokens)
+    with pytest.raises(InputError, match=r"edge map values must lie in \[0, 1\]"):
+        edges.encode(emap * 2 - 1.5)
+
+
+def test_low_resolution_full_image_is_averaged_down_and_wrong_size_named():
+    low = registry.build("conditioner", {"type": "low_resolution", "factor": 2, "downsample": 2})
+    image = _item()["image"][None]  # [1, 3, 16, 16]
+    small = torch.nn.functional.avg_pool2d(image, 2)  # [1, 3, 8, 8]
+    assert low.image_downsample == 4
+    full = low.encode(image, size=(16, 16))
+    assert full.grid == (4, 4) and torch.equal(full.tokens, low.encode(small, size=(16, 16)).tokens)
+    with pytest.raises(InputError, match="low-resolution image is 4x4 pixels but the requested"):
+        low.encode(small[..., :4, :4], size=(16, 16))
+
+
+def test_cond_stage_tokenizer_channels_must_match_the_maps():
+    tok = dict(TOKENIZER, in_channels=3)
+    with pytest.raises(SpecError, match="set the tokenizer's in_channels to 7"):
+        registry.build("conditioner", {"type": "segmentation", "num_classes": 7, "tokenizer": tok})
+
+
+def test_segmentation_with_a_tokenizer_uses_its_codes():
+    tok = dict(TOKENIZER, in_channels=7, recon_loss="cross_entropy")
+    seg = registry.build(
+        "conditioner", {"type": "segmentation", "num_classes": 7, "tokenizer": tok}
+    )
+    ids = _item()["segmentation"]
+    out = seg.encode(ids)
+    assert out.vocab_size == 16 and out.grid == (4, 4)
+    maps = seg.prepare(ids)  # one-hot [1, 7, 16, 16]
+    assert torch.equal(out.tokens.view(1, 4, 4), seg.tokenizer.encode(maps))
+
+
+def test_pipeline_with_segmentation_and_class_label():
+    pipe = _pipe(
+        {
+            "segmentation": {"type": "segmentation", "num_classes": 7},
+            "label": {"type": "class_label", "num_classes": 6},
+        },
+        {"segmentation": {"vocab_size": 7, "num_tokens": 16}, "label": {"vocab_size": 6}},
+    )
+    it = _item()
+    g = torch.Generator().manual_seed(0)
+    images = pipe(segmentation=it["segmentation"], label=[it["label"]], generator=g)
+    assert images[0].size == (16, 16)  # size implied by the map
+    two = pipe(
+        segmentation=torch.stack([it["segmentation"], _item(1)["segmentation"]]),
+        label=[0, 1],
+        output_type="tensor",
+    )
+    assert two.shape == (2, 3, 16, 16)
+    with pytest.raises(
+        InputError, match="segmentation map is 16x16 pixels but the requested image is 32x32"
+    ):
+        pipe(segmentation=it["segmentation"], label=[0], size=32)
+    with pytest.raises(
+        InputError,
+        match=r"conditions do not match this pipeline \(unknown "
+        r"\['depth'\]",
+    ):
+        pipe(segmentation=it["segmentation"], label=[0], depth=it["depth"])
+
+
+def test_pipeline_refuses_a_condition_grid_that_is_not_the_code_grid():
+    with pytest.raises(
+        SpecError,
+        match=r"one token per 8x8 image pixels but the tokenizer one "
+        r"code per 4x4.*downsample = 4",
+    ):
+        _pipe(
+            {"depth": {"type": "depth", "downsample": 8}},
+            {"depth": {"vocab_size": 16, "num_tokens": 4}},
+        )
