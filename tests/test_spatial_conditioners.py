@@ -197,3 +197,51 @@ def test_pipeline_refuses_a_condition_grid_that_is_not_the_code_grid():
             {"depth": {"type": "depth", "downsample": 8}},
             {"depth": {"vocab_size": 16, "num_tokens": 4}},
         )
+
+
+def test_cli_sample_with_every_spatial_condition_file(tmp_path):
+    from click.testing import CliRunner
+
+    from latentgen.cli import main
+
+    conds = {
+        "segmentation": {"type": "segmentation", "num_classes": 7},
+        "depth": {"type": "depth"},
+        "pose": {"type": "pose", "num_keypoints": 5},
+        "edges": {"type": "edges"},
+        "low_resolution": {"type": "low_resolution", "factor": 2, "downsample": 2},
+    }
+    vocab = {"segmentation": 7, "depth": 16, "pose": 6, "edges": 8, "low_resolution": 64}
+    pipe = _pipe(conds, {n: {"vocab_size": v, "num_tokens": 16} for n, v in vocab.items()})
+    pipe.save_pretrained(tmp_path / "p")
+    it = _item()
+    Image.fromarray(it["segmentation"].numpy().astype(np.uint8)).save(tmp_path / "map.png")
+    depth8 = ((it["depth"][0] + 1) * 127.5).round().numpy().astype(np.uint8)
+    Image.fromarray(depth8).save(tmp_path / "d.png")
+    (tmp_path / "kp.json").write_text(json.dumps(it["pose"].tolist()))
+    edge8 = (sobel_edges(it["image"][None])[0, 0] * 255).round().numpy().astype(np.uint8)
+    Image.fromarray(edge8).save(tmp_path / "e.png")
+    small = torch.nn.functional.avg_pool2d(it["image"][None], 2)[0]  # [3, 8, 8]
+    small8 = ((small + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.uint8)
+    Image.fromarray(small8).save(tmp_path / "small.png")
+    args = ["sample", str(tmp_path / "p"), "-n", "2", "-o", str(tmp_path / "s.png")]
+    for flag in (
+        "segmentation=@map.png",
+        "depth=@d.png",
+        "pose=@kp.json",
+        "edges=@e.png",
+        "low_resolution=@small.png",
+    ):
+        name, _, file = flag.partition("=@")
+        args += ["-c", f"{name}=@{tmp_path / file}"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "wrote 2 images" in res.output and (tmp_path / "s.png").is_file()
+
+    Image.fromarray(np.full((16, 16), 9, np.uint8)).save(tmp_path / "bad.png")
+    bad = [
+        a if not a.startswith("segmentation=") else f"segmentation=@{tmp_path / 'bad.png'}"
+        for a in args
+    ]
+    res = CliRunner().invoke(main, bad)
+    assert res.exit_code != 0 and "class id 9, outside [0, 7)" in res.output
