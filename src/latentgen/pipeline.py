@@ -74,6 +74,14 @@ def _check_fit(tokenizer: Tokenizer, prior: Prior, conditioners: Mapping[str, Co
     for name, cond in conditioners.items():
         slot = slots.get(name)
         if slot is not None and slot.vocab_size != cond.vocab_size:
+            if getattr(cond, "tokenizer", None) is not None:
+                raise SpecError(
+                    f"conditioner '{name}' tokenizes its maps with a cond-stage tokenizer of "
+                    f"{cond.vocab_size} codes but the prior's slot for it expects "
+                    f"{slot.vocab_size}: set prior.conditions.{name}.vocab_size = "
+                    f"{cond.vocab_size}, or use the cond-stage tokenizer the prior was trained "
+                    "with."
+                )
             raise SpecError(
                 f"conditioner '{name}' has a vocabulary of {cond.vocab_size} tokens but the "
                 f"prior's slot for it expects {slot.vocab_size}: set "

@@ -5,6 +5,7 @@ from latentgen.hookspecs import RegisterFn, hookimpl
 
 @hookimpl
 def register_datasets(register: RegisterFn) -> None:
+    from latentgen.data.condition_maps import ConditionMapsDataset
     from latentgen.data.fashion_mnist import FashionMNIST
     from latentgen.data.folder import ImageFolderDataset
     from latentgen.data.shapes import ShapesDataset
@@ -12,3 +13,4 @@ def register_datasets(register: RegisterFn) -> None:
     register(ShapesDataset)
     register(ImageFolderDataset)
     register(FashionMNIST)
+    register(ConditionMapsDataset)

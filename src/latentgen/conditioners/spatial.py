@@ -156,13 +156,21 @@ class SpatialConditioner(Conditioner):
         if config.tokenizer is not None:
             from latentgen import registry
 
-            self.tokenizer = registry.build("tokenizer", config.tokenizer)
+            self.tokenizer = registry.build("tokenizer", config.tokenizer).eval()
             if self.tokenizer.in_channels != self.channels:
                 raise SpecError(
                     f"{config.type}: the cond-stage tokenizer takes {self.tokenizer.in_channels}"
                     f"-channel images but this conditioner's maps have {self.channels} channels; "
                     f"set the tokenizer's in_channels to {self.channels}."
                 )
+
+    def train(self, mode: bool = True) -> SpatialConditioner:
+        """Train mode never reaches the cond-stage tokenizer (no codebook updates while a prior
+        trains on its tokens)."""
+        super().train(mode)
+        if self.tokenizer is not None:
+            self.tokenizer.eval()
+        return self
 
     # -- what a subclass provides -----------------------------------------------------------------
     @property
@@ -246,7 +254,9 @@ class SpatialConditioner(Conditioner):
         """
         maps = self.prepare(raw, size)  # [B, C, H, W]
         if self.tokenizer is not None:
-            codes = self.tokenizer.encode(maps)  # [B, hc, wc]
+            device = next(iter(self.tokenizer.parameters())).device
+            with torch.no_grad():  # the cond stage is trained on its own, never through a prior
+                codes = self.tokenizer.encode(maps.to(device))  # [B, hc, wc]
         else:
             codes = self.quantize(maps)  # [B, hc, wc]
         hc, wc = int(codes.shape[1]), int(codes.shape[2])

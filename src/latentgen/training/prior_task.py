@@ -122,13 +122,22 @@ class PriorTask(Task):
                     f"{sorted(batch)}. Rebuild the code cache with that key, or map it with "
                     f"condition_keys: {{{name}: <key>}}."
                 )
-            c = cond.encode(batch[key]).to(device)
+            c = self._encode(cond, batch[key], batch.get("codes")).to(device)
             if drop_prob > 0:
                 # The global RNG is checkpointed, so the dropped rows replay exactly on resume.
                 drop = torch.rand(c.batch_size, device=device) < drop_prob  # [B]
                 c = c.with_drop(drop if c.drop is None else (c.drop | drop))
             conds[name] = c
         return conds
+
+    def _encode(self, cond: Conditioner, raw: Any, codes: Tensor | None) -> Conditioning:
+        """A spatial conditioner is told the image size of the code grids it conditions."""
+        from latentgen.conditioners.spatial import SpatialConditioner
+
+        if isinstance(cond, SpatialConditioner) and codes is not None and self.tokenizer:
+            f = int(self.tokenizer.downsample)
+            return cond.encode(raw, size=(int(codes.shape[-2]) * f, int(codes.shape[-1]) * f))
+        return cond.encode(raw)
 
     def train_step(self, ctx: StepContext) -> dict[str, float | Tensor]:
         logs: dict[str, Any] = {}
