@@ -88,6 +88,12 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
     "dataset": {
         "shapes": {"type": "shapes", "size": 4, "image_size": 16},
         "image_folder": {"type": "image_folder", "root": "/nonexistent", "image_size": 16},
+        "paired_folder": {"type": "paired_folder", "root": "/nonexistent", "image_size": 16},
+        "condition_maps": {
+            "type": "condition_maps",
+            "conditioner": {"type": "segmentation", "num_classes": 7},
+            "data": {"type": "shapes", "size": 4, "image_size": 16},
+        },
         "fashion_mnist": {"type": "fashion_mnist"},
     },
 }
