@@ -66,9 +66,9 @@ def test_segmentation_to_image_end_to_end(trained):
     pipe = Pipeline.from_pretrained(final)
     seg = pipe.conditioners["segmentation"]
     # the conditioner holds the trained cond-stage tokenizer, saved with the pipeline
-    from latentgen.training.tasks import load_tokenizer
+    from latentgen.artifact import load_component
 
-    trained_tok = load_tokenizer(trained / "runs" / "shapes-segmentation-vqvae")
+    trained_tok = load_component(trained / "runs" / "shapes-segmentation-vqvae", "tokenizer")
     for key, value in trained_tok.state_dict().items():
         assert torch.equal(seg.tokenizer.state_dict()[key], value), key
     assert seg.tokenizer.config.recon_loss == "cross_entropy"

@@ -13,7 +13,7 @@ from latentgen import Pipeline, registry
 from latentgen.conditioners.pose import heatmaps
 from latentgen.conditioners.spatial import sobel_edges
 from latentgen.data.shapes import ShapesConfig, ShapesDataset
-from latentgen.errors import InputError, SpecError
+from latentgen.errors import DataError, InputError, SpecError
 
 TOKENIZER = {
     "type": "vqvae",
@@ -245,3 +245,56 @@ def test_cli_sample_with_every_spatial_condition_file(tmp_path):
     ]
     res = CliRunner().invoke(main, bad)
     assert res.exit_code != 0 and "class id 9, outside [0, 7)" in res.output
+
+
+def _paired(root, stems=("a", "b"), conds=("segmentation", "depth", "pose")):
+    for sub in ("images", *conds):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for s in stems:
+        Image.new("RGB", (24, 16), (200, 10, 10)).save(root / "images" / f"{s}.png")
+        if "segmentation" in conds:
+            ids = np.zeros((16, 24), np.uint8)
+            ids[:, 12:] = 3
+            Image.fromarray(ids).save(root / "segmentation" / f"{s}.png")
+        if "depth" in conds:
+            np.save(root / "depth" / f"{s}.npy", np.full((16, 24), 0.5, np.float32))
+        if "pose" in conds:
+            (root / "pose" / f"{s}.json").write_text(json.dumps([[0.5, 0.5, 1], [0.1, 0.5, 1]]))
+
+
+def test_paired_folder_items_are_cropped_alike(tmp_path):
+    _paired(tmp_path)
+    cfg = {
+        "type": "paired_folder",
+        "root": str(tmp_path),
+        "image_size": 16,
+        "conditions": ["segmentation", "depth", "pose"],
+    }
+    data = registry.build("dataset", cfg)
+    item = data[0]
+    assert item["image"].shape == (3, 16, 16) and item["segmentation"].shape == (16, 16)
+    # the 24-wide map is centre-cropped by 4 columns: ids switch at column 12 - 4 = 8
+    assert item["segmentation"][0, 7] == 0 and item["segmentation"][0, 8] == 3
+    assert torch.allclose(item["depth"], torch.full((1, 16, 16), 0.5))
+    # x = 0.5 of 24 px is 12, minus the 4 px crop: 8 of 16; x = 0.1 is cropped away (not seen)
+    assert item["pose"][0].tolist() == [0.5, 0.5, 1.0] and item["pose"][1, 2] == 0
+
+
+def test_paired_folder_names_every_missing_partner_and_size_mismatch(tmp_path):
+    _paired(tmp_path, conds=("segmentation", "depth"))
+    (tmp_path / "segmentation" / "b.png").unlink()
+    np.save(tmp_path / "depth" / "a.npy", np.zeros((8, 8), np.float32))
+    Image.new("L", (24, 16)).save(tmp_path / "segmentation" / "zzz.png")
+    cfg = {
+        "type": "paired_folder",
+        "root": str(tmp_path),
+        "image_size": 16,
+        "conditions": ["segmentation", "depth"],
+    }
+    with pytest.raises(DataError) as e:
+        registry.build("dataset", cfg)
+    msg = str(e.value)
+    assert "3 problem(s)" in msg
+    assert "images/b.png has no partner in segmentation/" in msg
+    assert "depth/a.npy is 8x8 but images/a.png is 16x24" in msg
+    assert "segmentation/zzz.png has no image in images/" in msg

@@ -329,8 +329,8 @@ def _prior_train_config(config_path: Path) -> Any:
 
 def _load_cond_tokenizers(conds: Mapping[str, Any], paths: Mapping[str, Path]) -> None:
     """Put each trained cond-stage tokenizer's weights into its spatial conditioner."""
-    from latentgen.conditioners.spatial import SpatialConditioner
     from latentgen.artifact import load_component
+    from latentgen.conditioners.spatial import SpatialConditioner
 
     for name, path in paths.items():
         cond = conds[name]
