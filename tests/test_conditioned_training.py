@@ -117,3 +117,30 @@ def test_cond_tokenizers_must_name_a_conditioner(trained):
     res = CliRunner().invoke(main, ["train", "prior", "--config", str(cfg)])
     assert res.exit_code != 0
     assert "cond_tokenizers names ['depth']" in res.output
+
+
+@pytest.mark.parametrize("cond", ["segmentation", "depth", "pose"])
+def test_shipped_cond_stage_configs_fit_their_conditioner_and_prior(cond):
+    from latentgen import registry
+    from latentgen.training.config import (
+        PriorTrainConfig,
+        TokenizerTrainConfig,
+        load_train_config,
+    )
+
+    tok_cfg = load_train_config(CONFIGS / f"shapes-{cond}-vqvae.yaml", TokenizerTrainConfig)
+    tok_cfg = tok_cfg.model_copy(
+        update={"data": tok_cfg.data.model_copy(update={"data": {"type": "shapes", "size": 2}})}
+    )
+    maps = registry.build("dataset", tok_cfg.data)[0]["image"]  # [C, 32, 32]
+    tokenizer = registry.build("tokenizer", tok_cfg.tokenizer_config)
+    assert maps.shape == (tokenizer.in_channels, 32, 32)
+    assert tokenizer.encode(maps[None]).shape == (1, 8, 8)
+
+    prior = yaml.safe_load((CONFIGS / f"shapes-{cond}-transformer.yaml").read_text())
+    image_tok = yaml.safe_load((CONFIGS / "shapes-vqgan.yaml").read_text())["tokenizer"]
+    prior["spec"]["tokenizer"] = image_tok
+    prior["spec"]["conditioners"][cond]["tokenizer"] = tok_cfg.tokenizer_config.model_dump()
+    spec = load_train_config(prior, PriorTrainConfig).spec
+    pipe = Pipeline.from_spec(spec)  # the parts fit: grids, vocabularies, slots
+    assert pipe.prior.config.conditions[cond].vocab_size == tokenizer.vocab_size

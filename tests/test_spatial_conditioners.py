@@ -126,6 +126,8 @@ def test_edges_from_image_equal_edges_from_its_map():
     assert torch.equal(edges.encode(image[None]).tokens, edges.encode(emap).tokens)
     with pytest.raises(InputError, match=r"edge map values must lie in \[0, 1\]"):
         edges.encode(emap * 2 - 1.5)
+    with pytest.raises(InputError, match="the edge map is 16x16 pixels but the requested image"):
+        edges.encode(emap, size=(32, 32))
 
 
 def test_low_resolution_full_image_is_averaged_down_and_wrong_size_named():
