@@ -300,3 +300,32 @@ def test_paired_folder_names_every_missing_partner_and_size_mismatch(tmp_path):
     assert "images/b.png has no partner in segmentation/" in msg
     assert "depth/a.npy is 8x8 but images/a.png is 16x24" in msg
     assert "segmentation/zzz.png has no image in images/" in msg
+
+
+def test_prior_training_derives_edges_and_low_resolution_from_the_images():
+    from latentgen.training.prior_task import PriorTask
+
+    conds = {
+        "edges": {"type": "edges"},
+        "low_resolution": {"type": "low_resolution", "factor": 2, "downsample": 2},
+    }
+    slots = {
+        "edges": {"vocab_size": 8, "num_tokens": 16},
+        "low_resolution": {"vocab_size": 64, "num_tokens": 16},
+    }
+    pipe = _pipe(conds, slots)
+    images = torch.stack([_item(i)["image"] for i in range(2)])  # [2, 3, 16, 16]
+    task = PriorTask(
+        pipe.prior,
+        pipe.conditioners,
+        tokenizer=pipe.tokenizer,
+        condition_keys={"edges": "image", "low_resolution": "image"},
+    )
+    batch = {"codes": pipe.encode(images), "image": images}
+    got = task.conditions(batch)
+    assert got["edges"].grid == got["low_resolution"].grid == (4, 4)
+    small = torch.nn.functional.avg_pool2d(images, 2)
+    want = pipe.conditioners["low_resolution"].encode(small)
+    assert torch.equal(got["low_resolution"].tokens, want.tokens)
+    loss = pipe.prior.loss(batch["codes"], got)
+    assert torch.isfinite(loss)
