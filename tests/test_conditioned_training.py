@@ -92,6 +92,14 @@ def test_segmentation_to_image_end_to_end(trained):
     assert res.exit_code == 0, res.output
     assert "wrote 2 images" in res.output and out.stat().st_size > 0
 
+    # held-out NLL of the conditioned prior, its maps encoded at the images' size
+    data_cfg = trained / "shapes-segmentation-transformer.yaml"
+    res = CliRunner().invoke(
+        main, ["eval", "prior", str(final), "--data", str(data_cfg), "--limit", "4"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "bits" in res.output
+
     g = torch.Generator().manual_seed(3)
     a = pipe(segmentation=ids, output_type="tensor", generator=g)
     assert a.shape == (1, 3, 32, 32)
