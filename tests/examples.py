@@ -67,6 +67,11 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "conditioner": {
         "class_label": {"type": "class_label", "num_classes": 5},
+        "segmentation": {"type": "segmentation", "num_classes": 4, "downsample": 4},
+        "depth": {"type": "depth", "downsample": 4, "levels": 8},
+        "pose": {"type": "pose", "num_keypoints": 3, "image_size": 16, "downsample": 4},
+        "edges": {"type": "edges", "downsample": 4},
+        "low_resolution": {"type": "low_resolution", "factor": 2, "downsample": 2},
     },
     "quantizer": {
         "vq": {"type": "vq", "codebook_size": 16, "dim": 4},
@@ -83,6 +88,12 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
     "dataset": {
         "shapes": {"type": "shapes", "size": 4, "image_size": 16},
         "image_folder": {"type": "image_folder", "root": "/nonexistent", "image_size": 16},
+        "paired_folder": {"type": "paired_folder", "root": "/nonexistent", "image_size": 16},
+        "condition_maps": {
+            "type": "condition_maps",
+            "conditioner": {"type": "segmentation", "num_classes": 7},
+            "data": {"type": "shapes", "size": 4, "image_size": 16},
+        },
         "fashion_mnist": {"type": "fashion_mnist"},
     },
 }

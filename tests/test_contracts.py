@@ -6,10 +6,22 @@ component is covered as soon as it registers (and tests/examples.py gives it a c
 
 from __future__ import annotations
 
+import torch
+
 from examples import example, swept
 from latentgen.testing import ConditionerContract, PriorContract, TokenizerContract
 
-_RAW = {"class_label": ([0, 3, 4], [7])}
+_RAW = {
+    "class_label": ([0, 3, 4], [7]),
+    "segmentation": (torch.arange(2 * 16 * 16).reshape(2, 16, 16) % 4, torch.full((16, 16), 4)),
+    "depth": (torch.linspace(-1, 1, 2 * 16 * 16).reshape(2, 1, 16, 16), torch.full((16, 16), 2.0)),
+    "pose": (
+        torch.tensor([[[0.5, 0.5, 1], [0.1, 0.2, 1], [0.9, 0.9, 0]]] * 2),
+        [[0.5, 0.5, 1], [0.1, 0.2, 1]],
+    ),
+    "edges": (torch.rand(2, 3, 16, 16) * 2 - 1, torch.full((16, 16), -0.5)),
+    "low_resolution": (torch.rand(2, 3, 8, 8) * 2 - 1, torch.full((3, 8, 8), 3.0)),
+}
 _TOKENIZER_SIZES = {"toy.palette": 16, "vqvae": 16, "vqgan": 16}
 _PRIOR_GRIDS = {"pixelsnail": (4, 4), "transformer": (3, 4), "toy.ngram": (4, 4)}
 

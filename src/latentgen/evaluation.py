@@ -237,6 +237,8 @@ def evaluate_prior(
     dev = _device_of(pipe.prior, device)
     pipe.to(dev)
     batches = _batches(dataset, batch_size, limit)
+    from latentgen.conditioners.spatial import SpatialConditioner
+
     nats, codes_seen, images, values = 0.0, 0, 0, 0
     with _evaluating(pipe.tokenizer), _evaluating(pipe.prior):
         for batch in batches:
@@ -251,7 +253,11 @@ def evaluate_prior(
                         f"{sorted(batch)}; map it with condition_keys={{'{name}': <key>}} "
                         f"(--key {name}=<key> on the command line)."
                     )
-                conds[name] = cond.encode(batch[key]).to(dev)
+                if isinstance(cond, SpatialConditioner):  # its map must fit these images
+                    size = (int(x.shape[-2]), int(x.shape[-1]))
+                    conds[name] = cond.encode(batch[key], size=size).to(dev)
+                else:
+                    conds[name] = cond.encode(batch[key]).to(dev)
             nats -= float(pipe.prior.log_prob(codes, conds or None).sum())
             codes_seen += codes.numel()
             images += int(x.shape[0])

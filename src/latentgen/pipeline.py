@@ -32,6 +32,7 @@ from latentgen.artifact import (
     write_component,
 )
 from latentgen.conditioners.base import Conditioner, Conditioning
+from latentgen.conditioners.spatial import SpatialConditioner
 from latentgen.errors import CheckpointError, InputError, SpecError
 from latentgen.files import atomic_directory, atomic_write_json
 from latentgen.priors.base import Prior
@@ -60,12 +61,29 @@ def _check_fit(tokenizer: Tokenizer, prior: Prior, conditioners: Mapping[str, Co
             f"conditioners {sorted(have) or 'none'}. Make the prior config's `conditions` and "
             "the spec's `conditioners` name the same conditions."
         )
+    for name, cond in conditioners.items():
+        f = getattr(cond, "image_downsample", None)
+        if f is not None and f != tokenizer.downsample:
+            raise SpecError(
+                f"conditioner '{name}' ({cond.config.type}) makes one token per {f}x{f} image "
+                f"pixels but the tokenizer one code per {tokenizer.downsample}x"
+                f"{tokenizer.downsample}, so the condition grid would not be the code grid: "
+                f"{_downsample_fix(cond, tokenizer.downsample)}"
+            )
     slots = prior.condition_slots
     for name, cond in conditioners.items():
         slot = slots.get(name)
         if slot is None:
             continue
         if slot.vocab_size != cond.vocab_size:
+            if getattr(cond, "tokenizer", None) is not None:
+                raise SpecError(
+                    f"conditioner '{name}' tokenizes its maps with a cond-stage tokenizer of "
+                    f"{cond.vocab_size} codes but the prior's slot for it expects "
+                    f"{slot.vocab_size}: set prior.conditions.{name}.vocab_size = "
+                    f"{cond.vocab_size}, or use the cond-stage tokenizer the prior was trained "
+                    "with."
+                )
             raise SpecError(
                 f"conditioner '{name}' has a vocabulary of {cond.vocab_size} tokens but the "
                 f"prior's slot for it expects {slot.vocab_size}: set "
@@ -79,6 +97,13 @@ def _check_fit(tokenizer: Tokenizer, prior: Prior, conditioners: Mapping[str, Co
                 f"prior.conditions.{name}.num_tokens = {n} (or, if the conditioner really emits "
                 f"{slot.num_tokens}, make its num_tokens property say so)."
             )
+
+
+def _downsample_fix(cond: Conditioner, f: int) -> str:
+    ratio = int(getattr(cond, "map_ratio", 1))
+    if getattr(cond, "tokenizer", None) is not None:
+        return f"use a cond-stage tokenizer with downsample {f // ratio}."
+    return f"set conditioners.<name>.downsample = {f // ratio}."
 
 
 def _component_of(kind: str, value: Any, what: str) -> Any:
@@ -305,8 +330,14 @@ class Pipeline:
             for m, mode in zip(modules, modes):
                 m.train(mode)
 
-    def condition(self, **raw: Any) -> dict[str, Conditioning]:
-        """Encode raw conditions by conditioner name; unknown or missing names are errors."""
+    def condition(
+        self, size: tuple[int, int] | int | None = None, **raw: Any
+    ) -> dict[str, Conditioning]:
+        """Encode raw conditions by conditioner name; unknown or missing names are errors.
+
+        ``size`` is the image size ``(H, W)``: each spatial condition must fit it and its grid
+        is then the code grid. None: the size the spatial conditions imply, else the card's.
+        """
         unknown = sorted(set(raw) - set(self.conditioners))
         missing = sorted(set(self.conditioners) - set(raw))
         if unknown or missing:
@@ -318,7 +349,48 @@ class Pipeline:
                 f"{', '.join(f'{n}=...' for n in self.conditioners) or 'no conditions'}."
             )
         device = self.device
-        return {n: self.conditioners[n].encode(v).to(device) for n, v in raw.items()}
+        spatial = {n for n, c in self.conditioners.items() if isinstance(c, SpatialConditioner)}
+        if not spatial or not raw:
+            return {n: self.conditioners[n].encode(v).to(device) for n, v in raw.items()}
+        hw = self._size(size, raw)
+        grid = self.tokenizer.code_grid(hw)
+        out = {}
+        for n, v in raw.items():
+            cond = self.conditioners[n]
+            c = cond.encode(v, size=hw) if n in spatial else cond.encode(v)  # type: ignore[call-arg]
+            if n in spatial and c.grid != grid:
+                raise InputError(
+                    f"condition '{n}' makes a {c.grid} token grid but a {hw[0]}x{hw[1]} image "
+                    f"has a {grid} code grid; give a {n} map for that size."
+                )
+            out[n] = c.to(device)
+        return out
+
+    def _size(self, size: tuple[int, int] | int | None, raw: Mapping[str, Any]) -> tuple[int, int]:
+        """The image size: ``size``, else the one the spatial conditions imply, else the card's."""
+        if size is not None:
+            return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        implied = {}
+        for n, v in raw.items():
+            cond = self.conditioners.get(n)
+            if isinstance(cond, SpatialConditioner):
+                hw = cond.image_size_of(v)
+                if hw is not None:
+                    implied[n] = hw
+        if len(set(implied.values())) > 1:
+            sizes = ", ".join(f"{n}: {h}x{w}" for n, (h, w) in implied.items())
+            raise InputError(
+                f"the spatial conditions imply different image sizes ({sizes}); give maps "
+                "for one image size."
+            )
+        if implied:
+            return next(iter(implied.values()))
+        card = self.card.get("image_size")
+        if card is None:
+            raise InputError(
+                "no image size given and the pipeline card has none: pass size=(H, W)."
+            )
+        return (card, card) if isinstance(card, int) else (int(card[0]), int(card[1]))
 
     def _grid(self, size: tuple[int, int] | int | None) -> tuple[int, int]:
         if size is None:
@@ -345,9 +417,12 @@ class Pipeline:
         _check_num_images(num_images)
         if sampler is not None and not isinstance(sampler, SamplerConfig):
             sampler = SamplerConfig(**sampler)
-        grid = self._grid(size)
         with self._eval():
-            conds = self.condition(**conditions)
+            spatial = any(isinstance(c, SpatialConditioner) for c in self.conditioners.values())
+            if spatial and conditions:
+                size = self._size(size, conditions)
+            grid = self._grid(size)
+            conds = self.condition(size, **conditions)
             if conds:
                 b = next(iter(conds.values())).batch_size
                 n = b if num_images is None else num_images
@@ -430,7 +505,7 @@ class Pipeline:
         """Log-likelihood ``[B]`` in nats of each image's code grid under the prior."""
         codes = self.encode(images)
         with self._eval():
-            conds = self.condition(**conditions)
+            conds = self.condition((int(images.shape[2]), int(images.shape[3])), **conditions)
             return self.prior.log_prob(codes, conds or None)
 
     def __repr__(self) -> str:

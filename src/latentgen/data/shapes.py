@@ -110,7 +110,8 @@ def render_shapes(index: int, config: ShapesConfig) -> dict[str, Any]:
         "image": img,  # [3, H, W] in [-1, 1]
         "label": label,
         "segmentation": torch.from_numpy(seg),  # [H, W] long
-        "depth": torch.from_numpy(depth.astype(np.float32))[None] * 2 - 1,  # [1, H, W]
+        # the tilted background plane can leave [0, 1] in the corners: clip, so depth is in [-1, 1]
+        "depth": torch.from_numpy(np.clip(depth, 0, 1).astype(np.float32))[None] * 2 - 1,
         "pose": torch.from_numpy(keypoints),  # [5, 3]
     }
 

@@ -33,17 +33,25 @@ __all__ = [
     "vanilla_g_loss",
 ]
 
-ReconstructionKind = Literal["l1", "l2"]
+ReconstructionKind = Literal["l1", "l2", "cross_entropy"]
 GanKind = Literal["hinge", "vanilla"]
 
 
 def reconstruction_loss(images: Tensor, recon: Tensor, kind: ReconstructionKind = "l1") -> Tensor:
-    """Mean absolute ("l1") or squared ("l2") error over all pixels and channels."""
+    """Mean absolute ("l1") or squared ("l2") error over all pixels and channels.
+
+    "cross_entropy" is the categorical loss of one-hot maps (the paper's segmentation
+    cond-stage): ``images`` are one-hot ``[B, C, H, W]``, ``recon`` the logits over the C classes.
+    """
+    if kind == "cross_entropy":
+        return F.cross_entropy(recon, images.argmax(1))  # target [B, H, W] class ids
     if kind == "l1":
         return F.l1_loss(recon, images)
     if kind == "l2":
         return F.mse_loss(recon, images)
-    raise SpecError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}.")
+    raise SpecError(
+        f"reconstruction loss must be 'l1', 'l2' or 'cross_entropy', got {kind!r}."
+    )
 
 
 # -- adversarial losses --------------------------------------------------------------------------

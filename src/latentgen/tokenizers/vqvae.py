@@ -74,8 +74,11 @@ class AutoencoderConfig(ComponentConfig):
         description="Quantizer config (a registered quantizer type, e.g. 'vq', 'ema', "
         "'gumbel', 'fsq'). quant_conv maps z_channels to its `dim`.",
     )
-    recon_loss: Literal["l1", "l2"] = Field(
-        "l1", description="Pixel reconstruction loss: 'l1' (taming) or 'l2' (VQ-VAE paper)."
+    recon_loss: Literal["l1", "l2", "cross_entropy"] = Field(
+        "l1",
+        description="Pixel reconstruction loss: 'l1' (taming) or 'l2' (VQ-VAE paper); "
+        "'cross_entropy' for one-hot maps (a segmentation cond-stage tokenizer), where the "
+        "decoder's output is the logits over in_channels classes.",
     )
     codebook_weight: float = Field(
         1.0, ge=0.0, description="Weight of the quantizer's loss (codebook + commitment, KL)."

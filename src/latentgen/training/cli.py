@@ -279,6 +279,7 @@ def train_prior(
         _seed(tcfg.seed)
         prior = registry.build("prior", cfg.spec.prior)
         conds = {n: registry.build("conditioner", c) for n, c in cfg.spec.conditioners.items()}
+        _load_cond_tokenizers(conds, cfg.cond_tokenizers)
         Pipeline(tokenizer, prior, conds, cfg.spec.sampler)  # checks that the parts fit together
         n = min(cfg.grid_samples, len(cache))
         task = PriorTask(
@@ -309,9 +310,44 @@ def _prior_train_config(config_path: Path) -> Any:
     if isinstance(data, Mapping):
         spec, path = data.get("spec"), data.get("tokenizer_path")
         if isinstance(spec, Mapping) and "tokenizer" not in spec and isinstance(path, str):
-            data = {**data, "spec": {**spec, "tokenizer": find_component(path, "tokenizer").config}}
+            spec = {**spec, "tokenizer": find_component(path, "tokenizer").config}
+            data = {**data, "spec": spec}
+        cond_paths = data.get("cond_tokenizers")
+        if isinstance(spec, Mapping) and isinstance(cond_paths, Mapping):
+            # each named spatial conditioner takes its trained cond-stage tokenizer's config
+            conds = dict(spec.get("conditioners") or {})
+            for name, cpath in cond_paths.items():
+                cond = conds.get(name)
+                if isinstance(cond, Mapping) and cond.get("tokenizer") is None:
+                    ref = find_component(str(cpath), "tokenizer")
+                    conds[name] = {**cond, "tokenizer": ref.config}
+            data = {**data, "spec": {**spec, "conditioners": conds}}
         return load_train_config(data, PriorTrainConfig, where=str(config_path))
     return load_train_config(config_path, PriorTrainConfig)
+
+
+def _load_cond_tokenizers(conds: Mapping[str, Any], paths: Mapping[str, Path]) -> None:
+    """Put each trained cond-stage tokenizer's weights into its spatial conditioner."""
+    from latentgen.artifact import load_component
+    from latentgen.conditioners.spatial import SpatialConditioner
+
+    for name, path in paths.items():
+        cond = conds[name]
+        if not isinstance(cond, SpatialConditioner) or cond.tokenizer is None:
+            raise SpecError(
+                f"cond_tokenizers.{name} is given but conditioner '{name}' "
+                f"({cond.config.type}) has no cond-stage tokenizer; only spatial conditioners "
+                "with a `tokenizer` use one. Remove the entry, or set the conditioner's tokenizer."
+            )
+        trained = load_component(
+            path,
+            "tokenizer",
+            config=cond.tokenizer.config,
+            name=f"conditioners.{name}.tokenizer",
+            config_source=f"spec.conditioners.{name}.tokenizer (leave it out to take the "
+            "trained one's)",
+        )
+        cond.tokenizer.load_state_dict(trained.state_dict())
 
 
 def _wait_for_cache(path: Path, fingerprint: str, poll_s: float = 5.0) -> Any:

@@ -243,6 +243,13 @@ class PriorTrainConfig(TrainConfig):
         description="Where the encoded dataset is cached (None: runs_dir/run_name/code_cache). "
         "Built on first use; refused if another tokenizer made it.",
     )
+    cond_tokenizers: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Trained cond-stage tokenizer of each spatial conditioner, by conditioner "
+        "name (a run dir, an exported tokenizer or a pipeline dir, as for tokenizer_path). Its "
+        "config fills `spec.conditioners.<name>.tokenizer` when left out (else it must match) "
+        "and its weights become the conditioner's.",
+    )
     condition_keys: dict[str, str] = Field(
         default_factory=dict,
         description="Dataset key of each conditioner's raw data by conditioner name (default: "
@@ -277,6 +284,16 @@ class PriorTrainConfig(TrainConfig):
                     "latentgen.artifact.find_component(tokenizer_path, 'tokenizer').config."
                 )
         return data
+
+    @model_validator(mode="after")
+    def _cond_tokenizers_name_conditioners(self) -> PriorTrainConfig:
+        unknown = sorted(set(self.cond_tokenizers) - set(self.spec.conditioners))
+        if unknown:
+            raise ValueError(
+                f"cond_tokenizers names {unknown}, which are not conditioners of the spec "
+                f"({sorted(self.spec.conditioners) or 'none'}); use a conditioner's name."
+            )
+        return self
 
     def cache_keys(self) -> dict[str, str]:
         """Conditioner name -> dataset key for every conditioner of the spec."""

@@ -114,8 +114,17 @@ class PriorTask(Task):
                     f"{sorted(batch)}. Rebuild the code cache with that key, or map it with "
                     f"condition_keys: {{{name}: <key>}}."
                 )
-            conds[name] = cond.encode(batch[key]).to(device)
+            conds[name] = self._encode(cond, batch[key], batch.get("codes")).to(device)
         return conds
+
+    def _encode(self, cond: Conditioner, raw: Any, codes: Tensor | None) -> Conditioning:
+        """A spatial conditioner is told the image size of the code grids it conditions."""
+        from latentgen.conditioners.spatial import SpatialConditioner
+
+        if isinstance(cond, SpatialConditioner) and codes is not None and self.tokenizer:
+            f = int(self.tokenizer.downsample)
+            return cond.encode(raw, size=(int(codes.shape[-2]) * f, int(codes.shape[-1]) * f))
+        return cond.encode(raw)
 
     def train_step(self, ctx: StepContext) -> dict[str, float | Tensor]:
         logs: dict[str, Any] = {}
