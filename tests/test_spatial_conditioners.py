@@ -329,3 +329,16 @@ def test_prior_training_derives_edges_and_low_resolution_from_the_images():
     assert torch.equal(got["low_resolution"].tokens, want.tokens)
     loss = pipe.prior.loss(batch["codes"], got)
     assert torch.isfinite(loss)
+
+
+def test_pose_alone_samples_at_its_configured_size():
+    pipe = _pipe(
+        {"pose": {"type": "pose", "num_keypoints": 5, "image_size": 16}},
+        {"pose": {"vocab_size": 6, "num_tokens": 16}},
+    )
+    kp = _item()["pose"]
+    assert pipe(pose=kp, output_type="tensor").shape == (1, 3, 16, 16)  # no card, no map size
+    g = torch.Generator().manual_seed(0)
+    given = pipe(pose=kp, size=(16, 16), output_type="tensor", generator=g)
+    again = pipe(pose=kp, output_type="tensor", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(given, again)

@@ -387,6 +387,13 @@ class Pipeline:
             return next(iter(implied.values()))
         card = self.card.get("image_size")
         if card is None:
+            for n in raw:
+                cond = self.conditioners.get(n)
+                default = (
+                    cond.default_image_size() if isinstance(cond, SpatialConditioner) else None
+                )
+                if default is not None:
+                    return default  # e.g. a pose's heatmap size: keypoints imply no size
             raise InputError(
                 "no image size given and the pipeline card has none: pass size=(H, W)."
             )

@@ -152,6 +152,9 @@ class PoseConditioner(SpatialConditioner):
     def image_size_of(self, raw: Any) -> tuple[int, int] | None:
         return None  # keypoints are fractions: any image size fits
 
+    def default_image_size(self) -> tuple[int, int] | None:
+        return (self.config.image_size, self.config.image_size)
+
     def quantize(self, maps: Tensor) -> Tensor:
         peak = F.max_pool2d((maps + 1) / 2, self.token_downsample)  # [B, K, hc, wc]
         best, idx = peak.max(1)  # [B, hc, wc]

@@ -225,6 +225,10 @@ class SpatialConditioner(Conditioner):
         maps = self.prepare(raw)
         return int(maps.shape[2]) * self.map_ratio, int(maps.shape[3]) * self.map_ratio
 
+    def default_image_size(self) -> tuple[int, int] | None:
+        """The image size to use when neither the caller, the maps nor the card give one."""
+        return None
+
     def _check_map_size(self, maps: Tensor, size: tuple[int, int] | None, what: str) -> None:
         """Maps ``[B, C, h, w]`` must be ``size / map_ratio`` and divide by the token factor."""
         h, w = int(maps.shape[2]), int(maps.shape[3])
