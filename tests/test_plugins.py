@@ -472,6 +472,54 @@ def test_clashing_type_in_strict_mode_raises(clashing_dists):
     assert "'latentgen-dupa'" in res.stderr and "'latentgen-dupb'" in res.stderr
 
 
+def test_cli_gives_conditioners_the_raw_values_the_docs_list(latentgen_plugin, tmp_path):
+    import torch
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from latentgen import InputError, Pipeline
+    from latentgen.cli import main
+
+    seen = []
+
+    class RecordConfig(ComponentConfig):
+        type: Literal["test.record"] = "test.record"
+
+    class Record(Conditioner):
+        Config = RecordConfig
+        vocab_size = 2
+
+        def encode(self, raw):
+            if raw == "bad":
+                raise InputError("test.record cannot take 'bad'; pass x=1.")
+            seen.append(raw)
+            return Conditioning(torch.zeros(1, 1, dtype=torch.long), 2)
+
+    latentgen_plugin(_plugin(register_conditioners=lambda register: register(Record)), name="rec")
+    Pipeline.from_spec(
+        {
+            "tokenizer": {"type": "toy.palette", "vocab_size": 4},
+            "prior": {"type": "toy.ngram", "vocab_size": 4, "conditions": {"x": {"vocab_size": 2}}},
+            "conditioners": {"x": {"type": "test.record"}},
+        }
+    ).save_pretrained(tmp_path / "pipe")
+    Image.new("P", (8, 8), 3).save(tmp_path / "map.png")
+
+    def sample(value):
+        args = ["sample", str(tmp_path / "pipe"), "-n", "1", "--size", "8"]
+        return CliRunner().invoke(main, [*args, "-o", str(tmp_path / "s.png"), "-c", f"x={value}"])
+
+    for value in (f"@{tmp_path / 'map.png'}", "[[0, 1], [1, 0]]", "3", "shirt"):
+        res = sample(value)
+        assert res.exit_code == 0, res.output
+    image, nested, number, word = seen
+    assert isinstance(image, Image.Image) and image.mode == "P"  # as decoded, not converted
+    assert nested == [[0, 1], [1, 0]] and number == 3 and word == "shirt"
+    res = sample("bad")
+    assert res.exit_code == 1 and "test.record cannot take 'bad'; pass x=1." in res.output
+    assert "Traceback" not in res.output
+
+
 def test_plugins_hook_filter_and_unknown_hook():
     from click.testing import CliRunner
 

@@ -181,3 +181,9 @@ def test_python_dash_m_latentgen(tmp_path):
         [sys.executable, "-m", "latentgen", "--help"], capture_output=True, text=True, timeout=120
     )
     assert "Usage: latentgen" in res.stdout and "new-plugin" in res.stdout
+
+
+def test_docs_show_the_pyproject_new_plugin_writes(tmp_path):
+    shown = (ROOT / "docs" / "plugins.md").read_text().split("```toml\n", 1)[1].split("```", 1)[0]
+    written = (new_plugin("docs", tmp_path / "latentgen-docs") / "pyproject.toml").read_text()
+    assert shown == written
