@@ -8,12 +8,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "latentgen"
 
 # Imports known to close a cycle and on their way out, each with who removes it. Keep it empty.
-KNOWN: set[tuple[str, str]] = {
-    # issue 8 item 1: tokenizer_path is resolved in the command, not in a config validator.
-    ("latentgen.training.config", "latentgen.training.tasks"),
-    # issue 8 item 1: save_tokenizer moves out of training/tasks.py into the artifact module.
-    ("latentgen.training.tokenizer_task", "latentgen.training.tasks"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
