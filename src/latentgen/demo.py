@@ -47,16 +47,11 @@ def run_demo(out: str | Path = "out/demo", seed: int = 0) -> dict[str, Path]:
     shutil.rmtree(out / "runs", ignore_errors=True)  # the demo's own runs start afresh
     out.mkdir(parents=True, exist_ok=True)
     tok_cfg, prior_cfg = demo_configs(out)
+    # Through click's own parsing, so every option the commands gain keeps its default here.
     print(f"stage 1: training a VQGAN ({tok_cfg})")
-    train_tokenizer.callback(config_path=tok_cfg, resume=False, run_dir=None)  # type: ignore[misc]
+    train_tokenizer.main(["--config", str(tok_cfg)], standalone_mode=False)
     print(f"stage 2: training a transformer prior on its codes ({prior_cfg})")
-    train_prior.callback(
-        config_path=prior_cfg,
-        resume=False,
-        run_dir=None,  # type: ignore[misc]
-        rebuild_cache=False,
-        cache_only=False,
-    )
+    train_prior.main(["--config", str(prior_cfg)], standalone_mode=False)
     final = out / "runs" / yaml.safe_load(prior_cfg.read_text())["trainer"]["run_name"] / "final"
     pipe = Pipeline.from_pretrained(final)
     return _write_grids(pipe, out, image_size=32, seed=seed) | {"pipeline": final}
