@@ -323,8 +323,14 @@ def test_errors_name_the_problem() -> None:
         model.log_prob(torch.full((1, 2, 2), 4), ok)
     with pytest.raises(InputError, match="max_height"):
         model.log_prob(torch.zeros(1, 9, 2, dtype=torch.long), ok)
-    with pytest.raises(InputError, match="max_height"):
-        model.sample(ok, grid=(2, 9))
+    # A wider grid is drawn with the sliding window; a narrower-than-window tall one cannot be.
+    assert model.sample(ok, grid=(2, 9), generator=torch.Generator().manual_seed(0)).shape == (
+        1,
+        2,
+        9,
+    )
+    with pytest.raises(InputError, match="2 codes wide"):
+        model.sample(ok, grid=(9, 2))
     with pytest.raises(InputError, match="missing"):
         model.log_prob(torch.zeros(1, 2, 2, dtype=torch.long), {})
     with pytest.raises(InputError, match="vocab_size=5"):

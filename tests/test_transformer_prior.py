@@ -476,7 +476,7 @@ def test_converted_taming_gpt_matches_their_forward(conditions):
     cz = torch.cat((c_idx, codes.reshape(b, -1)), dim=1)
     ref = _taming_reference_logits(sd, n_head, cz[:, :-1])[:, c_idx.shape[1] - 1 :]  # [B, 9, V]
     with torch.no_grad():
-        got = model._code_logits(codes, conds)
+        got = model.code_logits(codes, conds)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     ref_lp = ref.log_softmax(-1).gather(-1, codes.reshape(b, -1, 1)).squeeze(-1).sum(-1)
     torch.testing.assert_close(model.log_prob(codes, conds), ref_lp, atol=1e-4, rtol=1e-4)

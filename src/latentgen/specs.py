@@ -87,6 +87,37 @@ class SamplerConfig(BaseModel):
         description="Classifier-free guidance: logits = uncond + s * (cond - uncond); 1 turns "
         "it off. See arXiv 2207.12598.",
     )
+    window: Literal["exact", "cached"] = Field(
+        "cached",
+        description="Sliding window for grids larger than the prior's trained window: 'exact' "
+        "runs one window forward per code, centred on it (the reference); 'cached' moves the "
+        "window in strides and draws the codes between moves from the KV cache (fast).",
+    )
+    window_size: tuple[int, int] | None = Field(
+        None,
+        description="The sliding window (wh, ww) in codes; None: the prior's trained window. "
+        "A grid larger than it is drawn window by window; it must fit the prior's block.",
+    )
+    window_stride: tuple[int, int] | None = Field(
+        None,
+        description="window='cached' only: rows and columns drawn per window position after "
+        "the first (default: half the window). Smaller strides give each code more context "
+        "to its left and above-right, at more window moves.",
+    )
+
+    @model_validator(mode="after")
+    def _check_window(self) -> SamplerConfig:
+        for name in ("window_size", "window_stride"):
+            value = getattr(self, name)
+            if value is not None and min(value) < 1:
+                raise ValueError(f"{name} must be two positive sizes (rows, columns), got {value}.")
+        stride, size = self.window_stride, self.window_size
+        too_big = (
+            stride is not None and size is not None and (stride[0] > size[0] or stride[1] > size[1])
+        )
+        if too_big:
+            raise ValueError(f"window_stride {stride} must fit in window_size {size}.")
+        return self
 
 
 class PipelineSpec(BaseModel):

@@ -21,6 +21,14 @@ from latentgen.components import Component
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
 from latentgen.priors.sampling import draw_fast, guide
+from latentgen.priors.window import (
+    FullForwardDecoder,
+    WindowDecoder,
+    WindowMode,
+    crop_conditions,
+    sample_windowed,
+    windowed_log_prob,
+)
 from latentgen.specs import ComponentConfig, SamplerConfig
 from latentgen.tokenizers.base import _check_codes
 
@@ -91,6 +99,9 @@ class SampleRequest:
             code that must be kept elsewhere; None when everything is drawn.
         options: the prior's own sampling options given to ``sample`` (names checked against
             ``Prior.sample_options``).
+        window: ``(wh, ww)`` when the grid is drawn with the sliding window
+            (``latentgen.priors.window``), the conditions then being the whole-grid ones; None
+            when ``generate`` draws the grid directly.
     """
 
     grid: tuple[int, int]
@@ -100,6 +111,7 @@ class SampleRequest:
     conds: dict[str, Conditioning]
     prefix: Tensor | None
     options: Mapping[str, Any] = field(default_factory=dict)
+    window: tuple[int, int] | None = None
 
     @property
     def guided(self) -> bool:
@@ -156,6 +168,12 @@ class Prior(Component, nn.Module, ABC):
       training mode (``drop_conditions``): one draw per sample nulls all its conditions, the
       input the null branch of guidance sees. ``log_prob`` itself never drops conditions.
     - ``check_inputs(codes, conds)`` is the preamble of ``log_prob``: codes, grid, conditions.
+    - The sliding window (``latentgen.priors.window``): a grid larger than the prior models
+      directly (or any grid, with ``SamplerConfig.window_size``) is drawn window by window
+      from ``window_decoder`` and scored by ``window_log_prob`` from ``code_log_probs``. A
+      prior opts in by implementing ``code_logits`` (teacher-forced logits of a window) and
+      ``window_size`` (the window it was trained on); a KV-cached ``window_decoder`` is what
+      makes ``window="cached"`` fast.
     """
 
     kind: ClassVar[str] = "prior"
@@ -207,6 +225,135 @@ class Prior(Component, nn.Module, ABC):
             "implement generate and let Prior.sample check the inputs."
         )
 
+    # -- the sliding window ------------------------------------------------------------------
+    @property
+    def window_size(self) -> tuple[int, int] | None:
+        """The code window ``(wh, ww)`` the prior was trained on, the sliding window's default
+        size; None when the prior does not know it (then ``SamplerConfig.window_size`` must
+        say it for a grid the prior cannot model directly)."""
+        return None
+
+    def check_window(self, size: tuple[int, int]) -> None:
+        """Raise ``InputError`` when the prior cannot model a ``size`` window (default:
+        ``check_grid``, the window being a grid the prior models directly)."""
+        self.check_grid(*size)
+
+    def code_logits(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
+        """Teacher-forced logits ``[B, h*w, K]`` of a grid ``[B, h, w]`` the prior models
+        directly: entry ``i`` predicts code ``i`` (raster order) from the codes before it."""
+        raise InputError(
+            f"{type(self).__name__} does not implement code_logits, so it cannot use the sliding "
+            "window: sample grids it models directly, or use a prior that supports it (e.g. "
+            "'transformer')."
+        )
+
+    def code_log_probs(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
+        """Log-probability ``[B, h*w]`` in nats of each code of ``codes [B, h, w]``."""
+        logits = self.code_logits(codes, conds).float()  # [B, n, K]
+        flat = codes.reshape(codes.shape[0], -1).to(logits.device, torch.long)  # [B, n]
+        return logits.log_softmax(-1).gather(-1, flat[..., None]).squeeze(-1)
+
+    def window_decoder(self, rows: int, size: tuple[int, int]) -> WindowDecoder:
+        """The logits of one ``size`` window at a time for ``rows`` rows; the default runs one
+        ``code_logits`` forward per code, a prior with a KV cache returns a cached decoder."""
+        return FullForwardDecoder(self, size)
+
+    def resolve_window(
+        self, grid: tuple[int, int], size: tuple[int, int] | None, force: bool = False
+    ) -> tuple[int, int] | None:
+        """The window ``(wh, ww)`` for an ``(h, w)`` grid, or None to model it directly.
+
+        The window is ``size`` (checked by ``check_window``), else ``window_size``. It is used
+        when ``force`` is set, when ``size`` is given and the grid exceeds it, or when the prior
+        cannot model the grid directly (``check_grid`` refuses it). A grid lower than the window
+        uses a window of the grid's height (its rows are a prefix of the trained ones); a grid
+        narrower than the window cannot be windowed (the prior's rows would wrap elsewhere).
+        """
+        h, w = grid
+        if size is not None:
+            wh, ww = int(size[0]), int(size[1])
+            self.check_window((wh, ww))
+            use = force or h > wh or w > ww
+        else:
+            try:
+                self.check_grid(h, w)
+            except InputError as direct:
+                if self.window_size is None:
+                    raise InputError(
+                        f"{direct} {type(self).__name__} does not know the code window it was "
+                        "trained on, so the sliding window needs it: set the prior config's "
+                        "window (e.g. TransformerPriorConfig.window=[16, 16]) or the sampler's "
+                        "window_size, e.g. SamplerConfig(window_size=(16, 16))."
+                    ) from None
+                use = True
+            else:
+                use = force and self.window_size is not None
+            if not use:
+                return None
+            wh, ww = self.window_size  # type: ignore[misc]
+            self.check_window((wh, ww))
+        if not use:
+            return None
+        if w < ww and h > wh:
+            raise InputError(
+                f"the {h}x{w} code grid is {w} codes wide but the window is {ww} codes wide: "
+                f"the prior reads rows of {ww} codes, so a narrower grid cannot be windowed. "
+                f"Sample a grid at least {ww} codes wide (and crop the image), or give "
+                "a window_size that fits."
+            )
+        return min(wh, h), ww
+
+    def window_log_prob(
+        self,
+        codes: Tensor,
+        conds: Conds | None = None,
+        *,
+        window: WindowMode = "cached",
+        window_size: tuple[int, int] | None = None,
+        per_code: bool = False,
+    ) -> Tensor:
+        """Log-likelihood ``[B]`` in nats of code grids ``[B, h, w]`` under the sliding window.
+
+        Each code is scored from the window ``window`` mode would draw it from (see
+        ``latentgen.priors.window``); on a grid the prior models directly with no
+        ``window_size``, this is ``log_prob``. ``per_code=True`` returns ``[B, h, w]``.
+        """
+        if window not in ("exact", "cached"):
+            raise InputError(f"window must be 'exact' or 'cached', got {window!r}.")
+        self.check_codes(codes)
+        b, h, w = (int(n) for n in codes.shape)
+        size = self.resolve_window((h, w), window_size, force=window_size is not None)
+        if size is None:
+            size = (h, w)
+            self.check_grid(h, w)
+        got = self._check_window_conds(conds, (h, w), size, batch=b)
+        got = {name: c.to(codes.device) for name, c in got.items()}
+        return windowed_log_prob(self, codes, got, size, window, per_code=per_code)
+
+    def _check_window_conds(
+        self,
+        conds: Conds | None,
+        grid: tuple[int, int],
+        size: tuple[int, int],
+        batch: int | None = None,
+    ) -> dict[str, Conditioning]:
+        """``check_conds`` for whole-grid conditions: each spatial one is checked as its
+        crop to one window (which is what the prior sees), its values over the whole map."""
+        got = dict(conds or {})
+        if not all(isinstance(c, Conditioning) for c in got.values()):
+            self.check_conds(got, batch)  # names the one that is not a Conditioning
+        for name, c in got.items():
+            slot = self.condition_slots.get(name)
+            if c.grid is not None and slot is not None and c.tokens.numel():
+                lo, hi = int(c.tokens.min()), int(c.tokens.max())
+                if lo < 0 or hi >= slot.vocab_size:
+                    raise InputError(
+                        f"condition {name!r} tokens must lie in [0, {slot.vocab_size}), got "
+                        f"values in [{lo}, {hi}]."
+                    )
+        self.check_conds(crop_conditions(got, grid, 0, 0, size), batch)
+        return got
+
     # -- the sampling template ---------------------------------------------------------------
     def sample(
         self,
@@ -216,6 +363,7 @@ class Prior(Component, nn.Module, ABC):
         generator: torch.Generator | None = None,
         num_samples: int | None = None,
         prefix: Tensor | None = None,
+        progress: bool = False,
         **options: Any,
     ) -> Tensor:
         """Draw codes ``[B, h, w]``.
@@ -230,7 +378,12 @@ class Prior(Component, nn.Module, ABC):
                 with conditions it may only repeat their batch size.
             prefix: optional ``[B, h, w]`` codes with -1 where codes are to be drawn; given
                 codes are kept (completion, as in the paper's image-completion figures).
+            progress: show a progress bar (tqdm) over the codes of a windowed draw.
             **options: prior-specific sampling options, passed on to ``generate``.
+
+        A grid the prior cannot model directly (or any grid larger than
+        ``sampler.window_size``) is drawn with the sliding window, ``sampler.window`` saying
+        which kind (``latentgen.priors.window``).
         """
         request = self.sample_request(
             conds, grid, sampler, generator, num_samples, prefix, **options
@@ -239,7 +392,17 @@ class Prior(Component, nn.Module, ABC):
         self.eval()
         try:
             with torch.inference_mode():
-                out = self.generate(request)
+                if request.window is None:
+                    out = self.generate(request)
+                else:
+                    out = sample_windowed(
+                        self,
+                        request,
+                        request.window,
+                        request.sampler.window,
+                        progress=progress,
+                        stride=request.sampler.window_stride,
+                    )
         finally:
             self.train(was_training)
         want = (request.batch, *request.grid)
@@ -274,8 +437,12 @@ class Prior(Component, nn.Module, ABC):
         gh, gw = int(grid[0]), int(grid[1])
         if gh < 1 or gw < 1:
             raise InputError(f"code grid must be at least 1x1, got {gh}x{gw}.")
-        self.check_grid(gh, gw)
-        got = self.check_conds(conds)
+        window = self.resolve_window((gh, gw), sampler.window_size)
+        if window is None:
+            self.check_grid(gh, gw)
+            got = self.check_conds(conds)
+        else:
+            got = self._check_window_conds(conds, (gh, gw), window)
         batch = self._sample_batch(got, num_samples, prefix, sampler)
         device = self.device
         given = None
@@ -285,7 +452,7 @@ class Prior(Component, nn.Module, ABC):
         got = {name: c.to(device) for name, c in got.items()}
         if got and sampler.guidance_scale != 1.0:
             got = {name: _with_null_rows(c) for name, c in got.items()}
-        return SampleRequest((gh, gw), batch, sampler, generator, got, given, options)
+        return SampleRequest((gh, gw), batch, sampler, generator, got, given, options, window)
 
     # -- checks every prior shares ------------------------------------------------------------
     def check_grid(self, h: int, w: int) -> None:

@@ -310,6 +310,16 @@ class PixelSNAILPrior(Prior):
         cond = self._condition_map(got, (h, w), b)
         return self._logits(codes.long(), cond)
 
+    def code_logits(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
+        """Teacher-forced logits ``[B, h*w, K]`` in raster order (the sliding window's input)."""
+        return self(codes, conds).flatten(2).transpose(1, 2)
+
+    @property
+    def window_size(self) -> tuple[int, int]:
+        """The largest grid the prior models directly: the sliding window for larger ones (no
+        KV cache here, so both window modes run one forward per code)."""
+        return (self.config.max_height, self.config.max_width)
+
     def _logits(self, codes: Tensor, cond: Tensor | None) -> Tensor:
         """Logits ``[B, K, h, w]``; ``cond`` may cover more rows than ``codes`` (sampling crops)."""
         return self.head(self._features(codes, cond))
@@ -398,8 +408,9 @@ class PixelSNAILPrior(Prior):
         if h < 1 or w < 1 or h > cfg.max_height or w > cfg.max_width:
             raise InputError(
                 f"code grid ({h}, {w}) is outside this PixelSNAIL prior's range "
-                f"(1..{cfg.max_height}, 1..{cfg.max_width}); use a smaller grid (a sliding "
-                "window) or build the prior with larger max_height / max_width."
+                f"(1..{cfg.max_height}, 1..{cfg.max_width}); Prior.sample draws a larger grid "
+                "with the sliding window and window_log_prob scores it, or build the prior with "
+                "larger max_height / max_width."
             )
 
     def check_conds(self, conds: Conds | None, batch: int | None = None) -> dict[str, Conditioning]:

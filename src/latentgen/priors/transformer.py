@@ -27,6 +27,7 @@ from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
 from latentgen.priors.attention import AttentionBackend, get_backend
 from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
+from latentgen.priors.window import WindowDecoder
 from latentgen.specs import ComponentConfig, parse_component
 
 __all__ = ["TransformerPrior", "TransformerPriorConfig"]
@@ -53,6 +54,12 @@ class TransformerPriorConfig(PriorConfig):
         256,
         ge=1,
         description="Most code positions the model has positions for (h*w of the largest grid).",
+    )
+    window: tuple[int, int] | None = Field(
+        None,
+        description="The code grid (wh, ww) the prior is trained on, the sliding window that "
+        "draws larger grids (wh*ww <= block_size). None: the square of side sqrt(block_size) "
+        "when block_size is a square number (16x16 for 256).",
     )
     n_layer: int = Field(8, ge=1, description="Number of transformer blocks.")
     n_head: int = Field(8, ge=1, description="Attention heads per block; must divide n_embd.")
@@ -136,6 +143,13 @@ class TransformerPriorConfig(PriorConfig):
                 "cond_offsets only applies to layout='taming' (the prefix layout gives each "
                 "condition its own table); remove it or set layout='taming'."
             )
+        if self.window is not None:
+            wh, ww = self.window
+            if wh < 1 or ww < 1 or wh * ww > self.block_size:
+                raise ValueError(
+                    f"window {self.window} must be two positive sizes with at most block_size="
+                    f"{self.block_size} codes, got {wh * ww}."
+                )
         return self
 
 
@@ -317,9 +331,36 @@ class TransformerPrior(Prior):
         if h * w > self.config.block_size:
             raise InputError(
                 f"code grid {h}x{w} ({h * w} codes) is larger than the positional table "
-                f"(block_size={self.config.block_size}): train with a larger block_size or use "
-                "the sliding window."
+                f"(block_size={self.config.block_size}): Prior.sample draws a larger grid with "
+                "the sliding window and window_log_prob scores it, or train with a larger "
+                "block_size."
             )
+
+    @property
+    def window_size(self) -> tuple[int, int] | None:
+        """The config's ``window``, else a square of ``block_size`` codes when there is one."""
+        if self.config.window is not None:
+            return (int(self.config.window[0]), int(self.config.window[1]))
+        side = math.isqrt(self.config.block_size)
+        return (side, side) if side * side == self.config.block_size else None
+
+    def check_window(self, size: tuple[int, int]) -> None:
+        wh, ww = size
+        if wh < 1 or ww < 1 or wh * ww > self.config.block_size:
+            raise InputError(
+                f"window {wh}x{ww} ({wh * ww} codes) is larger than the block the prior was "
+                f"trained on (block_size={self.config.block_size}); use a window of at most "
+                f"{self.config.block_size} codes"
+                + (
+                    f", e.g. {self.window_size[0]}x{self.window_size[1]}."
+                    if self.window_size
+                    else "."
+                )
+            )
+
+    def window_decoder(self, rows: int, size: tuple[int, int]) -> WindowDecoder:
+        """A KV-cached decoder: while the window stands still, each code costs one step."""
+        return _CachedWindowDecoder(self, rows, size)
 
     def _backend(self, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
         key = (device, dtype)
@@ -397,7 +438,7 @@ class TransformerPrior(Prior):
         weight = self.tok_emb.weight if self.head is None else self.head.weight
         return F.linear(h, weight)  # [..., K]
 
-    def _code_logits(self, codes: Tensor, conds: Conds | None) -> Tensor:
+    def code_logits(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
         """Teacher-forced logits ``[B, h*w, K]``: entry ``i`` predicts code ``i``."""
         got = self.check_inputs(codes, conds)
         b, gh, gw = codes.shape
@@ -416,15 +457,12 @@ class TransformerPrior(Prior):
         In training mode dropout applies; call ``eval()`` for exact likelihoods. Condition
         dropout (``cond_dropout``) applies in ``loss`` only.
         """
-        logits = self._code_logits(codes, conds).float()  # [B, n, K]
-        flat = codes.reshape(codes.shape[0], -1).to(logits.device, torch.long)  # [B, n]
-        logp = logits.log_softmax(-1).gather(-1, flat[..., None]).squeeze(-1)  # [B, n]
-        return logp.sum(-1)
+        return self.code_log_probs(codes, conds).sum(-1)
 
     def loss(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
         """Mean negative log-likelihood per code in nats (fused cross-entropy), with condition
         dropout in training mode."""
-        logits = self._code_logits(codes, self.drop_conditions(conds, int(codes.shape[0])))
+        logits = self.code_logits(codes, self.drop_conditions(conds, int(codes.shape[0])))
         target = codes.reshape(-1).to(logits.device, torch.long)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target)
 
@@ -477,3 +515,37 @@ class TransformerPrior(Prior):
             h = self._run(x)[:, -1]  # [rows, C]
             out[:, i] = pick(self._head(h), i)
         return out
+
+
+class _CachedWindowDecoder(WindowDecoder):
+    """Window logits from a static KV cache ``[L, 2, rows, H, T, Dh]`` made once: ``start``
+    rewinds it, the first ``logits`` call of a window runs the prefix and the codes before the
+    asked position in one forward, later calls feed only the codes since the last call."""
+
+    def __init__(self, prior: TransformerPrior, rows: int, size: tuple[int, int]) -> None:
+        cfg = prior.config
+        w = prior.tok_emb.weight
+        t_max = prior.n_ctx + size[0] * size[1] - 1  # the last code is never fed back
+        cache = w.new_empty(cfg.n_layer, 2, rows, cfg.n_head, t_max, cfg.n_embd // cfg.n_head)
+        self.kv = list(cache.unbind(0))  # per-layer views, made once
+        self.prior, self.rows = prior, rows
+        self.conds: dict[str, Conditioning] = {}
+        self.fed: int | None = None  # codes already in the cache; None: not even the prefix
+
+    def start(self, conds: dict[str, Conditioning]) -> None:
+        self.conds, self.fed = conds, None
+
+    def logits(self, codes: Tensor, position: int) -> Tensor:
+        prior = self.prior
+        if self.fed is None:
+            x = prior._prefix(self.conds, self.rows)  # [rows, n_ctx, C]
+            if position:
+                x = torch.cat((x, prior._embed_codes(codes[:, :position], 0)), dim=1)
+            h = prior._run(x, 0, self.kv)[:, -1]  # [rows, C]
+        else:
+            if position <= self.fed:
+                raise ValueError(f"positions must increase: {position} after {self.fed}")
+            x = prior._embed_codes(codes[:, self.fed : position], self.fed)  # [rows, T, C]
+            h = prior._run(x, prior.n_ctx + self.fed, self.kv)[:, -1]
+        self.fed = position
+        return prior._head(h)  # [rows, K]

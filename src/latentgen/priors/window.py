@@ -1,0 +1,319 @@
+"""Sliding-window sampling and scoring: any ``(h, w)`` code grid from a prior trained on windows.
+
+A prior trained on ``(wh, ww)`` code windows generates a larger grid by predicting every code
+from a window of the trained size around it (Esser et al., arXiv 2012.09841, sec. 3.2, Fig. 3):
+centred on the code where possible and shifted inward at the borders, so that it always keeps
+its full size; each spatial condition is cropped to the same window. Two modes:
+
+- ``exact``: one window per code, placed by that rule, and one forward of that window per code
+  (the reference, as in Taming Transformers' ``sample_conditional.py``);
+- ``cached``: the window moves in strides. The grid is cut into bands of ``th`` rows and each
+  band into tiles of ``tw`` columns; a tile's window is aligned to the tile's bottom-right
+  corner, so that everything in the window before the tile (the rows above, the columns to
+  the left) is already drawn and nothing after it is needed. While the window stays put its
+  codes come from the prior's KV cache: one forward fills the window up to the tile, then
+  each code costs one cached step. The first band and the first tile of each band span the
+  whole window.
+
+``windowed_log_prob`` scores code grids with the same windows per mode, so the likelihood of
+each mode can be compared on held-out large grids.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from latentgen.conditioners.base import Conditioning
+from latentgen.errors import InputError
+
+if TYPE_CHECKING:
+    from latentgen.priors.base import Prior, SampleRequest
+
+__all__ = [
+    "Placement",
+    "WindowDecoder",
+    "WindowMode",
+    "crop_conditions",
+    "plan_windows",
+    "sample_windowed",
+    "window_origin",
+    "windowed_log_prob",
+]
+
+WindowMode = Literal["exact", "cached"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One position of the window: its top-left corner and the codes predicted from it.
+
+    ``targets`` are grid positions ``(i, j)`` inside the window, in the window's raster order.
+    """
+
+    top: int
+    left: int
+    targets: tuple[tuple[int, int], ...]
+
+
+def window_origin(
+    i: int, j: int, grid: tuple[int, int], size: tuple[int, int], align: int = 1
+) -> tuple[int, int]:
+    """Top-left corner of the window that predicts code ``(i, j)`` in ``exact`` mode.
+
+    Centred on the code (``wh // 2`` rows above it, ``ww // 2`` columns to its left) and
+    shifted inward at the borders so the window stays inside the grid at full size. ``align``
+    snaps the corner down to a multiple of it (a condition coarser than the codes by that
+    factor can only be cropped at multiples of it).
+    """
+    (h, w), (wh, ww) = grid, size
+    top = min(max(i - wh // 2, 0), h - wh)
+    left = min(max(j - ww // 2, 0), w - ww)
+    return top - top % align, left - left % align
+
+
+def _spans(n: int, size: int, stride: int) -> Iterator[tuple[int, int]]:
+    """``[start, end)`` spans covering ``0..n``: the first ``size`` long, then ``stride`` each."""
+    end = min(size, n)
+    yield 0, end
+    while end < n:
+        start, end = end, min(end + stride, n)
+        yield start, end
+
+
+def plan_windows(
+    grid: tuple[int, int],
+    size: tuple[int, int],
+    mode: WindowMode,
+    stride: tuple[int, int] | None = None,
+    align: int = 1,
+) -> list[Placement]:
+    """Where the window stands for each code of an ``(h, w)`` grid, in generation order.
+
+    ``exact``: one placement per code in raster order (``window_origin``). ``cached``: one
+    placement per tile; ``stride`` ``(th, tw)`` is the tile size after the first band / tile
+    (default half the window, rounded to ``align``).
+    """
+    (h, w), (wh, ww) = grid, size
+    if mode == "exact":
+        return [
+            Placement(*window_origin(i, j, grid, size, align), targets=((i, j),))
+            for i in range(h)
+            for j in range(w)
+        ]
+    if stride is None:
+        th, tw = (max(align, n // 2 - (n // 2) % align) for n in (wh, ww))
+    else:
+        th, tw = min(stride[0], wh), min(stride[1], ww)
+        if th % align or tw % align:
+            raise InputError(
+                f"window_stride {stride} must be a multiple of {align}: a spatial condition is "
+                f"{align}x coarser than the codes, so windows can only stand at multiples of it."
+            )
+    out = []
+    for r0, r1 in _spans(h, wh, th):
+        top = r1 - wh
+        for c0, c1 in _spans(w, ww, tw):
+            targets = tuple((i, j) for i in range(r0, r1) for j in range(c0, c1))
+            out.append(Placement(top, c1 - ww, targets))
+    return out
+
+
+def _merged(placements: list[Placement]) -> list[Placement]:
+    """Placements at the same corner merged (scoring needs one forward per distinct window)."""
+    by_corner: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for p in placements:
+        by_corner.setdefault((p.top, p.left), []).extend(p.targets)
+    return [Placement(t, left, tuple(sorted(ts))) for (t, left), ts in by_corner.items()]
+
+
+# -- conditions ------------------------------------------------------------------------------
+def _condition_scale(
+    name: str, c: Conditioning, grid: tuple[int, int], size: tuple[int, int]
+) -> tuple[int, int]:
+    """``(up, down)``: the condition grid is ``grid * up / down`` (one of them is 1)."""
+    assert c.grid is not None
+    (hc, wc), (h, w) = c.grid, grid
+    if hc * w != wc * h:
+        raise InputError(
+            f"condition {name!r} has a {hc}x{wc} grid, whose aspect ratio is not that of the "
+            f"{h}x{w} code grid; give a condition of the image's shape (a map of the same size "
+            "as the requested image, or a fixed multiple of it)."
+        )
+    if hc % h == 0:
+        return hc // h, 1
+    if h % hc == 0 and w % wc == 0:
+        down = h // hc
+        wh, ww = size
+        if wh % down or ww % down:
+            raise InputError(
+                f"condition {name!r} is {down}x coarser than the codes ({hc}x{wc} for a {h}x{w} "
+                f"code grid), so the {wh}x{ww} window cannot crop it evenly; use a window whose "
+                f"sides are multiples of {down}."
+            )
+        return 1, down
+    raise InputError(
+        f"condition {name!r} has a {hc}x{wc} grid, which is neither the {h}x{w} code grid nor "
+        "an integer multiple or fraction of it; give a map whose size matches the requested "
+        "image size (or a fixed integer ratio of it)."
+    )
+
+
+def condition_alignment(
+    conds: Mapping[str, Conditioning], grid: tuple[int, int], size: tuple[int, int]
+) -> int:
+    """Window corners must be multiples of this so every spatial condition crops evenly."""
+    align = 1
+    for name, c in conds.items():
+        if c.grid is not None:
+            _, down = _condition_scale(name, c, grid, size)
+            align = math.lcm(align, down)
+    return align
+
+
+def crop_conditions(
+    conds: Mapping[str, Conditioning],
+    grid: tuple[int, int],
+    top: int,
+    left: int,
+    size: tuple[int, int],
+) -> dict[str, Conditioning]:
+    """Each spatial condition cropped to the window at ``(top, left)`` of ``size`` codes.
+
+    A condition whose ``grid`` equals the code grid is cropped to the same cells; one that is
+    ``k`` times finer (or coarser) to the same area in its own cells. Conditions without a
+    grid (a class label) pass through unchanged.
+    """
+    out = {}
+    for name, c in conds.items():
+        if c.grid is None:
+            out[name] = c
+            continue
+        up, down = _condition_scale(name, c, grid, size)
+        hc, wc = c.grid
+        t, lft = top * up // down, left * up // down
+        ch, cw = size[0] * up // down, size[1] * up // down
+        tokens = c.tokens.view(c.batch_size, hc, wc)[:, t : t + ch, lft : lft + cw]
+        out[name] = replace(c, tokens=tokens.reshape(c.batch_size, ch * cw), grid=(ch, cw))
+    return out
+
+
+# -- the prior side ----------------------------------------------------------------------------
+class WindowDecoder(ABC):
+    """A prior's logits for one window at a time: ``start`` a window, then ``logits`` at
+    increasing positions of it. A decoder with a KV cache feeds only what is new since the
+    last call; ``start`` forgets the window."""
+
+    @abstractmethod
+    def start(self, conds: dict[str, Conditioning]) -> None:
+        """Begin a window whose (cropped) conditions are ``conds`` (``rows`` rows each)."""
+
+    @abstractmethod
+    def logits(self, codes: Tensor, position: int) -> Tensor:
+        """Logits ``[rows, K]`` of window position ``position`` (raster order in the window).
+
+        ``codes [rows, wh * ww]`` holds the window's codes in raster order; those at and after
+        ``position`` are ignored. Within one window, positions only increase.
+        """
+
+
+class FullForwardDecoder(WindowDecoder):
+    """The decoder of a prior without a cache: one teacher-forced forward per call."""
+
+    def __init__(self, prior: Prior, size: tuple[int, int]) -> None:
+        self.prior, self.size = prior, size
+        self.conds: dict[str, Conditioning] = {}
+
+    def start(self, conds: dict[str, Conditioning]) -> None:
+        self.conds = conds
+
+    def logits(self, codes: Tensor, position: int) -> Tensor:
+        grid = codes.view(codes.shape[0], *self.size)
+        return self.prior.code_logits(grid, self.conds)[:, position]  # [rows, K]
+
+
+# -- sampling ----------------------------------------------------------------------------------
+def sample_windowed(
+    prior: Prior,
+    request: SampleRequest,
+    size: tuple[int, int],
+    mode: WindowMode,
+    progress: bool = False,
+    stride: tuple[int, int] | None = None,
+) -> Tensor:
+    """Draw codes ``[B, h, w]`` for a checked ``request`` with a sliding ``size`` window."""
+    (h, w), (wh, ww) = request.grid, size
+    device = prior.device
+    b, rows = request.batch, request.rows
+    align = condition_alignment(request.conds, request.grid, size)
+    placements = plan_windows(request.grid, size, mode, stride, align)
+    out = torch.zeros(b, h, w, dtype=torch.long, device=device)
+    if request.prefix is not None:
+        out = torch.where(request.prefix >= 0, request.prefix, out)
+    decoder = prior.window_decoder(rows, size)
+    bar = tqdm(total=h * w, desc=f"sampling ({mode} window)", unit="code", disable=not progress)
+    with bar:
+        for p in placements:
+            decoder.start(crop_conditions(request.conds, request.grid, p.top, p.left, size))
+            win = out[:, p.top : p.top + wh, p.left : p.left + ww].reshape(b, wh * ww)
+            window = request.expand(win)  # [rows, wh*ww], own memory: updated as codes are drawn
+            if rows == b:
+                window = window.clone()
+            for i, j in p.targets:
+                local = (i - p.top) * ww + (j - p.left)
+                code = request.pick(decoder.logits(window, local), i * w + j)  # [B]
+                out[:, i, j] = code
+                window[:, local] = request.expand(code)
+                bar.update(1)
+    return out
+
+
+# -- scoring -----------------------------------------------------------------------------------
+def windowed_log_prob(
+    prior: Prior,
+    codes: Tensor,
+    conds: Mapping[str, Conditioning],
+    size: tuple[int, int],
+    mode: WindowMode,
+    stride: tuple[int, int] | None = None,
+    per_code: bool = False,
+    windows_per_batch: int = 16,
+) -> Tensor:
+    """Log-likelihood ``[B]`` (nats) of code grids ``[B, h, w]`` under the ``mode`` windows.
+
+    Each code is scored from the window that would draw it in ``mode``; windows at the same
+    corner share one teacher-forced forward, and ``windows_per_batch`` windows run as one
+    batch. ``per_code=True`` returns the ``[B, h, w]`` log-probabilities instead of their sum.
+    """
+    b, h, w = codes.shape
+    wh, ww = size
+    align = condition_alignment(conds, (h, w), size)
+    placements = _merged(plan_windows((h, w), size, mode, stride, align))
+    logp = torch.zeros(b, h, w, device=codes.device)
+    for first in range(0, len(placements), windows_per_batch):
+        chunk = placements[first : first + windows_per_batch]
+        crops = torch.cat([codes[:, p.top : p.top + wh, p.left : p.left + ww] for p in chunk])
+        cropped = [crop_conditions(conds, (h, w), p.top, p.left, size) for p in chunk]
+        stacked = {
+            name: replace(
+                cropped[0][name],
+                tokens=torch.cat([c[name].tokens for c in cropped]),
+                drop=None
+                if cropped[0][name].drop is None
+                else torch.cat([c[name].drop for c in cropped]),  # type: ignore[misc]
+            )
+            for name in conds
+        }
+        lp = prior.code_log_probs(crops, stacked).view(len(chunk), b, wh, ww)  # [n, B, wh, ww]
+        for k, p in enumerate(chunk):
+            ii = torch.tensor([i for i, _ in p.targets], device=codes.device)
+            jj = torch.tensor([j for _, j in p.targets], device=codes.device)
+            logp[:, ii, jj] = lp[k][:, ii - p.top, jj - p.left]
+    return logp if per_code else logp.flatten(1).sum(1)

@@ -1,0 +1,313 @@
+"""Sliding-window sampling and scoring: any grid from a prior trained on a small window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentgen.conditioners.base import Conditioning
+from latentgen.errors import InputError
+from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
+from latentgen.priors.window import (
+    crop_conditions,
+    plan_windows,
+    sample_windowed,
+    window_origin,
+    windowed_log_prob,
+)
+from latentgen.specs import SamplerConfig
+
+K = 16
+
+
+def _prior(**conditions) -> TransformerPrior:
+    torch.manual_seed(0)
+    cfg = TransformerPriorConfig(
+        vocab_size=K,
+        block_size=16,  # a 4x4 window
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        conditions=conditions,
+        cond_dropout=0.1 if conditions else 0.0,
+    )
+    prior = TransformerPrior(cfg).eval()
+    # Sharper than the initialisation, so that samples depend on their context.
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.mul_(8.0)
+    return prior
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _label(b: int = 2) -> dict[str, Conditioning]:
+    return {"label": Conditioning(torch.tensor([[1], [2]])[:b], vocab_size=3)}
+
+
+# -- where the window stands ------------------------------------------------------------------
+def test_window_is_centred_and_shifted_inward_at_the_borders():
+    grid, size = (10, 12), (4, 6)
+    assert window_origin(0, 0, grid, size) == (0, 0)
+    assert window_origin(5, 6, grid, size) == (3, 3)  # centred: 2 rows above, 3 columns left
+    assert window_origin(9, 11, grid, size) == (6, 6)  # bottom-right corner: shifted inward
+    assert window_origin(1, 11, grid, size) == (0, 6)
+    assert window_origin(8, 2, grid, size) == (6, 0)
+    assert window_origin(5, 7, grid, size, align=2) == (2, 4)
+
+
+@pytest.mark.parametrize("mode", ["exact", "cached"])
+@pytest.mark.parametrize("grid", [(4, 4), (9, 7), (4, 13), (12, 4)])
+def test_every_code_is_drawn_once_from_a_full_window_with_its_context_drawn(mode, grid):
+    size = (4, 4)
+    placements = plan_windows(grid, size, mode)
+    done = torch.zeros(grid, dtype=torch.bool)
+    for p in placements:
+        assert 0 <= p.top <= grid[0] - 4 and 0 <= p.left <= grid[1] - 4  # full size, inside
+        for i, j in p.targets:
+            li, lj = i - p.top, j - p.left
+            assert 0 <= li < 4 and 0 <= lj < 4
+            window = done[p.top : p.top + 4, p.left : p.left + 4].flatten()
+            assert window[: li * 4 + lj].all(), (mode, p, (i, j))  # all context is known
+            assert not done[i, j]
+            done[i, j] = True
+    assert done.all()
+    if mode == "cached":  # the window moves once per tile, not once per code
+        assert len(placements) < grid[0] * grid[1] / 3
+
+
+def test_cached_tiles_move_in_strides():
+    placements = plan_windows((8, 8), (4, 4), "cached", stride=(2, 2))
+    assert [(p.top, p.left, len(p.targets)) for p in placements[:4]] == [
+        (0, 0, 16),  # the first tile fills the whole window
+        (0, 2, 8),  # then two columns at a time, the window's right edge on the tile's
+        (0, 4, 8),
+        (2, 0, 8),  # the next band: two rows, the window's bottom on the band's
+    ]
+
+
+# -- sampling -----------------------------------------------------------------------------------
+SAMPLERS = [
+    SamplerConfig(),
+    SamplerConfig(temperature=0.8, top_k=5),
+    SamplerConfig(top_p=0.9, guidance_scale=2.0),
+]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("mode", ["exact", "cached"])
+def test_window_on_a_block_sized_grid_is_plain_sampling(sampler, mode):
+    prior = _prior(label={"vocab_size": 3})
+    plain = prior.sample(_label(), grid=(4, 4), sampler=sampler, generator=_gen(3))
+    request = prior.sample_request(_label(), grid=(4, 4), sampler=sampler, generator=_gen(3))
+    with torch.inference_mode():
+        windowed = sample_windowed(prior, request, (4, 4), mode)
+    assert torch.equal(plain, windowed)
+
+
+def test_cached_equals_exact_while_the_window_stands_still():
+    # A 4-wide grid: both modes draw in raster order; the exact window stays at the top for
+    # rows 0..2 (centred on row 2 it still starts at row 0) and so does the cached one.
+    prior = _prior()
+    sampler = SamplerConfig(window_size=(4, 4))
+    exact = prior.sample(
+        grid=(12, 4),
+        sampler=sampler.model_copy(update={"window": "exact"}),
+        generator=_gen(1),
+        num_samples=3,
+    )
+    cached = prior.sample(grid=(12, 4), sampler=sampler, generator=_gen(1), num_samples=3)
+    assert torch.equal(exact[:, :3], cached[:, :3])
+    assert not torch.equal(exact, cached)  # afterwards the windows differ
+
+
+@pytest.mark.parametrize("mode", ["exact", "cached"])
+def test_a_grid_twice_the_block_is_sampled_seeded(mode):
+    prior = _prior(label={"vocab_size": 3})
+    sampler = SamplerConfig(window=mode, top_k=8, guidance_scale=1.5)
+    a = prior.sample(_label(), grid=(8, 8), sampler=sampler, generator=_gen(0))
+    b = prior.sample(_label(), grid=(8, 8), sampler=sampler, generator=_gen(0))
+    c = prior.sample(_label(), grid=(8, 8), sampler=sampler, generator=_gen(1))
+    assert a.shape == (2, 8, 8) and a.dtype == torch.long
+    assert int(a.min()) >= 0 and int(a.max()) < K
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("mode", ["exact", "cached"])
+def test_windowed_completion_keeps_the_given_codes(mode):
+    prior = _prior()
+    prefix = torch.full((2, 8, 6), -1)
+    prefix[:, :3] = torch.randint(0, K, (2, 3, 6), generator=_gen(5))
+    prefix[:, 6, 4] = 7
+    out = prior.sample(
+        grid=(8, 6), sampler=SamplerConfig(window=mode), generator=_gen(2), prefix=prefix
+    )
+    given = prefix >= 0
+    assert torch.equal(out[given], prefix[given])
+    assert (out[~given] >= 0).all()
+
+
+# -- conditions ------------------------------------------------------------------------------
+def _map(h: int, w: int, b: int = 1) -> Conditioning:
+    tokens = torch.arange(b * h * w).view(b, h * w) % 5
+    return Conditioning(tokens, vocab_size=5, grid=(h, w))
+
+
+def test_a_spatial_condition_is_cropped_with_the_codes():
+    seg = Conditioning(torch.arange(64).view(1, 64), vocab_size=64, grid=(8, 8))
+    label = Conditioning(torch.tensor([[2]]), vocab_size=3)
+    out = crop_conditions({"seg": seg, "label": label}, (8, 8), 2, 3, (4, 4))
+    assert out["label"] is label
+    assert out["seg"].grid == (4, 4)
+    assert torch.equal(out["seg"].tokens.view(4, 4), torch.arange(64).view(8, 8)[2:6, 3:7])
+    # Twice as fine as the codes: the same area in its own cells.
+    fine = Conditioning(torch.arange(256).view(1, 256), vocab_size=256, grid=(16, 16))
+    got = crop_conditions({"fine": fine}, (8, 8), 2, 3, (4, 4))["fine"]
+    assert torch.equal(got.tokens.view(8, 8), torch.arange(256).view(16, 16)[4:12, 6:14])
+    # Twice as coarse: corners are multiples of 2, so the crop is exact.
+    coarse = Conditioning(torch.arange(16).view(1, 16), vocab_size=16, grid=(4, 4))
+    got = crop_conditions({"coarse": coarse}, (8, 8), 2, 4, (4, 4))["coarse"]
+    assert torch.equal(got.tokens.view(2, 2), torch.arange(16).view(4, 4)[1:3, 2:4])
+
+
+def test_a_condition_that_does_not_fit_the_grid_is_refused():
+    with pytest.raises(InputError, match=r"5x8 grid.*aspect ratio.*8x8 code grid"):
+        crop_conditions({"seg": _map(5, 8)}, (8, 8), 0, 0, (4, 4))
+    with pytest.raises(InputError, match=r"neither the 8x8 code grid nor an integer multiple"):
+        crop_conditions({"seg": _map(12, 12)}, (8, 8), 0, 0, (4, 4))
+    with pytest.raises(InputError, match="multiples of 4"):
+        crop_conditions({"seg": _map(3, 3)}, (12, 12), 0, 0, (6, 6))
+
+
+@pytest.mark.parametrize("mode", ["exact", "cached"])
+def test_sampling_crops_the_spatial_condition_to_each_window(mode, monkeypatch):
+    prior = _prior(seg={"vocab_size": 5, "num_tokens": 16})
+    seg = _map(8, 8, b=2)
+    seen: list[torch.Tensor] = []
+    make = prior.window_decoder
+
+    def spy(rows, size):
+        decoder = make(rows, size)
+        start = decoder.start
+
+        def start_and_record(conds):
+            seen.append(conds["seg"].tokens.clone())
+            start(conds)
+
+        decoder.start = start_and_record  # type: ignore[method-assign]
+        return decoder
+
+    monkeypatch.setattr(prior, "window_decoder", spy)
+    out = prior.sample(
+        {"seg": seg}, grid=(8, 8), sampler=SamplerConfig(window=mode), generator=_gen(0)
+    )
+    assert out.shape == (2, 8, 8)
+    placements = plan_windows((8, 8), (4, 4), mode)
+    assert len(seen) == len(placements)
+    full = seg.tokens.view(2, 8, 8)
+    for tokens, p in zip(seen, placements, strict=True):
+        want = full[:, p.top : p.top + 4, p.left : p.left + 4].reshape(2, 16)
+        assert torch.equal(tokens, want)
+
+
+# -- scoring ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["exact", "cached"])
+def test_windowed_log_prob_on_a_block_sized_grid_is_the_log_prob(mode):
+    prior = _prior(label={"vocab_size": 3})
+    codes = torch.randint(0, K, (2, 4, 4), generator=_gen(0))
+    want = prior.log_prob(codes, _label())
+    got = prior.window_log_prob(codes, _label(), window=mode, window_size=(4, 4))
+    torch.testing.assert_close(got, want)
+
+
+def test_exact_windowed_log_prob_scores_each_code_in_its_own_window():
+    prior = _prior(seg={"vocab_size": 5, "num_tokens": 16})
+    codes = torch.randint(0, K, (2, 6, 7), generator=_gen(0))
+    seg = _map(6, 7, b=2)
+    got = prior.window_log_prob(codes, {"seg": seg}, window="exact", per_code=True)
+    assert got.shape == (2, 6, 7)
+    for i, j in [(0, 0), (2, 5), (3, 3), (5, 6), (4, 0)]:
+        top, left = window_origin(i, j, (6, 7), (4, 4))
+        crop = codes[:, top : top + 4, left : left + 4]
+        cond = crop_conditions({"seg": seg}, (6, 7), top, left, (4, 4))
+        per_code = prior.code_log_probs(crop, cond).view(2, 4, 4)
+        full = prior.log_prob(crop, cond)  # the window's total, scored as one grid
+        torch.testing.assert_close(per_code.sum((1, 2)), full)
+        torch.testing.assert_close(got[:, i, j], per_code[:, i - top, j - left])
+
+
+def test_windowed_log_prob_modes_agree_where_their_windows_do():
+    prior = _prior()
+    codes = torch.randint(0, K, (2, 12, 4), generator=_gen(0))
+    exact = windowed_log_prob(prior, codes, {}, (4, 4), "exact", per_code=True)
+    cached = windowed_log_prob(prior, codes, {}, (4, 4), "cached", per_code=True)
+    torch.testing.assert_close(exact[:, :3], cached[:, :3])
+    assert not torch.allclose(exact, cached)
+    total = prior.window_log_prob(codes, window="cached")
+    torch.testing.assert_close(total, cached.flatten(1).sum(1))
+
+
+# -- a prior without a KV cache -------------------------------------------------------------
+def test_pixelsnail_uses_the_window_through_its_teacher_forced_logits():
+    from latentgen.priors.pixelsnail import PixelSNAILConfig, PixelSNAILPrior
+
+    torch.manual_seed(0)
+    cfg = PixelSNAILConfig(
+        vocab_size=K,
+        channel=8,
+        res_channel=8,
+        kernel_size=3,
+        n_block=1,
+        n_res_block=1,
+        n_head=2,
+        key_channel=8,
+        value_channel=8,
+        dropout=0.0,
+        max_height=4,
+        max_width=4,
+    )
+    prior = PixelSNAILPrior(cfg).eval()
+    codes = torch.randint(0, K, (2, 4, 4), generator=_gen(0))
+    torch.testing.assert_close(
+        prior.window_log_prob(codes, window="exact", window_size=(4, 4)), prior.log_prob(codes)
+    )
+    a = prior.sample(grid=(6, 6), sampler=SamplerConfig(window="exact"), generator=_gen(4))
+    b = prior.sample(grid=(6, 6), sampler=SamplerConfig(window="exact"), generator=_gen(4))
+    assert a.shape == (1, 6, 6) and torch.equal(a, b)
+
+
+# -- bad input ----------------------------------------------------------------------------------
+def test_a_window_larger_than_the_trained_block_is_refused():
+    prior = _prior()
+    with pytest.raises(InputError, match=r"window 5x4 \(20 codes\) is larger than .*block_size=16"):
+        prior.sample(grid=(8, 8), sampler=SamplerConfig(window_size=(5, 4)))
+    with pytest.raises(InputError, match="block_size=16"):
+        prior.window_log_prob(torch.zeros(1, 8, 8, dtype=torch.long), window_size=(8, 8))
+
+
+def test_a_grid_narrower_than_the_window_is_refused():
+    prior = _prior()
+    with pytest.raises(InputError, match=r"2 codes wide.*4 codes wide"):
+        prior.sample(grid=(12, 2))
+
+
+def test_a_grid_beyond_the_block_needs_a_known_window():
+    torch.manual_seed(0)
+    prior = TransformerPrior(
+        TransformerPriorConfig(vocab_size=K, block_size=12, n_layer=1, n_head=2, n_embd=16)
+    )
+    with pytest.raises(InputError, match=r"window.*TransformerPriorConfig.window.*window_size"):
+        prior.sample(grid=(8, 8))
+    out = prior.sample(grid=(8, 8), sampler=SamplerConfig(window_size=(3, 4)), generator=_gen())
+    assert out.shape == (1, 8, 8)
+
+
+def test_window_settings_are_validated():
+    with pytest.raises(ValueError, match="window"):
+        SamplerConfig(window="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="window_size"):
+        SamplerConfig(window_size=(0, 4))
+    with pytest.raises(ValueError, match=r"window \(8, 8\).*block_size=16"):
+        TransformerPriorConfig(vocab_size=K, block_size=16, window=(8, 8))
