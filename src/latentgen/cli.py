@@ -92,6 +92,23 @@ def _read_condition_file(path: Path) -> Any:
         ) from None
 
 
+def _parse_size(value: str | None) -> tuple[int, int] | None:
+    """``"N"`` or ``"HxW"`` (pixels) -> ``(H, W)``."""
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        h = w = 0
+    if len(parts) > 2 or h < 1 or w < 1:
+        raise click.BadParameter(
+            f"{value!r}: give a size in pixels as N or HxW, e.g. 512 or 1024x768.",
+            param_hint="--size",
+        )
+    return h, w
+
+
 @main.command()
 @click.argument("pipeline_dir", type=click.Path(path_type=Path))
 @click.option(
@@ -111,7 +128,13 @@ def _read_condition_file(path: Path) -> Any:
     type=click.Path(path_type=Path),
     help="PNG grid to write.",
 )
-@click.option("--size", default=None, type=click.IntRange(1), help="Image size (default: card).")
+@click.option(
+    "--size",
+    default=None,
+    callback=lambda _ctx, _param, value: _parse_size(value),
+    help="Image size in pixels: N (square) or HxW, e.g. 1024x768 (default: the card's). A "
+    "size beyond the prior's trained window is drawn with the sliding window.",
+)
 @click.option(
     "--cond",
     "-c",
@@ -124,18 +147,27 @@ def _read_condition_file(path: Path) -> Any:
 @click.option("--top-k", default=None, type=int)
 @click.option("--top-p", default=None, type=float)
 @click.option("--guidance", default=None, type=float, help="Classifier-free guidance scale.")
+@click.option(
+    "--window",
+    default=None,
+    type=click.Choice(["exact", "cached"]),
+    help="Sliding window for sizes beyond the prior's trained window: 'cached' (fast, the "
+    "default) moves it in strides and reuses the KV cache; 'exact' runs one window forward per "
+    "code (the reference).",
+)
 @click.option("--nrow", default=None, type=click.IntRange(1), help="Images per grid row.")
 def sample(
     pipeline_dir: Path,
     num: int,
     seed: int,
     out: Path,
-    size: int | None,
+    size: tuple[int, int] | None,
     cond: tuple[str, ...],
     temperature: float | None,
     top_k: int | None,
     top_p: float | None,
     guidance: float | None,
+    window: str | None,
     nrow: int | None,
 ) -> None:
     """Sample NUM images from a saved pipeline and write them as one PNG grid."""
@@ -159,12 +191,18 @@ def sample(
         "top_k": top_k,
         "top_p": top_p,
         "guidance_scale": guidance,
+        "window": window,
     }
     sampler = SamplerConfig(
         **{**pipe.sampler.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
     )
     images = pipe(
-        num, size=size, sampler=sampler, generator=torch.Generator().manual_seed(seed), **conditions
+        num,
+        size=size,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(seed),
+        progress=True,
+        **conditions,
     )
     image_grid(images, nrow=nrow).save(_png_path(out))
     click.echo(f"wrote {len(images)} images to {out}")

@@ -418,6 +418,7 @@ class Pipeline:
         sampler: SamplerConfig | Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
         prefix: Tensor | None = None,
+        progress: bool = False,
         **conditions: Any,
     ) -> Tensor:
         """Draw code grids ``[B, h, w]`` from the prior (see ``__call__``)."""
@@ -451,6 +452,8 @@ class Pipeline:
                 generator=generator,
                 num_samples=n,
                 prefix=prefix,
+                # Only when asked: a plugin prior that overrides sample() may not take it.
+                **({"progress": True} if progress else {}),
             )
 
     def __call__(
@@ -462,17 +465,22 @@ class Pipeline:
         generator: torch.Generator | None = None,
         output_type: Literal["pil", "tensor"] = "pil",
         prefix: Tensor | None = None,
+        progress: bool = False,
         **conditions: Any,
     ) -> Any:
         """Generate images.
 
         Args:
             num_images: how many; with conditions, a multiple of their batch (default: one each).
-            size: image size ``(H, W)`` or one int; defaults to the card's ``image_size``.
-            sampler: overrides the pipeline's default sampler for this call.
+            size: image size ``(H, W)`` or one int; defaults to the card's ``image_size``. A
+                size whose code grid is larger than the prior's trained window is drawn with
+                the sliding window (``sampler.window``: ``"cached"`` or ``"exact"``).
+            sampler: overrides the pipeline's default sampler for this call (a
+                ``SamplerConfig`` or a mapping of its fields, e.g. ``{"window": "exact"}``).
             generator: a seeded ``torch.Generator`` makes the draw reproducible.
             output_type: ``"pil"`` for a list of PIL images, ``"tensor"`` for ``[B, C, H, W]``.
             prefix: codes ``[B, h, w]`` with -1 where codes are to be drawn (completion).
+            progress: show a progress bar over the codes of a sliding-window draw.
             **conditions: raw conditions by conditioner name, e.g. ``label=[3, 7]``.
         """
         codes = self.sample_codes(
@@ -481,6 +489,7 @@ class Pipeline:
             sampler=sampler,
             generator=generator,
             prefix=prefix,
+            progress=progress,
             **conditions,
         )
         with self._eval():
@@ -508,12 +517,32 @@ class Pipeline:
         """``decode(encode(images))``."""
         return self.decode(self.encode(images))
 
-    def log_likelihood(self, images: Tensor, **conditions: Any) -> Tensor:
-        """Log-likelihood ``[B]`` in nats of each image's code grid under the prior."""
+    def log_likelihood(
+        self,
+        images: Tensor,
+        *,
+        window: Literal["exact", "cached"] | None = None,
+        **conditions: Any,
+    ) -> Tensor:
+        """Log-likelihood ``[B]`` in nats of each image's code grid under the prior.
+
+        ``window`` scores with the sliding window of that mode (``Prior.window_log_prob``); by
+        default a grid larger than the prior models directly is scored with the mode of the
+        pipeline's sampler, and any other grid with ``Prior.log_prob``.
+        """
         codes = self.encode(images)
         with self._eval():
             conds = self.condition((int(images.shape[2]), int(images.shape[3])), **conditions)
-            return self.prior.log_prob(codes, conds or None)
+            grid = (int(codes.shape[1]), int(codes.shape[2]))
+            windowed = window is not None or self.prior.resolve_window(grid, None) is not None
+            if not windowed:
+                return self.prior.log_prob(codes, conds or None)
+            return self.prior.window_log_prob(
+                codes,
+                conds or None,
+                window=window or self.sampler.window,
+                window_size=self.sampler.window_size,
+            )
 
     def __repr__(self) -> str:
         conds = ", ".join(f"{n}={c.config.type}" for n, c in self.conditioners.items())
