@@ -1,0 +1,222 @@
+"""Sliding-window sampling: tokens/s and peak memory of ``exact`` vs ``cached``, and their NLL.
+
+Speed: a 64x64 code grid (1024x1024 pixels at f=16) from a transformer prior with a 16x16
+window (block_size 256), vocab 1024, top-k 100, batch 1, configs s (4 layers, 8 heads, 256
+wide) and m (8, 8, 512). Each (config, mode) runs in a fresh subprocess so that its peak memory
+(CPU: the growth of ru_maxrss; CUDA: torch.cuda.max_memory_allocated) is its own. ``exact``
+costs one window forward per code, so by default it is timed on a uniform subset of the codes
+(every k-th window placement in generation order, ``--exact-every k``) and tokens/s is that
+subset's rate; ``--exact-every 1`` times the whole grid. The weights are untrained: speed does
+not depend on them.
+
+NLL: the same window modes score held-out large grids made from rendered images. The
+``shapes`` data at 256x256 pixels is tokenized by the zero-training ``toy.palette`` tokenizer
+(k-means palette of 4x4 patch means, f=4, so a 64x64 code grid per image); a small prior (2
+layers, 4 heads, 128 wide, a 16x16 window) is trained on random 16x16 crops of the training
+grids, then ``Prior.window_log_prob`` scores held-out 64x64 grids in each mode (and the plain
+``log_prob`` of held-out 16x16 crops, for reference).
+
+    OMP_NUM_THREADS=2 python benchmarks/sliding_window.py
+    python benchmarks/sliding_window.py --configs s --skip-nll
+    python benchmarks/sliding_window.py --skip-speed --train-steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "s": {"n_layer": 4, "n_head": 8, "n_embd": 256},
+    "m": {"n_layer": 8, "n_head": 8, "n_embd": 512},
+}
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_speed(args: argparse.Namespace, name: str, mode: str) -> dict[str, float]:
+    """Time one windowed draw of the grid (``exact``: every k-th placement) in this process."""
+    import torch
+
+    from latentgen.priors import window
+    from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
+    from latentgen.specs import SamplerConfig
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    side = args.window
+    config = TransformerPriorConfig(vocab_size=1024, block_size=side * side, **CONFIGS[name])
+    model = TransformerPrior(config).to(device).eval()
+    sampler = SamplerConfig(top_k=100, window=mode)
+    every = args.exact_every if mode == "exact" else 1
+    full_plan = window.plan_windows
+    counted: list[int] = []
+
+    def subset(*a, **k):  # type: ignore[no-untyped-def]
+        placements = full_plan(*a, **k)[::every]
+        counted.append(sum(len(p.targets) for p in placements))
+        return placements
+
+    window.plan_windows = subset  # type: ignore[assignment]  # sample_windowed looks it up here
+
+    def go(grid: tuple[int, int]) -> None:
+        gen = torch.Generator(device=device).manual_seed(0)
+        model.sample(grid=grid, sampler=sampler, generator=gen, num_samples=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    go((side + side // 2, side + side // 2))  # warm-up: kernels, allocator
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _maxrss_mib()
+    counted.clear()
+    t0, c0 = time.perf_counter(), time.process_time()
+    go((args.grid, args.grid))
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    if peak is None:
+        peak = _maxrss_mib() - rss0
+    n = counted[-1]
+    return {
+        "codes": n,
+        "seconds": seconds,
+        "tok_s": n / seconds,
+        "tok_cpu_s": n / cpu,
+        "peak_mib": peak,
+    }
+
+
+def run_nll(args: argparse.Namespace) -> dict[str, float]:
+    """Train a small windowed prior on palette codes of rendered shapes; score each mode."""
+    import torch
+
+    from latentgen import registry
+    from latentgen.data.shapes import ShapesConfig, ShapesDataset
+    from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
+
+    torch.manual_seed(0)
+    side, f = args.window, 4
+    px = args.grid * f
+
+    def images(n: int, seed: int) -> torch.Tensor:
+        data = ShapesDataset(ShapesConfig(size=n, image_size=px, seed=seed))
+        return torch.stack([data[i]["image"] for i in range(n)])
+
+    tok = registry.build("tokenizer", {"type": "toy.palette", "vocab_size": 32, "downsample": f})
+    train_images = images(args.train_images, seed=0)
+    tok.fit(train_images)
+    with torch.no_grad():
+        train = tok.encode(train_images)  # [N, grid, grid]
+        held = tok.encode(images(args.held_out, seed=10**6))
+    cfg = TransformerPriorConfig(
+        vocab_size=32, block_size=side * side, n_layer=2, n_head=4, n_embd=128
+    )
+    prior = TransformerPrior(cfg)
+    opt = torch.optim.AdamW(prior.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=args.train_steps)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for _ in range(args.train_steps):
+        idx = torch.randint(0, len(train), (args.batch,), generator=gen)
+        r, c = (torch.randint(0, args.grid - side + 1, (2,), generator=gen)).tolist()
+        loss = prior.loss(train[idx, r : r + side, c : c + side])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    train_s = time.perf_counter() - t0
+    prior.eval()
+    n_codes = held[0].numel()
+    out: dict[str, float] = {"train_loss": float(loss), "train_seconds": train_s}
+    with torch.no_grad():
+        crops = held[:, :side, :side]
+        out["plain_16x16"] = float(-prior.log_prob(crops).mean() / crops[0].numel())
+        for mode in ("exact", "cached"):
+            t0 = time.perf_counter()
+            lp = prior.window_log_prob(held, window=mode)  # type: ignore[arg-type]
+            out[mode] = float(-lp.mean() / n_codes)
+            out[f"{mode}_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def main() -> None:
+    """Run each (config, mode) speed measurement in its own process, then the NLL comparison."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--configs", default="s,m", help="comma list of: " + ", ".join(CONFIGS))
+    p.add_argument("--grid", type=int, default=64, help="code grid side")
+    p.add_argument("--window", type=int, default=16, help="window side the prior models")
+    p.add_argument(
+        "--exact-every", type=int, default=16, help="time exact on every k-th code (1: all)"
+    )
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-nll", action="store_true")
+    p.add_argument("--train-images", type=int, default=48)
+    p.add_argument("--held-out", type=int, default=2)
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "config,mode"
+    args = p.parse_args()
+
+    if args.one:
+        name, mode = args.one.split(",")
+        print(json.dumps(run_speed(args, name, mode)))
+        return
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(
+        f"device={args.device} OMP_NUM_THREADS={threads} grid={args.grid}x{args.grid} "
+        f"window={args.window}x{args.window} vocab=1024 top_k=100 batch=1"
+    )
+    if not args.skip_speed:
+        mem = "peak MiB" if args.device.startswith("cuda") else "maxrss +MiB"
+        print(
+            f"{'config':>6} {'mode':>7} {'codes':>6} {'seconds':>8} {'tok/s':>8} "
+            f"{'tok/cpu-s':>9} {mem:>12} {'speed-up':>8}"
+        )
+        for name in args.configs.split(","):
+            rates = {}
+            for mode in ("exact", "cached"):
+                cmd = [sys.executable, __file__, "--one", f"{name},{mode}"]
+                for opt in ("device", "grid", "window", "exact_every"):
+                    cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode:
+                    print(f"{name:>6} {mode:>7}  failed: {res.stderr.strip()[-500:]}")
+                    continue
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                rates[mode] = r["tok_s"]
+                up = f"{r['tok_s'] / rates['exact']:.1f}x" if "exact" in rates else ""
+                print(
+                    f"{name:>6} {mode:>7} {r['codes']:>6} {r['seconds']:>8.2f} "
+                    f"{r['tok_s']:>8.1f} {r['tok_cpu_s']:>9.1f} {r['peak_mib']:>12.1f} "
+                    f"{up:>8}",
+                    flush=True,
+                )
+        if args.exact_every > 1:
+            print(
+                f"(exact timed on every {args.exact_every}th code of the grid; its tok/s is "
+                "that subset's rate, standing for the whole grid)"
+            )
+    if not args.skip_nll:
+        r = run_nll(args)
+        print(
+            f"NLL, nats/code, {args.held_out} held-out {args.grid}x{args.grid} grids "
+            f"(shapes at {args.grid * 4}px, toy.palette K=32 f=4; prior 2x4x128 trained "
+            f"{args.train_steps} steps in {r['train_seconds']:.0f}s, last loss "
+            f"{r['train_loss']:.3f}):"
+        )
+        print(f"  plain log_prob on 16x16 crops: {r['plain_16x16']:.4f}")
+        for mode in ("exact", "cached"):
+            print(f"  {mode:>6} window: {r[mode]:.4f}  ({r[f'{mode}_seconds']:.1f}s to score)")
+        print(f"  cached vs exact: {100 * (r['cached'] / r['exact'] - 1):+.2f}%")
+
+
+if __name__ == "__main__":
+    main()
