@@ -25,7 +25,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -34,8 +34,44 @@ from tqdm.auto import tqdm
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
 
-if TYPE_CHECKING:
-    from latentgen.priors.base import Prior, SampleRequest
+
+# What this module uses of ``Prior`` and ``SampleRequest`` (latentgen.priors.base imports this
+# module, so it names them structurally rather than importing them back).
+class Prior(Protocol):
+    @property
+    def device(self) -> torch.device: ...
+
+    def code_logits(
+        self, codes: Tensor, conds: Mapping[str, Conditioning] | None = None
+    ) -> Tensor: ...
+
+    def code_log_probs(
+        self, codes: Tensor, conds: Mapping[str, Conditioning] | None = None
+    ) -> Tensor: ...
+
+    def window_decoder(self, rows: int, size: tuple[int, int]) -> WindowDecoder: ...
+
+
+class SampleRequest(Protocol):
+    @property
+    def grid(self) -> tuple[int, int]: ...
+
+    @property
+    def batch(self) -> int: ...
+
+    @property
+    def conds(self) -> dict[str, Conditioning]: ...
+
+    @property
+    def prefix(self) -> Tensor | None: ...
+
+    @property
+    def rows(self) -> int: ...
+
+    def expand(self, x: Tensor) -> Tensor: ...
+
+    def pick(self, logits: Tensor, position: int) -> Tensor: ...
+
 
 __all__ = [
     "Placement",
