@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 from PIL import Image
 
@@ -34,3 +35,5 @@ def test_demo_trains_both_stages_and_writes_grids(tmp_path, monkeypatch):
     assert grid.width > 32 and grid.height > 32, grid.size
     pipe = Pipeline.from_pretrained(written["pipeline"])
     assert pipe.prior.condition_names == ("label",)
+    assert pipe.card["image_size"] == [32, 32]  # trained size, so sampling needs no --size
+    assert pipe(label=[1], generator=torch.Generator().manual_seed(0))[0].size == (32, 32)

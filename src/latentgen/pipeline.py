@@ -395,7 +395,8 @@ class Pipeline:
                 if default is not None:
                     return default  # e.g. a pose's heatmap size: keypoints imply no size
             raise InputError(
-                "no image size given and the pipeline card has none: pass size=(H, W)."
+                "no image size given and the pipeline card has none: pass size=(H, W) "
+                "(`--size HxW` on the command line)."
             )
         return (card, card) if isinstance(card, int) else (int(card[0]), int(card[1]))
 
@@ -404,7 +405,8 @@ class Pipeline:
             size = self.card.get("image_size")
             if size is None:
                 raise InputError(
-                    "no image size given and the pipeline card has none: pass size=(H, W)."
+                    "no image size given and the pipeline card has none: pass size=(H, W) "
+                    "(`--size HxW` on the command line)."
                 )
         if isinstance(size, int):
             size = (size, size)

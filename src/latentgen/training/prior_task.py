@@ -168,5 +168,10 @@ class PriorTask(Task):
             return None
         from latentgen.pipeline import Pipeline
 
-        pipe = Pipeline(self.tokenizer, self.prior, self.conditioners, self.sampler)
+        card: dict[str, Any] = {}
+        codes = (self.grid_batch or {}).get("codes")  # [B, h, w] from the code cache
+        if isinstance(codes, Tensor):  # the image size it was trained at: sampling's default
+            f = int(self.tokenizer.downsample)
+            card["image_size"] = [int(codes.shape[-2]) * f, int(codes.shape[-1]) * f]
+        pipe = Pipeline(self.tokenizer, self.prior, self.conditioners, self.sampler, card=card)
         return pipe.save_pretrained(path)
