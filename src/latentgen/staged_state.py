@@ -103,12 +103,6 @@ class StagedState:
             if name not in saved:
                 saved[name] = getattr(self, name).detach().clone()
 
-    @property
-    def has_staged_state(self) -> bool:
-        """Whether anything waits for ``commit_state`` or ``discard_state``."""
-        pending, saved = self._staged_store()
-        return bool(pending or saved)
-
     @torch.no_grad()
     def commit_state(self) -> None:
         """Write the staged values into the module's tensors (one device copy each)."""

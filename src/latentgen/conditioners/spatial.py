@@ -215,11 +215,6 @@ class SpatialConditioner(Conditioner):
         """None: a spatial condition emits one token per code, ``h * w``, so it follows the size."""
         return None
 
-    def grid_for(self, size: tuple[int, int]) -> tuple[int, int]:
-        """Condition grid ``(hc, wc)`` for an image of ``size = (H, W)``."""
-        f = self.image_downsample
-        return size[0] // f, size[1] // f
-
     def image_size_of(self, raw: Any) -> tuple[int, int] | None:
         """The image size a raw condition implies (None when it has no size, e.g. keypoints)."""
         maps = self.prepare(raw)
