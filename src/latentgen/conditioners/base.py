@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from latentgen.components import Component
 
-__all__ = ["Conditioner", "Conditioning"]
+__all__ = ["INPUT_KINDS", "Conditioner", "Conditioning", "InputKind", "RawInput"]
+
+# What a raw condition is, for front ends (``latentgen serve``) that must offer a control for it:
+# "class" a class label, "label_map" a map of class ids, "image" a picture or greyscale map,
+# "keypoints" a list of [x, y, visibility], "value" anything else (JSON, as the CLI's -c parses).
+InputKind = Literal["class", "label_map", "image", "keypoints", "value"]
+INPUT_KINDS: tuple[InputKind, ...] = ("class", "label_map", "image", "keypoints", "value")
 
 
 @dataclass
@@ -66,10 +72,34 @@ class Conditioning:
         return replace(self, tokens=self.tokens.to(device), drop=drop)
 
 
+@dataclass(frozen=True)
+class RawInput:
+    """What raw input a conditioner takes: enough for a UI to offer the right control.
+
+    Attributes:
+        kind: one of ``INPUT_KINDS``.
+        count: number of classes ("class", "label_map") or keypoints ("keypoints"), if known.
+        names: class names ("class", "label_map"), in label order; empty when unnamed.
+        channels: "image" only: 1 for a greyscale map, 3 for a colour image, None for either.
+    """
+
+    kind: InputKind
+    count: int | None = None
+    names: tuple[str, ...] = ()
+    channels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in INPUT_KINDS:
+            raise ValueError(f"RawInput.kind must be one of {INPUT_KINDS}, got {self.kind!r}")
+
+
 class Conditioner(Component, nn.Module, ABC):
     """Turns one kind of raw condition into tokens in the conditioner's own vocabulary."""
 
     kind: ClassVar[str] = "conditioner"
+    # The raw input's kind (see ``RawInput``); a plugin that sets nothing gets a JSON text box.
+    input_kind: ClassVar[InputKind] = "value"
+    input_channels: ClassVar[int | None] = None  # "image" only: 1 grey, 3 colour, None either
 
     def __init__(self, config: Any) -> None:
         nn.Module.__init__(self)
@@ -93,6 +123,24 @@ class Conditioner(Component, nn.Module, ABC):
         ``Conditioning`` is then checked when it is made.
         """
         return 1
+
+    @property
+    def raw_input(self) -> RawInput:
+        """The raw input this conditioner takes, from ``input_kind`` and its config.
+
+        ``count`` and ``names`` come from the config's ``num_classes`` / ``num_keypoints`` and
+        ``class_names`` fields when it has them; override for anything else.
+        """
+        cfg = self.config
+        field = "num_keypoints" if self.input_kind == "keypoints" else "num_classes"
+        count = getattr(cfg, field, None)
+        names = getattr(cfg, "class_names", None) or ()
+        return RawInput(
+            kind=self.input_kind,
+            count=int(count) if isinstance(count, int) else None,
+            names=tuple(str(n) for n in names),
+            channels=self.input_channels if self.input_kind == "image" else None,
+        )
 
     def forward(self, raw: Any) -> Conditioning:
         return self.encode(raw)

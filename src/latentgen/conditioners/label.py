@@ -31,6 +31,7 @@ class ClassLabelConditioner(Conditioner):
     """Labels (ints, names, or a tensor) -> ``tokens [B, 1]`` in ``[0, num_classes)``."""
 
     Config = ClassLabelConfig
+    input_kind = "class"
 
     def __init__(self, config: ClassLabelConfig) -> None:
         super().__init__(config)

@@ -67,6 +67,7 @@ class PoseConditioner(SpatialConditioner):
     """
 
     Config = PoseConfig
+    input_kind = "keypoints"
     config: PoseConfig
 
     @property

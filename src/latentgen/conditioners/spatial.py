@@ -298,6 +298,7 @@ class SegmentationConditioner(SpatialConditioner):
     """
 
     Config = SegmentationConfig
+    input_kind = "label_map"
     config: SegmentationConfig
 
     @property
@@ -438,6 +439,8 @@ class DepthConditioner(SpatialConditioner):
     """
 
     Config = DepthConfig
+    input_kind = "image"
+    input_channels = 1
     config: DepthConfig
 
     @property
@@ -488,6 +491,7 @@ class EdgesConditioner(SpatialConditioner):
     """
 
     Config = EdgesConfig
+    input_kind = "image"
     config: EdgesConfig
 
     @property
@@ -555,6 +559,8 @@ class LowResolutionConditioner(SpatialConditioner):
     """
 
     Config = LowResolutionConfig
+    input_kind = "image"
+    input_channels = 3
     config: LowResolutionConfig
 
     @property
