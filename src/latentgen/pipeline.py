@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from numbers import Integral
 from pathlib import Path
@@ -421,6 +421,7 @@ class Pipeline:
         generator: torch.Generator | None = None,
         prefix: Tensor | None = None,
         progress: bool = False,
+        on_code: Callable[[int, int], None] | None = None,
         **conditions: Any,
     ) -> Tensor:
         """Draw code grids ``[B, h, w]`` from the prior (see ``__call__``)."""
@@ -447,6 +448,12 @@ class Pipeline:
                 n = 1 if num_images is None else num_images
             if n < 1:
                 raise InputError(f"num_images must be >= 1, got {n}.")
+            # Only when asked: a plugin prior that overrides sample() may not take them.
+            extra: dict[str, Any] = {}
+            if progress:
+                extra["progress"] = True
+            if on_code is not None:
+                extra["on_code"] = on_code
             return self.prior.sample(
                 conds or None,
                 grid=grid,
@@ -454,8 +461,7 @@ class Pipeline:
                 generator=generator,
                 num_samples=n,
                 prefix=prefix,
-                # Only when asked: a plugin prior that overrides sample() may not take it.
-                **({"progress": True} if progress else {}),
+                **extra,
             )
 
     def __call__(
@@ -468,6 +474,7 @@ class Pipeline:
         output_type: Literal["pil", "tensor"] = "pil",
         prefix: Tensor | None = None,
         progress: bool = False,
+        on_code: Callable[[int, int], None] | None = None,
         **conditions: Any,
     ) -> Any:
         """Generate images.
@@ -483,6 +490,8 @@ class Pipeline:
             output_type: ``"pil"`` for a list of PIL images, ``"tensor"`` for ``[B, C, H, W]``.
             prefix: codes ``[B, h, w]`` with -1 where codes are to be drawn (completion).
             progress: show a progress bar over the codes of a sliding-window draw.
+            on_code: called as ``on_code(done, total)`` as codes are drawn (``Prior.sample``);
+                raising in it stops the draw (a UI's cancel button).
             **conditions: raw conditions by conditioner name, e.g. ``label=[3, 7]``.
         """
         codes = self.sample_codes(
@@ -492,6 +501,7 @@ class Pipeline:
             generator=generator,
             prefix=prefix,
             progress=progress,
+            on_code=on_code,
             **conditions,
         )
         with self._eval():

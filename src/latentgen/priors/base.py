@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -102,6 +102,8 @@ class SampleRequest:
         window: ``(wh, ww)`` when the grid is drawn with the sliding window
             (``latentgen.priors.window``), the conditions then being the whole-grid ones; None
             when ``generate`` draws the grid directly.
+        on_code: called by ``pick`` with the number of codes it just drew (B), for progress
+            and cancelling (it may raise to stop the draw); None: nothing is called.
     """
 
     grid: tuple[int, int]
@@ -112,6 +114,7 @@ class SampleRequest:
     prefix: Tensor | None
     options: Mapping[str, Any] = field(default_factory=dict)
     window: tuple[int, int] | None = None
+    on_code: Callable[[int], None] | None = None
 
     @property
     def guided(self) -> bool:
@@ -143,7 +146,25 @@ class SampleRequest:
 
     def pick(self, logits: Tensor, position: int) -> Tensor:
         """Code ``[B]`` at raster ``position`` from ``logits [rows, K]``: guide, draw, keep."""
-        return self.keep(draw_fast(self.mix(logits), self.sampler, self.generator), position)
+        codes = self.keep(draw_fast(self.mix(logits), self.sampler, self.generator), position)
+        if self.on_code is not None:
+            self.on_code(int(codes.shape[0]))
+        return codes
+
+
+def _count_codes(
+    report: Callable[[int, int], None], request: SampleRequest
+) -> Callable[[int], None]:
+    """``report(done, total)`` as a ``SampleRequest.on_code`` that counts the codes drawn."""
+    total = request.batch * request.grid[0] * request.grid[1]
+    done = 0
+
+    def on_code(n: int) -> None:
+        nonlocal done
+        done = min(done + n, total)
+        report(done, total)
+
+    return on_code
 
 
 class Prior(Component, nn.Module, ABC):
@@ -364,6 +385,7 @@ class Prior(Component, nn.Module, ABC):
         num_samples: int | None = None,
         prefix: Tensor | None = None,
         progress: bool = False,
+        on_code: Callable[[int, int], None] | None = None,
         **options: Any,
     ) -> Tensor:
         """Draw codes ``[B, h, w]``.
@@ -379,6 +401,9 @@ class Prior(Component, nn.Module, ABC):
             prefix: optional ``[B, h, w]`` codes with -1 where codes are to be drawn; given
                 codes are kept (completion, as in the paper's image-completion figures).
             progress: show a progress bar (tqdm) over the codes of a windowed draw.
+            on_code: called as ``on_code(done, total)`` after each drawn position, counting
+                codes over the whole batch (``total = B * h * w``); an exception it raises
+                stops the draw and reaches the caller (how ``latentgen serve`` cancels).
             **options: prior-specific sampling options, passed on to ``generate``.
 
         A grid the prior cannot model directly (or any grid larger than
@@ -388,6 +413,8 @@ class Prior(Component, nn.Module, ABC):
         request = self.sample_request(
             conds, grid, sampler, generator, num_samples, prefix, **options
         )
+        if on_code is not None:
+            request = replace(request, on_code=_count_codes(on_code, request))
         was_training = self.training
         self.eval()
         try:
