@@ -156,6 +156,20 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
     "code (the reference).",
 )
 @click.option("--nrow", default=None, type=click.IntRange(1), help="Images per grid row.")
+@click.option(
+    "--reject",
+    "reject_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Classifier rejection sampling with this saved classifier: keep the candidates it "
+    "scores highest for the requested class (needs a class condition).",
+)
+@click.option(
+    "--acceptance",
+    default=None,
+    type=float,
+    help="With --reject: fraction of candidates kept, in (0, 1] (default 0.05, the paper's).",
+)
 def sample(
     pipeline_dir: Path,
     num: int,
@@ -169,15 +183,29 @@ def sample(
     guidance: float | None,
     window: str | None,
     nrow: int | None,
+    reject_dir: Path | None,
+    acceptance: float | None,
 ) -> None:
     """Sample NUM images from a saved pipeline and write them as one PNG grid."""
     import torch
 
     from latentgen.pipeline import Pipeline
+    from latentgen.rejection import RejectionConfig
     from latentgen.specs import SamplerConfig
     from latentgen.utils import image_grid
 
-    pipe = Pipeline.from_pretrained(pipeline_dir)
+    if acceptance is not None and reject_dir is None:
+        raise click.BadParameter(
+            "--acceptance sets the rate of rejection sampling: give the classifier with "
+            "--reject DIR too.",
+            param_hint="--acceptance",
+        )
+    rejection = None
+    if reject_dir is not None:
+        rejection = RejectionConfig(
+            classifier=reject_dir, acceptance_rate=0.05 if acceptance is None else acceptance
+        )
+    pipe = Pipeline.from_pretrained(pipeline_dir, rejection=rejection)
     conditions = {}
     for item in cond:
         name, sep, value = item.partition("=")
@@ -206,6 +234,14 @@ def sample(
     )
     image_grid(images, nrow=nrow).save(_png_path(out))
     click.echo(f"wrote {len(images)} images to {out}")
+    report = pipe.last_rejection
+    if report is not None:
+        click.echo(
+            f"rejection sampling: kept {report.kept} of {report.candidates} candidates "
+            f"(realised rate {report.realised_rate:.4g}, requested {report.requested_rate:.4g}); "
+            f"mean classifier probability of the requested class {report.mean_prob_kept:.3f} "
+            f"kept vs {report.mean_prob_all:.3f} over all candidates"
+        )
 
 
 @main.command()
@@ -259,9 +295,11 @@ def _png_path(out: Path) -> Path:
 def _add_training_commands() -> None:
     """``train``, ``reconstruct`` and ``eval`` live with the training engine."""
     from latentgen.convert import convert
+    from latentgen.quality_cli import add_commands as add_quality_commands
     from latentgen.training.cli import add_commands
 
     add_commands(main)
+    add_quality_commands(main)
     main.add_command(convert)
 
 

@@ -36,6 +36,7 @@ from latentgen.conditioners.spatial import SpatialConditioner
 from latentgen.errors import CheckpointError, InputError, SpecError
 from latentgen.files import atomic_directory, atomic_write_json
 from latentgen.priors.base import Prior
+from latentgen.rejection import RejectionConfig, RejectionReport
 from latentgen.specs import ComponentConfig, PipelineSpec, SamplerConfig, load_spec, spec_error
 from latentgen.tokenizers.base import Tokenizer
 from latentgen.version import __version__
@@ -153,6 +154,7 @@ class Pipeline:
         conditioners: Mapping[str, Conditioner] | None = None,
         sampler: SamplerConfig | None = None,
         card: Mapping[str, Any] | None = None,
+        rejection: RejectionConfig | None = None,
     ) -> None:
         conditioners = dict(conditioners or {})
         if not isinstance(tokenizer, Tokenizer):
@@ -162,12 +164,19 @@ class Pipeline:
         for name, c in conditioners.items():
             if not isinstance(c, Conditioner):
                 raise SpecError(f"conditioner '{name}' must be a latentgen.Conditioner")
+        if rejection is not None and not isinstance(rejection, RejectionConfig):
+            raise SpecError(
+                f"rejection must be a latentgen.rejection.RejectionConfig, got {type(rejection)}"
+            )
         _check_fit(tokenizer, prior, conditioners)
         self.tokenizer = tokenizer
         self.prior = prior
         self.conditioners = conditioners
         self.sampler = sampler or SamplerConfig()
         self.card: dict[str, Any] = dict(card or {})
+        # Classifier rejection sampling for every draw (not saved: it names a classifier).
+        self.rejection = rejection
+        self.last_rejection: RejectionReport | None = None  # what the last draw with it did
         self.spec  # noqa: B018 -- validate now that the configs form a spec
 
     # -- construction ---------------------------------------------------------------------------
@@ -207,15 +216,17 @@ class Pipeline:
         """A new pipeline sharing every module except those given (by module, config or mapping).
 
         Keywords: ``tokenizer``, ``prior``, ``sampler``, ``conditioners`` (a whole mapping), or
-        a conditioner's own name to swap just that one.
+        a conditioner's own name to swap just that one; ``rejection`` (a ``RejectionConfig``
+        or None).
         """
+        rejection = overrides.pop("rejection", self.rejection)
         parts = {
             "tokenizer": self.tokenizer,
             "prior": self.prior,
             "conditioners": dict(self.conditioners),
             "sampler": self.sampler,
         }
-        return Pipeline(**_apply_overrides(parts, overrides), card=self.card)
+        return Pipeline(**_apply_overrides(parts, overrides), card=self.card, rejection=rejection)
 
     # -- files ----------------------------------------------------------------------------------
     def _named_modules(self) -> Iterator[tuple[str, str, Any]]:
@@ -262,8 +273,10 @@ class Pipeline:
 
         Every file must lie inside the directory and match its sha256, every config the one its
         weights were saved with, every key and shape the spec; a component type that no
-        installed plugin provides says which distribution to install.
+        installed plugin provides says which distribution to install. ``rejection`` sets
+        classifier rejection sampling (a ``RejectionConfig``).
         """
+        rejection = overrides.pop("rejection", None)
         path = Path(path)
         meta = read_pipeline_manifest(path)
         meta_file = path / PIPELINE_FILE
@@ -298,7 +311,7 @@ class Pipeline:
             "conditioners": {n: built[n] for n in cond_names if n in built},
             "sampler": spec.sampler,
         }
-        return cls(**_apply_overrides(parts, overrides), card=meta.get("card"))
+        return cls(**_apply_overrides(parts, overrides), card=meta.get("card"), rejection=rejection)
 
     # -- running --------------------------------------------------------------------------------
     @property
@@ -454,6 +467,10 @@ class Pipeline:
                 extra["progress"] = True
             if on_code is not None:
                 extra["on_code"] = on_code
+            if self.rejection is not None:
+                return self._sample_rejected(
+                    conds, grid, sampler or self.sampler, generator, prefix, extra
+                )
             return self.prior.sample(
                 conds or None,
                 grid=grid,
@@ -463,6 +480,76 @@ class Pipeline:
                 prefix=prefix,
                 **extra,
             )
+
+    def _sample_rejected(
+        self,
+        conds: dict[str, Conditioning],
+        grid: tuple[int, int],
+        sampler: SamplerConfig,
+        generator: torch.Generator | None,
+        prefix: Tensor | None,
+        extra: Mapping[str, Any],
+    ) -> Tensor:
+        """Codes of the candidates ``self.rejection``'s classifier scores highest (see there).
+
+        ``extra`` (progress, on_code) applies to each batch of candidates.
+        """
+        from latentgen.conditioners.label import ClassLabelConditioner
+        from latentgen.rejection import check_classifier, reject, take_rows
+
+        cfg = self.rejection
+        assert cfg is not None
+        classes = [n for n, c in self.conditioners.items() if isinstance(c, ClassLabelConditioner)]
+        name = cfg.condition
+        if name is None and len(classes) == 1:
+            name = classes[0]
+        if name not in classes:
+            raise InputError(
+                "rejection sampling keeps the candidates a classifier scores highest for the "
+                f"requested class, so it needs a class_label condition; this pipeline has "
+                f"{sorted(self.conditioners) or 'no conditions'} (class_label: "
+                f"{classes or 'none'}). "
+                + (
+                    f"Set RejectionConfig(condition=...) to one of {classes}."
+                    if classes
+                    else "Sample without rejection, or use a class-conditional pipeline."
+                )
+            )
+        k = self.conditioners[name].vocab_size
+        f = self.tokenizer.downsample
+        check_classifier(
+            cfg.classifier,
+            num_classes=k,
+            image_size=(grid[0] * f, grid[1] * f),
+            in_channels=self.tokenizer.in_channels,
+            what=f"this pipeline (condition '{name}')",
+        )
+        n = conds[name].batch_size
+
+        def draw(index: Tensor) -> Tensor:
+            rows = None
+            if prefix is not None:
+                rows = prefix[index.to(prefix.device)] if prefix.shape[0] == n else prefix
+            return self.prior.sample(
+                take_rows(conds, index),
+                grid=grid,
+                sampler=sampler,
+                generator=generator,
+                num_samples=int(index.numel()),
+                prefix=rows,
+                **extra,
+            )
+
+        codes, self.last_rejection = reject(
+            cfg,
+            labels=conds[name].tokens[:, 0],
+            num_classes=k,
+            conds=conds,
+            draw=draw,
+            decode=self.tokenizer.decode,
+            prefix=prefix if prefix is not None and prefix.shape[0] == n else None,
+        )
+        return codes
 
     def __call__(
         self,

@@ -184,6 +184,18 @@ class InceptionFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         """Features [B, 2048] of images [B, C, H, W] in [-1, 1], C in {1, 3}."""
+        return self.net(self._pixels(x), return_features=True).reshape(x.shape[0], -1)  # [B, 2048]
+
+    @torch.no_grad()
+    def class_probs(self, x: Tensor) -> Tensor:
+        """ImageNet class probabilities [B, 1008] of images in [-1, 1], for the Inception Score.
+
+        ``no_output_bias`` matches the original TF Inception Score code, as StyleGAN2-ADA does.
+        """
+        return self.net(self._pixels(x), no_output_bias=True).reshape(x.shape[0], -1)
+
+    @staticmethod
+    def _pixels(x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise InputError(
                 f"InceptionFeatures expects images [B, C, H, W] with C = 1 or 3, got shape "
@@ -191,8 +203,7 @@ class InceptionFeatures(nn.Module):
             )
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round()  # [B, 3, H, W] in {0..255}
-        return self.net(pixels, return_features=True).reshape(x.shape[0], -1)  # [B, 2048]
+        return ((x.float().clamp(-1, 1) + 1) * 127.5).round()  # [B, 3, H, W] in {0..255}
 
 
 def _missing_inception_message(path: Path) -> str:

@@ -1,0 +1,157 @@
+"""``latentgen eval samples`` and ``latentgen compare``: sample quality on the command line.
+
+    latentgen eval samples runs/shapes-transformer/final --classifier runs/shapes-classifier \\
+        --data held_out.yaml -n 50 --reject 0.05
+    latentgen compare --config src/latentgen/configs/compare-shapes-table1.yaml
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from latentgen.training.cli import _CONFIG, _dataset_from_file, _device, eval_group
+
+__all__ = ["add_commands"]
+
+
+def add_commands(group: click.Group) -> None:
+    """Attach ``eval samples`` (to the ``eval`` group) and ``compare`` to ``group``."""
+    eval_group.add_command(eval_samples)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    from latentgen.files import atomic_write_bytes
+
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write_bytes(path, text.encode())
+
+
+@click.command("samples")
+@click.argument("pipeline_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--classifier",
+    "classifier_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Saved classifier (latentgen train classifier): accuracy, and its features for KID/FID.",
+)
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=_CONFIG,
+    help="Held-out dataset config (or a train config with `data:`): the real images of KID/FID "
+    "and the conditions of spatial pipelines.",
+)
+@click.option(
+    "--num",
+    "-n",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Samples per class (class-conditional pipelines), else samples in all.",
+)
+@click.option(
+    "--reject",
+    "acceptance",
+    default=None,
+    type=float,
+    help="Also evaluate classifier rejection sampling at this acceptance rate, in (0, 1].",
+)
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    type=click.Choice(["accuracy", "kid", "fid", "agreement"]),
+    help="Only these measures (repeatable; default: every one that applies).",
+)
+@click.option("--kid-subset-size", default=100, show_default=True, type=click.IntRange(2))
+@click.option("--kid-subsets", default=100, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--inception",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Also Inception-v3 FID and IS with these weights (NVIDIA's TorchScript "
+    "inception-2015-12-05.pt; latentgen never downloads them).",
+)
+@click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    metavar="NAME=KEY",
+    help="Dataset key of a conditioner's data (default: its name).",
+)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+@click.option(
+    "--jsonl",
+    "jsonl_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the rows as JSON lines to this file.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of the table.")
+def eval_samples(
+    pipeline_dir: Path,
+    classifier_dir: Path,
+    data_path: Path,
+    num: int,
+    acceptance: float | None,
+    metrics: tuple[str, ...],
+    kid_subset_size: int,
+    kid_subsets: int,
+    inception: Path | None,
+    keys: tuple[str, ...],
+    batch_size: int,
+    seed: int,
+    device: str,
+    jsonl_path: Path | None,
+    as_json: bool,
+) -> None:
+    """Class accuracy, KID/FID and condition agreement of PIPELINE_DIR's samples."""
+    from latentgen.pipeline import Pipeline
+    from latentgen.rejection import RejectionConfig
+    from latentgen.sample_eval import evaluate_samples, format_table
+
+    if acceptance is not None:
+        RejectionConfig(classifier=lambda x: x, acceptance_rate=acceptance)  # checks the rate
+    pipe = Pipeline.from_pretrained(pipeline_dir).to(_device(device))
+    mapping = {}
+    for item in keys:
+        name, sep, key = item.partition("=")
+        if not sep or name not in pipe.conditioners:
+            raise click.BadParameter(
+                f"{item!r}: use NAME=KEY with NAME one of {sorted(pipe.conditioners) or 'none'}.",
+                param_hint="--key",
+            )
+        mapping[name] = key
+    rows = evaluate_samples(
+        pipe,
+        classifier_dir,
+        _dataset_from_file(data_path),
+        num_samples=num,
+        rejection=acceptance,
+        metrics=metrics or None,
+        kid_subset_size=kid_subset_size,
+        kid_subsets=kid_subsets,
+        inception=inception,
+        batch_size=batch_size,
+        condition_keys=mapping,
+        seed=seed,
+    )
+    dicts = [r.as_dict() for r in rows]
+    if jsonl_path is not None:
+        _write_jsonl(jsonl_path, dicts)
+    if as_json:
+        for d in dicts:
+            click.echo(json.dumps(d))
+        return
+    click.echo(format_table(dicts))
+    for note in dict.fromkeys(n for r in rows for n in r.notes):
+        click.echo(f"note: {note}", err=True)

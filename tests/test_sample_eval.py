@@ -1,0 +1,123 @@
+"""evaluate_samples: class accuracy, KID/FID in classifier features, agreement, rejection rows."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from latentgen import Pipeline
+from latentgen.conditioners.spatial import (
+    EdgesConditioner,
+    EdgesConfig,
+    LowResolutionConditioner,
+    LowResolutionConfig,
+)
+from latentgen.data.shapes import ShapesConfig, ShapesDataset
+from latentgen.errors import InputError
+from latentgen.sample_eval import _agreement, evaluate_samples, format_table
+from test_rejection import SPEC, ColourClassifier
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return ShapesDataset(ShapesConfig(size=120, image_size=16, seed=5000))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    ds = ShapesDataset(ShapesConfig(size=64, image_size=16))
+    images = torch.stack([ds[i]["image"] for i in range(64)])
+    labels = [ds[i]["label"] for i in range(64)]
+    p = Pipeline.from_spec(SPEC)
+    p.tokenizer.fit(images)
+    p.prior.fit(p.encode(images), p.condition(label=labels))
+    p.card["image_size"] = 16
+    return p
+
+
+class AlwaysZero(ColourClassifier):
+    def probs(self, images):
+        return torch.nn.functional.one_hot(torch.zeros(len(images), dtype=torch.long), 6).float()
+
+
+def test_rows_without_and_with_rejection(pipe, held_out):
+    rows = evaluate_samples(
+        pipe,
+        ColourClassifier(),
+        held_out,
+        num_samples=10,
+        rejection=0.25,
+        kid_subset_size=30,
+        kid_subsets=10,
+        batch_size=16,
+    )
+    plain, rejected = rows
+    assert (plain.name, rejected.name) == ("plain", "rejection@0.25")
+    assert plain.samples == rejected.samples == 60
+    assert rejected.acceptance_rate == 0.25 and rejected.realised_rate == pytest.approx(0.25)
+    assert 0 <= plain.class_accuracy <= 1 and rejected.class_accuracy > plain.class_accuracy
+    assert plain.kid is not None and plain.kid_std_error > 0 and plain.fid >= 0
+    # rejection costs about 1 / rate more draws
+    assert plain.samples_per_s > rejected.samples_per_s
+    d = plain.as_dict()
+    assert {"class_accuracy", "kid", "kid_std_error", "fid", "samples_per_s"} <= set(d)
+    table = format_table([r.as_dict() for r in rows])
+    assert "rejection@0.25" in table.splitlines()[3] and "class_accuracy" in table.splitlines()[0]
+
+
+def test_accuracy_counts_requested_classes(pipe, held_out):
+    # a classifier that always says class 0 is right for exactly the class-0 sixth
+    (row,) = evaluate_samples(
+        pipe, AlwaysZero(), held_out, num_samples=4, metrics=["accuracy"], batch_size=5
+    )
+    assert row.class_accuracy == pytest.approx(1 / 6) and row.kid is None
+
+
+def test_too_few_samples_for_the_kid_subset(pipe, held_out):
+    with pytest.raises(
+        InputError,
+        match=r"subsets of 100 samples but only 30 .* at least 17 per class",
+    ):
+        evaluate_samples(pipe, ColourClassifier(), held_out, num_samples=5)
+
+
+def test_classifier_of_other_classes_or_size(pipe, held_out):
+    with pytest.raises(InputError, match="trained on 10 classes but the pipeline"):
+        evaluate_samples(pipe, ColourClassifier(num_classes=10), held_out, num_samples=20)
+    with pytest.raises(InputError, match="takes 32x32 images but the pipeline .* makes 16x16"):
+        evaluate_samples(pipe, ColourClassifier(image_size=32), held_out, num_samples=20)
+
+
+def test_class_accuracy_needs_a_class_condition(held_out):
+    spec = {
+        "tokenizer": {"type": "toy.palette", "vocab_size": 8, "downsample": 4},
+        "prior": {"type": "toy.ngram", "vocab_size": 8},
+    }
+    p = Pipeline.from_spec(spec)
+    p.card["image_size"] = 16
+    with pytest.raises(InputError, match="class accuracy needs a class condition.*leave"):
+        evaluate_samples(p, ColourClassifier(), held_out, num_samples=8, metrics=["accuracy"])
+    # without asking for accuracy, an unconditional pipeline gets KID/FID
+    p.tokenizer.fit(torch.stack([held_out[i]["image"] for i in range(32)]))
+    (row,) = evaluate_samples(
+        p, ColourClassifier(), held_out, num_samples=40, kid_subset_size=20, kid_subsets=5
+    )
+    assert row.class_accuracy is None and row.kid is not None and row.samples == 40
+
+
+def test_agreement_of_derived_conditions(held_out):
+    x = torch.stack([held_out[i]["image"] for i in range(8)])  # [8, 3, 16, 16]
+    conds = {
+        "edges": EdgesConditioner(EdgesConfig(downsample=4)),
+        "small": LowResolutionConditioner(LowResolutionConfig(factor=2, downsample=2)),
+    }
+    fake_pipe = SimpleNamespace(conditioners=conds)
+    raw = {"edges": x, "small": x}  # derived from the images, as training derives them
+    same, _ = _agreement(fake_pipe, None, None, raw, x)
+    other, _ = _agreement(fake_pipe, None, None, raw, x.roll(1, 0))
+    assert torch.isinf(same["edges_psnr_db"]).all() and torch.isinf(same["small_psnr_db"]).all()
+    assert math.isfinite(float(other["edges_psnr_db"].mean()))
+    assert float(other["small_psnr_db"].mean()) < 30
