@@ -20,6 +20,7 @@ __all__ = ["add_commands"]
 def add_commands(group: click.Group) -> None:
     """Attach ``eval samples`` (to the ``eval`` group) and ``compare`` to ``group``."""
     eval_group.add_command(eval_samples)
+    group.add_command(compare)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -155,3 +156,33 @@ def eval_samples(
     click.echo(format_table(dicts))
     for note in dict.fromkeys(n for r in rows for n in r.notes):
         click.echo(f"note: {note}", err=True)
+
+
+@click.command()
+@click.option(
+    "--config",
+    "-c",
+    "config_path",
+    required=True,
+    type=_CONFIG,
+    help="Compare config (YAML/JSON): tokenizer_path, data, held_out, priors, budgets, trainer.",
+)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of the table.")
+def compare(config_path: Path, device: str, as_json: bool) -> None:
+    """Train several priors on the same codes with the same budget; one table + learning curves."""
+    import sys
+
+    from latentgen.compare import load_compare_config, run_compare
+
+    result = run_compare(
+        load_compare_config(config_path), device=_device(device), progress=sys.stderr.isatty()
+    )
+    if as_json:
+        for row in result.rows:
+            click.echo(json.dumps(row))
+    else:
+        click.echo(result.table())
+    click.echo(f"wrote {result.jsonl} and {result.curves_png}", err=as_json)

@@ -1,0 +1,380 @@
+"""``latentgen compare``: train several priors on the same codes with the same budget, measure each.
+
+    from latentgen.compare import load_compare_config, run_compare
+
+    result = run_compare(load_compare_config("compare.yaml"))
+    print(result.table())                    # one row per budget and prior
+    # result.curves_png: learning curves; result.jsonl: the rows as JSON lines
+
+The paper's Table 1 (Esser et al.) compares a transformer with PixelSNAIL at equal training
+steps and at equal wall-clock time. Every prior here trains on one code cache (one tokenizer,
+encoded once) with the same trainer options; a ``seconds`` budget becomes each prior's own step
+count from its measured time per step (a short calibration run), so each finishes its learning
+rate schedule within the same wall-clock time. Each is then measured the same way: held-out NLL
+in bits per code, sampling speed in codes per second, and, given a classifier, the figures of
+``latentgen eval samples`` (class accuracy, KID, FID in the classifier's feature space).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from latentgen.errors import SpecError
+from latentgen.specs import SamplerConfig, component_field, load_model
+
+if TYPE_CHECKING:
+    from latentgen.specs import ComponentConfig
+
+    DatasetField = ComponentConfig
+    PriorField = ComponentConfig
+    ConditionerField = ComponentConfig
+else:
+    DatasetField = component_field("dataset")
+    PriorField = component_field("prior")
+    ConditionerField = component_field("conditioner")
+
+__all__ = [
+    "Budget",
+    "CompareConfig",
+    "CompareResult",
+    "load_compare_config",
+    "run_compare",
+]
+
+# Trainer options a compare config may not set per se: the budget and the run's place are its own.
+_RESERVED = ("run_name", "runs_dir", "max_steps")
+
+
+class Budget(BaseModel):
+    """Train every prior for ``steps`` optimizer steps, or for ``seconds`` of wall-clock time."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int | None = Field(None, ge=1, description="Equal optimizer steps.")
+    seconds: float | None = Field(None, gt=0, description="Equal wall-clock training time.")
+
+    @model_validator(mode="after")
+    def _one(self) -> Budget:
+        if (self.steps is None) == (self.seconds is None):
+            raise ValueError(
+                "a budget is either {steps: N} (equal steps) or {seconds: T} (equal time), "
+                f"got {'both' if self.steps else 'neither'}."
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        """``steps=N`` or ``time=Ts``."""
+        return f"steps={self.steps}" if self.steps is not None else f"time={self.seconds:g}s"
+
+
+class Evaluation(BaseModel):
+    """How each trained prior is measured after training."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    held_out_images: int = Field(256, ge=1, description="Held-out images scored for the NLL.")
+    sample_batch: int = Field(16, ge=1, description="Samples drawn at once to time sampling.")
+    classifier: Path | None = Field(
+        None, description="Saved classifier: adds eval-samples figures (accuracy, KID, FID)."
+    )
+    num_samples: int = Field(20, ge=1, description="eval samples: samples per class (or in all).")
+    kid_subset_size: int = Field(50, ge=2, description="eval samples: KID subset size.")
+    kid_subsets: int = Field(50, ge=1, description="eval samples: KID subsets.")
+    acceptance_rate: float | None = Field(
+        None, gt=0, le=1, description="eval samples: also with rejection sampling at this rate."
+    )
+
+
+class CompareConfig(BaseModel):
+    """``latentgen compare --config``: priors, shared codes and trainer options, budgets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("compare", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    out_dir: Path = Field(Path("runs/compare"), description="Runs, table, curves go here.")
+    tokenizer_path: Path = Field(description="Trained tokenizer whose codes all priors model.")
+    data: DatasetField = Field(description="Training images (encoded once to a code cache).")
+    held_out: DatasetField = Field(description="Held-out images for NLL and eval samples.")
+    conditioners: dict[str, ConditionerField] = Field(
+        default_factory=dict, description="Conditioners every prior is conditioned on."
+    )
+    condition_keys: dict[str, str] = Field(
+        default_factory=dict, description="Dataset key of each conditioner (default: its name)."
+    )
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    priors: dict[str, PriorField] = Field(description="The priors to compare, by name.")
+    budgets: list[Budget] = Field(min_length=1, description="Each is a separate set of runs.")
+    trainer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="TrainerConfig options shared by every run (not run_name, runs_dir, "
+        "max_steps: the budget and out_dir set them).",
+    )
+    calibration_steps: int = Field(
+        20, ge=6, description="Steps timed to turn a seconds budget into each prior's steps."
+    )
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+
+    @model_validator(mode="after")
+    def _check(self) -> CompareConfig:
+        if not self.priors:
+            raise ValueError("priors is empty: name at least one prior to train.")
+        reserved = sorted(set(self.trainer) & set(_RESERVED))
+        if reserved:
+            raise ValueError(
+                f"trainer sets {reserved}, which compare sets itself: give the length of "
+                "training in `budgets` ({steps: N} or {seconds: T}) and the place in `out_dir`."
+            )
+        from latentgen.training.config import TrainerConfig
+
+        TrainerConfig(run_name="check", max_steps=1, **self.trainer)  # validates the options
+        for name, prior in self.priors.items():
+            want = set(getattr(prior, "conditions", None) or {})
+            if want != set(self.conditioners):
+                raise ValueError(
+                    f"prior '{name}' is built for conditions {sorted(want) or 'none'} but the "
+                    f"config's conditioners are {sorted(self.conditioners) or 'none'}; make "
+                    "them name the same conditions."
+                )
+        return self
+
+
+def load_compare_config(source: str | Path | Mapping[str, Any]) -> CompareConfig:
+    """Read and validate a compare config (``.yaml``/``.json`` file or mapping)."""
+    if isinstance(source, Mapping):
+        return CompareConfig.model_validate(dict(source))
+    return load_model(source, CompareConfig, "compare config")
+
+
+@dataclass
+class CompareResult:
+    """The rows (one per budget and prior), learning curves and the files written."""
+
+    rows: list[dict[str, Any]]
+    curves: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+    jsonl: Path | None = None
+    curves_png: Path | None = None
+
+    def table(self) -> str:
+        """The rows as an aligned text table."""
+        from latentgen.sample_eval import format_table
+
+        return format_table(self.rows)
+
+
+def _curve(run_dir: Path, start: float) -> list[tuple[int, float, float]]:
+    """(step, seconds since start, training loss in bits per code) from ``metrics.jsonl``."""
+    import math
+
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out.append((int(rec["step"]), float(rec["time"]) - start, rec["loss"] / math.log(2)))
+    return out
+
+
+class _Runner:
+    """Trains and measures one prior of a compare config (shared code cache and tokenizer)."""
+
+    def __init__(self, cfg: CompareConfig, tokenizer: Any, cache: Any, device: torch.device):
+        self.cfg, self.tokenizer, self.cache, self.device = cfg, tokenizer, cache, device
+        self.keys = {n: cfg.condition_keys.get(n, n) for n in cfg.conditioners}
+
+    def train(
+        self, name: str, steps: int, run_name: str, progress: bool, log_every: int | None = None
+    ) -> tuple[Any, float]:
+        from torch.utils.data import default_collate
+
+        from latentgen import registry
+        from latentgen.training.config import TrainerConfig
+        from latentgen.training.loop import Trainer
+        from latentgen.training.tasks import PriorTask
+
+        cfg = self.cfg
+        seed = int(cfg.trainer.get("seed", 0))
+        torch.manual_seed(seed)  # every prior starts from its config's seeded weights
+        prior = registry.build("prior", cfg.priors[name])
+        conds = {n: registry.build("conditioner", c) for n, c in cfg.conditioners.items()}
+        options = {
+            "device": "cuda" if self.device.type == "cuda" else "cpu",
+            "log_every": max(1, steps // 50),
+            "checkpoint_every": steps,
+            "grid_every": None,
+            "progress": "auto" if progress else "off",
+            **cfg.trainer,
+            **({"log_every": log_every} if log_every else {}),
+        }
+        tcfg = TrainerConfig(
+            run_name=run_name, runs_dir=cfg.out_dir / cfg.name, max_steps=steps, **options
+        )
+        if tcfg.run_dir.exists():  # a finished or broken earlier run: compare trains afresh
+            shutil.rmtree(tcfg.run_dir)
+        n = min(8, len(self.cache))
+        task = PriorTask(
+            prior,
+            conds,
+            tokenizer=self.tokenizer,
+            condition_keys=self.keys,
+            grid_batch=default_collate([self.cache[i] for i in range(n)]),
+            data_fingerprint=self.cache.fingerprint,
+            sampler=cfg.sampler,
+        )
+        t0 = time.time()
+        result = Trainer(task, self.cache, tcfg).fit()
+        return result, t0
+
+    def seconds_per_step(self, name: str) -> float:
+        """Measured time per optimizer step of prior ``name`` (first steps excluded)."""
+        k = self.cfg.calibration_steps
+        result, _ = self.train(name, k, f"calibrate-{name}", progress=False, log_every=1)
+        times = [
+            json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        ]
+        shutil.rmtree(result.run_dir, ignore_errors=True)
+        # one metrics line per step: time from the 5th to the last (start-up excluded)
+        first = next(r for r in times if r["step"] >= 5)
+        last = times[-1]
+        return (last["time"] - first["time"]) / max(1, last["step"] - first["step"])
+
+    def measure(self, pipe: Any) -> dict[str, Any]:
+        from latentgen.evaluation import evaluate_prior
+
+        cfg, ev = self.cfg, self.cfg.evaluation
+        held = _dataset(cfg.held_out)
+        nll = evaluate_prior(
+            pipe, held, limit=ev.held_out_images, condition_keys=self.keys, device=self.device
+        )
+        row: dict[str, Any] = {"held_out_bits_per_code": nll.bits_per_code}
+        raw = {}
+        if pipe.conditioners:
+            from torch.utils.data import default_collate
+
+            batch = default_collate([held[i] for i in range(min(ev.sample_batch, len(held)))])
+            raw = {n: batch[k] for n, k in self.keys.items()}
+        gen = torch.Generator(self.device).manual_seed(0)
+        n = None if raw else ev.sample_batch
+        t0 = time.perf_counter()
+        codes = pipe.sample_codes(n, generator=gen, **raw)
+        row["sample_codes_per_s"] = codes.numel() / (time.perf_counter() - t0)
+        if ev.classifier is not None:
+            from latentgen.sample_eval import evaluate_samples
+
+            results = evaluate_samples(
+                pipe,
+                ev.classifier,
+                held,
+                num_samples=ev.num_samples,
+                rejection=ev.acceptance_rate,
+                kid_subset_size=ev.kid_subset_size,
+                kid_subsets=ev.kid_subsets,
+                condition_keys=self.keys,
+            )
+            for r in results:
+                tag = "" if r.name == "plain" else f"{r.name}_"
+                d = r.as_dict()
+                for key in ("class_accuracy", "kid", "kid_std_error", "fid"):
+                    if key in d:
+                        row[tag + key] = d[key]
+        return row
+
+
+def _dataset(config: Any) -> Any:
+    from latentgen import registry
+
+    return registry.build("dataset", config)
+
+
+def run_compare(
+    config: CompareConfig | str | Path | Mapping[str, Any],
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> CompareResult:
+    """Train every prior under every budget on the shared codes, measure each; write the files.
+
+    Writes ``out_dir/name/``: one run per budget and prior, ``results.jsonl`` (the rows) and
+    ``curves.png`` (training loss in bits per code against steps, or against seconds for time
+    budgets), each atomically.
+    """
+    from latentgen.artifact import load_component
+    from latentgen.data.code_cache import open_or_build_code_cache
+    from latentgen.pipeline import Pipeline
+    from latentgen.plot import Panel, save_line_chart
+
+    cfg = config if isinstance(config, CompareConfig) else load_compare_config(config)
+    dev = torch.device(device)
+    tokenizer = load_component(cfg.tokenizer_path, "tokenizer").to(dev).eval()
+    for name, prior in cfg.priors.items():
+        vocab = getattr(prior, "vocab_size", None)
+        if vocab is not None and vocab != tokenizer.vocab_size:
+            raise SpecError(
+                f"prior '{name}' predicts {vocab} codes but the tokenizer in "
+                f"{cfg.tokenizer_path} has {tokenizer.vocab_size}: set priors.{name}.vocab_size "
+                f"= {tokenizer.vocab_size}."
+            )
+    root = cfg.out_dir / cfg.name
+    keys = {n: cfg.condition_keys.get(n, n) for n in cfg.conditioners}
+    cache = open_or_build_code_cache(
+        tokenizer,
+        _dataset(cfg.data),
+        root / "code_cache",
+        64,
+        sorted(set(keys.values())),
+        device=dev,
+    )
+    runner = _Runner(cfg, tokenizer, cache, dev)
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    panels = []
+    for budget in cfg.budgets:
+        series: dict[str, list[tuple[float, float]]] = {}
+        for name in cfg.priors:
+            per_step = None
+            if budget.seconds is not None:
+                per_step = runner.seconds_per_step(name)
+                steps = max(1, int(budget.seconds / per_step))
+            else:
+                steps = int(budget.steps or 1)
+            run_name = f"{budget.label.replace('=', '-')}-{name}"
+            result, start = runner.train(name, steps, run_name, progress)
+            train_s = time.time() - start
+            pipe = Pipeline.from_pretrained(result.export).to(dev)
+            row: dict[str, Any] = {
+                "budget": budget.label,
+                "prior": name,
+                "params": sum(p.numel() for p in pipe.prior.parameters()),
+                "steps": result.step,
+                "train_s": train_s,
+                "s_per_step": per_step if per_step is not None else train_s / result.step,
+            }
+            row.update(runner.measure(pipe))
+            rows.append(row)
+            curve = _curve(result.run_dir, start)
+            curves[f"{budget.label} {name}"] = curve
+            by_time = budget.seconds is not None
+            series[name] = [(t if by_time else s, bits) for s, t, bits in curve]
+        panels.append(
+            Panel(
+                f"{budget.label}: training loss",
+                "seconds" if budget.seconds is not None else "step",
+                "bits/code",
+                series,
+            )
+        )
+    from latentgen.files import atomic_write_bytes
+
+    jsonl = root / "results.jsonl"
+    atomic_write_bytes(jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    png = root / "curves.png"
+    save_line_chart(panels, png)
+    return CompareResult(rows, curves, jsonl, png)
