@@ -144,3 +144,31 @@ def test_pipeline_without_class_condition():
     p = p.replace(rejection=RejectionConfig(ColourClassifier()))
     with pytest.raises(InputError, match="needs a class_label condition.*no conditions"):
         p(num_images=2)
+
+
+def test_cli_rate_needs_a_classifier_and_a_rate_in_range(pipe, tmp_path):
+    from click.testing import CliRunner
+
+    from latentgen.cli import main
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    runner = CliRunner()
+    res = runner.invoke(main, ["sample", str(tmp_path / "pipe"), "--acceptance", "0.1"])
+    assert res.exit_code != 0 and "give the classifier with --reject DIR" in res.output
+    data = tmp_path / "data.yaml"
+    data.write_text("{type: shapes, size: 8, image_size: 16}")
+    res = runner.invoke(
+        main,
+        [
+            "eval",
+            "samples",
+            str(tmp_path / "pipe"),
+            "--classifier",
+            str(tmp_path),
+            "--data",
+            str(data),
+            "--reject",
+            "1.5",
+        ],
+    )
+    assert res.exit_code == 1 and "acceptance_rate must lie in (0, 1], got 1.5" in res.output

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from latentgen.errors import SpecError
-from latentgen.specs import SamplerConfig, component_field, load_model
+from latentgen.specs import SamplerConfig, component_field, load_model, spec_error
 
 if TYPE_CHECKING:
     from latentgen.specs import ComponentConfig
@@ -151,7 +151,10 @@ class CompareConfig(BaseModel):
 def load_compare_config(source: str | Path | Mapping[str, Any]) -> CompareConfig:
     """Read and validate a compare config (``.yaml``/``.json`` file or mapping)."""
     if isinstance(source, Mapping):
-        return CompareConfig.model_validate(dict(source))
+        try:
+            return CompareConfig.model_validate(dict(source))
+        except ValidationError as e:
+            raise spec_error(e, "the compare config", "compare config") from None
     return load_model(source, CompareConfig, "compare config")
 
 

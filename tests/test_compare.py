@@ -1,0 +1,135 @@
+"""latentgen compare: priors on one code cache at equal steps or equal time, measured alike."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from latentgen import registry
+from latentgen.artifact import save_component
+from latentgen.cli import main
+from latentgen.compare import load_compare_config, run_compare
+from latentgen.data.shapes import ShapesConfig, ShapesDataset
+from latentgen.errors import SpecError
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    tok = registry.build("tokenizer", {"type": "toy.palette", "vocab_size": 8, "downsample": 4})
+    ds = ShapesDataset(ShapesConfig(size=32, image_size=16))
+    tok.fit(torch.stack([ds[i]["image"] for i in range(32)]))
+    return save_component(tok, "tokenizer", tmp_path_factory.mktemp("tok") / "palette")
+
+
+def config(tokenizer_dir, out, **changes):
+    cfg = {
+        "name": "tiny",
+        "out_dir": str(out),
+        "tokenizer_path": str(tokenizer_dir),
+        "data": {"type": "shapes", "size": 32, "image_size": 16},
+        "held_out": {"type": "shapes", "size": 16, "image_size": 16, "seed": 999},
+        "conditioners": {"label": {"type": "class_label", "num_classes": 6}},
+        "priors": {
+            "gpt": {
+                "type": "transformer",
+                "vocab_size": 8,
+                "block_size": 16,
+                "n_layer": 1,
+                "n_head": 2,
+                "n_embd": 16,
+                "conditions": {"label": {"vocab_size": 6}},
+            },
+            "snail": {
+                "type": "pixelsnail",
+                "vocab_size": 8,
+                "channel": 8,
+                "n_block": 1,
+                "n_res_block": 1,
+                "res_channel": 8,
+                "n_head": 2,
+                "key_channel": 4,
+                "value_channel": 8,
+                "max_height": 4,
+                "max_width": 4,
+                "conditions": {"label": {"vocab_size": 6}},
+            },
+        },
+        "budgets": [{"steps": 4}, {"seconds": 0.5}],
+        "calibration_steps": 8,
+        "trainer": {"batch_size": 4, "lr": 0.001},
+        "evaluation": {"held_out_images": 8, "sample_batch": 2},
+    }
+    cfg.update(changes)
+    return cfg
+
+
+def test_equal_steps_and_equal_time(tokenizer_dir, tmp_path):
+    result = run_compare(config(tokenizer_dir, tmp_path))
+    rows = result.rows
+    assert [(r["budget"], r["prior"]) for r in rows] == [
+        ("steps=4", "gpt"),
+        ("steps=4", "snail"),
+        ("time=0.5s", "gpt"),
+        ("time=0.5s", "snail"),
+    ]
+    assert rows[0]["steps"] == rows[1]["steps"] == 4
+    for r in rows[2:]:
+        # a time budget is the steps that fit in it at the prior's measured time per step
+        assert r["steps"] == max(1, int(0.5 / r["s_per_step"]))
+    for r in rows:
+        assert 0 < r["held_out_bits_per_code"] < 10 and r["sample_codes_per_s"] > 0
+        assert r["params"] > 0
+    # one code cache for all priors; calibration runs are not left behind
+    root = tmp_path / "tiny"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [
+        "code_cache",
+        "steps-4-gpt",
+        "steps-4-snail",
+        "time-0.5s-gpt",
+        "time-0.5s-snail",
+    ]
+    lines = result.jsonl.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == json.loads(json.dumps(rows))
+    png = Image.open(result.curves_png)
+    assert png.size == (960, 340)
+    curve = result.curves["steps=4 gpt"]
+    assert [s for s, _, _ in curve] == sorted(s for s, _, _ in curve) and curve[-1][0] == 4
+    assert "held_out_bits_per_code" in result.table().splitlines()[0]
+
+
+def test_compare_cli(tokenizer_dir, tmp_path):
+    import yaml
+
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config(tokenizer_dir, tmp_path, budgets=[{"steps": 2}])))
+    res = CliRunner().invoke(main, ["compare", "--config", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert [r["prior"] for r in rows] == ["gpt", "snail"] and rows[0]["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"budgets": [{"steps": 5, "seconds": 2}]}, "either {steps: N}"),
+        ({"budgets": []}, "budgets"),
+        ({"trainer": {"batch_size": 4, "lr": 0.001, "max_steps": 9}}, "give the length"),
+        ({"trainer": {"batch_size": 4, "lr": -1}}, "lr"),
+        ({"conditioners": {}}, "prior 'gpt' is built for conditions \\['label'\\]"),
+        ({"priors": {}}, "priors is empty"),
+    ],
+)
+def test_bad_configs(tokenizer_dir, tmp_path, changes, message):
+    with pytest.raises(SpecError, match=message):
+        load_compare_config(config(tokenizer_dir, tmp_path, **changes))
+
+
+def test_prior_of_another_vocabulary(tokenizer_dir, tmp_path):
+    cfg = config(tokenizer_dir, tmp_path)
+    cfg["priors"]["gpt"]["vocab_size"] = 16
+    with pytest.raises(SpecError, match="prior 'gpt' predicts 16 codes .* has 8.*vocab_size = 8"):
+        run_compare(cfg)
