@@ -121,3 +121,62 @@ def test_agreement_of_derived_conditions(held_out):
     assert torch.isinf(same["edges_psnr_db"]).all() and torch.isinf(same["small_psnr_db"]).all()
     assert math.isfinite(float(other["edges_psnr_db"].mean()))
     assert float(other["small_psnr_db"].mean()) < 30
+
+
+class _FakeInceptionWithProbs(torch.nn.Module):
+    """Stands in for the TorchScript Inception: colour statistics as features, and
+    probabilities over 4 classes from the same statistics."""
+
+    def forward(
+        self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False
+    ) -> torch.Tensor:
+        feats = torch.cat([img.mean(dim=(2, 3)), img.amax(dim=(2, 3))], dim=1) / 255.0
+        if return_features:
+            return feats
+        return (feats[:, :4] * 20.0).softmax(-1)
+
+
+def test_inception_fid_and_is_with_user_weights(pipe, held_out, tmp_path):
+    import warnings
+
+    path = tmp_path / "inception.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(_FakeInceptionWithProbs()), str(path))
+    (row,) = evaluate_samples(
+        pipe, ColourClassifier(), held_out, num_samples=4, metrics=["accuracy"], inception=path
+    )
+    assert row.inception_fid is not None and row.inception_fid >= 0
+    assert 1.0 <= row.inception_score <= 4.0 and row.inception_score_std >= 0
+    assert {"inception_fid", "inception_score"} <= set(row.as_dict())
+
+
+def test_spatial_pipeline_samples_per_held_out_condition(held_out):
+    from test_spatial_conditioners import _pipe
+
+    conds = {
+        "segmentation": {"type": "segmentation", "num_classes": 7},
+        "depth": {"type": "depth"},
+        "edges": {"type": "edges"},
+        "low_resolution": {"type": "low_resolution", "factor": 2, "downsample": 2},
+    }
+    vocab = {"segmentation": 7, "depth": 16, "edges": 8, "low_resolution": 64}
+    p = _pipe(conds, {n: {"vocab_size": v, "num_tokens": 16} for n, v in vocab.items()})
+    keys = {"edges": "image", "low_resolution": "image"}  # derived from the images
+    (row,) = evaluate_samples(
+        p,
+        ColourClassifier(),
+        held_out,
+        num_samples=12,
+        kid_subset_size=10,
+        kid_subsets=5,
+        condition_keys=keys,
+    )
+    assert row.samples == 12 and row.class_accuracy is None and row.kid is not None
+    assert {"edges_psnr_db", "low_resolution_psnr_db", "segmentation_main_class_accuracy"} == set(
+        row.agreement
+    )
+    assert 0 <= row.agreement["segmentation_main_class_accuracy"] <= 1
+    assert any("depth: no agreement measure" in n for n in row.notes)
+    with pytest.raises(InputError, match="need 500 items, but the dataset has 120"):
+        evaluate_samples(p, ColourClassifier(), held_out, num_samples=500, kid_subset_size=10)
