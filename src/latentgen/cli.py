@@ -1,4 +1,4 @@
-"""The ``latentgen`` command line: plugins, schema, sample, demo, and the training commands."""
+"""The ``latentgen`` command line: plugins, schema, sample, serve, demo, training commands."""
 
 from __future__ import annotations
 
@@ -260,6 +260,35 @@ def demo(out: Path, seed: int, toy: bool) -> None:
         run_toy_demo(out, seed=seed)
     else:
         run_demo(out, seed=seed)
+
+
+@main.command()
+@click.argument("pipeline_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--out",
+    "-o",
+    default="out/serve",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Output folder: every run, upload and Gradio cache file goes here, nowhere else.",
+)
+@click.option(
+    "--max-pixels",
+    default=4 * 1024 * 1024,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Largest request (images x height x width): bigger ones get an error in the page.",
+)
+def serve(pipeline_dir: Path, host: str, port: int, out: Path, max_pixels: int) -> None:
+    """Serve a web page to generate from PIPELINE_DIR and inspect its tokenizer (Gradio)."""
+    from latentgen.serve.app import launch
+    from latentgen.serve.session import Studio
+
+    studio = Studio(pipeline_dir, out, max_pixels=max_pixels)
+    click.echo(f"serving {pipeline_dir} on http://{host}:{port} (outputs in {studio.out_dir})")
+    launch(studio, host=host, port=port)
 
 
 @main.command("new-plugin")
