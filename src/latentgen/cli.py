@@ -9,7 +9,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from latentgen.errors import LatentgenError
+from latentgen.errors import InputError, LatentgenError
 from latentgen.version import __version__
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -55,41 +55,22 @@ def schema(kind: str | None) -> None:
 
 
 def _parse_condition(value: str) -> Any:
-    """A CLI condition value: JSON (``3``, ``[3, 7]``, ``"shirt"``), a bare string, or ``@FILE``.
+    """A CLI condition value (``latentgen.condition_args.parse_condition``), errors as --cond's."""
+    from latentgen.condition_args import parse_condition
 
-    ``@FILE`` reads a ``.json`` file, a ``.npy`` array (no pickles), a text file with one value
-    per line, or an image (returned as a PIL image, for spatial conditioners).
-    """
-    if value.startswith("@"):
-        return _read_condition_file(Path(value[1:]))
     try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
+        return parse_condition(value)
+    except InputError as e:
+        raise click.BadParameter(str(e), param_hint="--cond") from None
 
 
 def _read_condition_file(path: Path) -> Any:
-    if not path.is_file():
-        raise click.BadParameter(f"condition file {path} does not exist", param_hint="--cond")
-    suffix = path.suffix.lower()
+    from latentgen.condition_args import read_condition_file
+
     try:
-        if suffix == ".json":
-            return json.loads(path.read_text())
-        if suffix == ".npy":
-            import numpy as np
-            import torch
-
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"):
-            from latentgen.data.images import read_image
-
-            return read_image(path)  # as decoded: palette indices and 16-bit depth kept
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-        return [_parse_condition(ln) for ln in lines]
-    except (OSError, ValueError) as e:
-        raise click.BadParameter(
-            f"cannot read condition file {path}: {e}", param_hint="--cond"
-        ) from None
+        return read_condition_file(path)
+    except InputError as e:
+        raise click.BadParameter(str(e), param_hint="--cond") from None
 
 
 def _parse_size(value: str | None) -> tuple[int, int] | None:

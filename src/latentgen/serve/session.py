@@ -373,14 +373,12 @@ def _finite(value: float, digits: int) -> float | str:
 
 def _read_arg(name: str, value: str) -> Any:
     """``-c NAME=VALUE``'s VALUE as the command line reads it (files included)."""
-    import click
-
-    from latentgen.cli import _parse_condition
+    from latentgen.condition_args import parse_condition
 
     try:
-        return _parse_condition(value)
-    except click.ClickException as e:
-        raise InputError(f"condition '{name}': {e.format_message()}") from None
+        return parse_condition(value)
+    except InputError as e:
+        raise InputError(f"condition '{name}': {e}") from None
 
 
 def code_picture(codes: np.ndarray[Any, Any], scale: int) -> Any:
