@@ -188,12 +188,13 @@ def build_app(studio: Studio) -> Any:
     controls: list[_Controls] = []
 
     with gr.Blocks(title="latentgen serve", analytics_enabled=False) as page:
-        gr.Markdown(f"## latentgen · `{html.escape(repr(pipe))}`")
+        where = studio.pipeline_dir or "a pipeline built in Python"
+        gr.Markdown(f"**latentgen serve** · `{where}` · `{repr(pipe)}`")
         with gr.Tab("Generate"), gr.Row():
             with gr.Column(scale=1):
                 for name, spec in studio.inputs().items():
                     controls.append(_Controls(gr, name, spec, max(256, h0), pipe.card))
-                trained = f"trained window {window[0] * f}x{window[1] * f} px" if window else ""
+                trained = f"Trained window {window[0] * f}x{window[1] * f} px" if window else ""
                 with gr.Row():
                     height = gr.Number(
                         h0, label="height (px)", precision=0, step=f, elem_id="lg-height"
@@ -208,36 +209,49 @@ def build_app(studio: Studio) -> Any:
                     num = gr.Number(4, label="images", precision=0, minimum=1, elem_id="lg-num")
                     seed = gr.Number(0, label="seed", precision=0, minimum=0, elem_id="lg-seed")
                 s = pipe.sampler
-                temperature = gr.Slider(0.05, 2.0, s.temperature, step=0.05, label="temperature")
-                top_k = gr.Number(s.top_k or 0, label="top-k (0: off)", precision=0, minimum=0)
-                top_p = gr.Slider(0.05, 1.0, s.top_p or 1.0, step=0.01, label="top-p (1: off)")
-                guidance = gr.Slider(
-                    0.0,
-                    10.0,
-                    s.guidance_scale,
-                    step=0.1,
-                    label="guidance (1: off; needs conditions)",
-                )
-                window_mode = gr.Radio(
-                    ["cached", "exact"],
-                    value=s.window,
-                    label="window mode (sizes beyond the trained grid)",
-                )
+                with gr.Accordion("sampler", open=True):
+                    with gr.Row():
+                        temperature = gr.Slider(
+                            0.05, 2.0, s.temperature, step=0.05, label="temperature"
+                        )
+                        guidance = gr.Slider(
+                            0.0, 10.0, s.guidance_scale, step=0.1, label="guidance (1: off)"
+                        )
+                    with gr.Row():
+                        top_k = gr.Number(
+                            s.top_k or 0, label="top-k (0: off)", precision=0, minimum=0
+                        )
+                        top_p = gr.Slider(
+                            0.05, 1.0, s.top_p or 1.0, step=0.01, label="top-p (1: off)"
+                        )
+                    window_mode = gr.Radio(
+                        ["cached", "exact"],
+                        value=s.window,
+                        label="sliding window mode (sizes beyond the trained grid)",
+                    )
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="lg-generate")
                     stop = gr.Button("Cancel", elem_id="lg-cancel")
             with gr.Column(scale=1):
                 status = gr.Markdown("Ready.", elem_id="lg-status")
-                gallery = gr.Gallery(label="samples", columns=4, elem_id="lg-gallery", format="png")
-                files = gr.File(
-                    label="downloads: PNGs and codes (.npy)",
-                    file_count="multiple",
-                    elem_id="lg-files",
+                gallery = gr.Gallery(
+                    label="samples",
+                    columns=4,
+                    height=340,
+                    object_fit="contain",
+                    elem_id="lg-gallery",
+                    format="png",
                 )
                 command = gr.Textbox(
                     label="the same draw from the command line",
                     elem_id="lg-command",
                     buttons=["copy"],
+                )
+                files = gr.File(
+                    label="downloads: PNGs and codes (.npy)",
+                    file_count="multiple",
+                    height=180,
+                    elem_id="lg-files",
                 )
 
         with gr.Tab("Tokenizer"), gr.Row():
