@@ -221,3 +221,15 @@ def test_serve_without_gradio_names_the_extra(spatial, monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)
     with pytest.raises(InputError, match=r"pip install 'latentgen\[ui\]'"):
         build_app(spatial)
+
+
+def test_serve_command_refuses_a_missing_pipeline_and_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from latentgen.cli import main
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "nope"), "--out", str(out)])
+    assert result.exit_code == 1
+    assert "nope is not a directory. A saved pipeline is a directory" in result.output
+    assert not out.exists()
