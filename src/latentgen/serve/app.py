@@ -189,7 +189,7 @@ def build_app(studio: Studio) -> Any:
 
     with gr.Blocks(title="latentgen serve", analytics_enabled=False) as page:
         where = studio.pipeline_dir or "a pipeline built in Python"
-        gr.Markdown(f"**latentgen serve** · `{where}` · `{repr(pipe)}`")
+        gr.Markdown(f"**latentgen serve** · `{where}` · `{pipe!r}`")
         with gr.Tab("Generate"), gr.Row():
             with gr.Column(scale=1):
                 for name, spec in studio.inputs().items():
