@@ -1,16 +1,27 @@
-"""Sampling speed of the transformer prior: tokens/s and peak memory, with and without KV cache.
+"""Sampling speed of the transformer prior: ms/step, ops/step, tokens/s and peak memory.
 
 Unconditional sampling of 256 new codes (a 16x16 grid) after the one start token, vocab 1024,
-top-k 100, for two model sizes at batch 1 and 8. Each measurement runs in a fresh subprocess so
-that its peak memory (CPU: the growth of ru_maxrss; CUDA: torch.cuda.max_memory_allocated) is
-its own.
+top-k 100, fp32, for two model sizes (s = 4 layers / 8 heads / 256 wide, m = 8 / 8 / 512) at
+batch 1 and 8. ``cached`` is the KV-cached decode loop (one token per step); ``uncached``
+re-runs the whole sequence per code and is printed as the yardstick from the same run, since
+absolute figures drift with the load of a shared machine.
 
-    OMP_NUM_THREADS=2 python benchmarks/sample_speed.py
+    LG_THREADS=2 lg python benchmarks/sample_speed.py
+    lg python benchmarks/sample_speed.py --configs s --batches 1 --modes cached --rounds 5
     python benchmarks/sample_speed.py --device cuda --dtype bf16 --compile
-    python benchmarks/sample_speed.py --configs s --batches 1 --modes cached --repeats 5
 
-The uncached runs re-run the whole sequence per code (quadratic): on a 2-core CPU the m model
-at batch 8 takes several minutes.
+Columns:
+- ms/step: wall time of one decode step (one code for every sample of the batch);
+- ops/step: aten operators dispatched per step (torch.profiler over a short draw, sampling
+  included), the per-op overhead that dominates a small decode step: top-level calls / all
+  calls including the ones nested inside other ops (views are cheap, kernels are not);
+- tok/s and tok/cpu-s: codes per wall second and per CPU second of the sampling process (on a
+  shared machine wall time swings with the neighbours; CPU time less so);
+- peak: CPU, growth of the process's max RSS over the timed runs; CUDA, max allocated.
+
+Each (config, batch, mode) runs in a fresh subprocess, so its peak memory is its own; the rows
+are measured in ``--rounds`` alternating rounds and the best round counts. The load average is
+printed beside each row. Extra rows (other priors) register in ``ROWS``.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 CONFIGS = {
     "s": {"n_layer": 4, "n_head": 8, "n_embd": 256},
@@ -34,109 +47,180 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_one(args: argparse.Namespace, name: str, batch: int, mode: str) -> dict[str, float]:
-    """Build the model, warm up, time ``args.repeats`` sampling calls; report the best."""
+def build_transformer(name: str, args: argparse.Namespace) -> Any:
+    """The transformer prior of config ``name`` on ``args.device`` / ``args.dtype``."""
     import torch
 
     from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
-    from latentgen.specs import SamplerConfig
 
     torch.manual_seed(0)
+    config = TransformerPriorConfig(vocab_size=1024, block_size=args.tokens, **CONFIGS[name])
+    model = TransformerPrior(config)
+    return model.to(device=torch.device(args.device), dtype=getattr(torch, DTYPES[args.dtype]))
+
+
+def transformer_sampler(
+    name: str, batch: int, mode: str, args: argparse.Namespace
+) -> Callable[[tuple[int, int]], object]:
+    """A function drawing ``batch`` grids of a given size with the transformer (``mode``:
+    cached or uncached)."""
+    import torch
+
+    from latentgen.specs import SamplerConfig
+
+    model = build_transformer(name, args)
     device = torch.device(args.device)
-    dtype = getattr(torch, DTYPES[args.dtype])
-    config = TransformerPriorConfig(vocab_size=1024, block_size=256, **CONFIGS[name])
-    model = TransformerPrior(config).to(device=device, dtype=dtype).eval()
-    if args.compile:
-        # The per-step function; positions and cache lengths vary, hence dynamic shapes.
-        model._run = torch.compile(model._run, dynamic=True)  # type: ignore[method-assign]
+    options: dict[str, Any] = {"use_cache": mode != "uncached"}
+    if args.compile and mode != "uncached":
+        options["compile"] = True
     sampler = SamplerConfig(top_k=100)
+
+    def go(grid: tuple[int, int]) -> object:
+        gen = torch.Generator(device=device).manual_seed(0)
+        return model.sample(grid=grid, sampler=sampler, generator=gen, num_samples=batch, **options)
+
+    return go
+
+
+#: Row kinds: name -> (configs, modes, factory(config, batch, mode, args) -> draw(grid)).
+#: Other priors add their rows here.
+ROWS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[..., Any]]] = {
+    "transformer": (("s", "m"), ("cached", "uncached"), transformer_sampler),
+}
+
+
+def _ops_per_step(go: Callable[[tuple[int, int]], object], steps: int) -> tuple[float, float]:
+    """Aten ops per decode step, counted by torch.profiler over a ``steps``-code draw: the
+    top-level calls (what Python dispatches) and all of them (nested calls included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        go((1, steps))
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return len(top) / steps, len(aten) / steps
+
+
+def run_one(args: argparse.Namespace, kind: str, name: str, batch: int, mode: str) -> dict:
+    """Build, warm up, time ``args.repeats`` draws (best counts), count ops; one row's figures."""
+    import torch
+
+    device = torch.device(args.device)
+    go = ROWS[kind][2](name, batch, mode, args)
     side = int(args.tokens**0.5)
     grid = (side, args.tokens // side)
     n_tokens = grid[0] * grid[1]
-    use_cache = mode == "cached"
 
-    def go(g: tuple[int, int]) -> None:
-        gen = torch.Generator(device=device).manual_seed(0)
-        model.sample(grid=g, sampler=sampler, generator=gen, num_samples=batch, use_cache=use_cache)
+    def timed(g: tuple[int, int]) -> None:
+        go(g)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     # Warm-up: kernels and allocator; with --compile the whole grid, so that every shape the
     # timed runs meet is compiled before the clock starts.
-    go(grid if args.compile else (1, 8))
+    timed(grid if args.compile else (1, 8))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss0 = _maxrss_mib()
     best, best_cpu = float("inf"), float("inf")
     for _ in range(args.repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        go(grid)
+        timed(grid)
         best = min(best, time.perf_counter() - t0)
         best_cpu = min(best_cpu, time.process_time() - c0)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = _maxrss_mib() - rss0
+    ops, all_ops = _ops_per_step(go, min(32, n_tokens))
     return {
+        "ms_step": 1000 * best / n_tokens,
+        "ops_step": ops,
+        "all_ops_step": all_ops,
         "tok_s": batch * n_tokens / best,
-        "seconds": best,
-        "cpu_seconds": best_cpu,
         "tok_cpu_s": batch * n_tokens / best_cpu,
+        "seconds": best,
         "peak_mib": peak,
     }
 
 
 def main() -> None:
-    """Parse options, run every (config, batch, mode) in its own process, print a table."""
+    """Parse options, run every row in its own process in alternating rounds, print a table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the per-step forward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--kinds", default=",".join(ROWS), help="comma list of: " + ", ".join(ROWS))
     p.add_argument("--configs", default="s,m", help="comma list of: " + ", ".join(CONFIGS))
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--modes", default="cached,uncached", help="cached, uncached or both")
+    p.add_argument("--modes", default=None, help="comma list; default: each kind's modes")
     p.add_argument("--tokens", type=int, default=256, help="codes per sample (a square grid)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs; the best one counts")
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "config,batch,mode"
+    p.add_argument("--repeats", type=int, default=1, help="timed draws per process (best counts)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (best counts)")
+    p.add_argument("--json", help="also write the rows as JSON lines to this file")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "kind,config,batch,mode"
     args = p.parse_args()
 
     if args.one:
-        name, batch, mode = args.one.split(",")
-        print(json.dumps(run_one(args, name, int(batch), mode)))
+        kind, name, batch, mode = args.one.split(",")
+        print(json.dumps(run_one(args, kind, name, int(batch), mode)))
         return
+
+    import torch
 
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(
-        f"device={args.device} dtype={args.dtype} compile={args.compile} "
-        f"OMP_NUM_THREADS={threads} tokens={args.tokens} top_k=100 vocab=1024"
+        f"device={args.device} dtype={args.dtype} compile={args.compile} torch={torch.__version__} "
+        f"OMP_NUM_THREADS={threads} cpus={os.cpu_count()} tokens={args.tokens} top_k=100 "
+        f"vocab=1024"
     )
-    mem = "peak MiB" if args.device.startswith("cuda") else "maxrss +MiB"
-    # cpu-s: CPU time of the sampling process (all its threads). On a shared machine wall time
-    # swings with the neighbours' load; with OMP_NUM_THREADS=1, tokens per CPU second is what
-    # the same run would reach on an idle core.
+    rows = []
+    for kind in args.kinds.split(","):
+        configs, modes, _ = ROWS[kind]
+        for name in (c for c in args.configs.split(",") if c in configs):
+            for batch in (int(b) for b in args.batches.split(",")):
+                for mode in args.modes.split(",") if args.modes else modes:
+                    if mode in modes:
+                        rows.append((kind, name, batch, mode))
+    best: dict[tuple[Any, ...], dict[str, float]] = {}
+    loads: dict[tuple[Any, ...], float] = {}
+    for _ in range(args.rounds):
+        for row in rows:
+            cmd = [sys.executable, __file__, "--one", ",".join(map(str, row))]
+            for opt in ("device", "dtype", "tokens", "repeats"):
+                cmd += [f"--{opt}", str(getattr(args, opt))]
+            if args.compile:
+                cmd.append("--compile")
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                print(f"{' '.join(map(str, row))}  failed: {res.stderr.strip()[-800:]}")
+                continue
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            if row not in best or r["seconds"] < best[row]["seconds"]:
+                best[row] = r
+                loads[row] = os.getloadavg()[0]
+    mem = "peak MiB" if args.device.startswith("cuda") else "maxrss+MiB"
     print(
-        f"{'config':>6} {'batch':>5} {'mode':>9} {'tok/s':>10} {'seconds':>9} {'cpu-s':>8} "
-        f"{'tok/cpu-s':>10} {mem:>12}"
+        f"{'prior':>11} {'cfg':>3} {'batch':>5} {'mode':>9} {'ms/step':>8} {'ops/step':>9} "
+        f"{'tok/s':>8} {'tok/cpu-s':>9} {mem:>10} {'x uncached':>10} {'load':>5}"
     )
-    for name in args.configs.split(","):
-        for batch in (int(b) for b in args.batches.split(",")):
-            for mode in args.modes.split(","):
-                cmd = [sys.executable, __file__, "--one", f"{name},{batch},{mode}"]
-                for opt in ("device", "dtype", "tokens", "repeats"):
-                    cmd += [f"--{opt}", str(getattr(args, opt))]
-                if args.compile:
-                    cmd.append("--compile")
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                if res.returncode:
-                    print(f"{name:>6} {batch:>5} {mode:>9}  failed: {res.stderr.strip()[-500:]}")
-                    continue
-                r = json.loads(res.stdout.strip().splitlines()[-1])
-                print(
-                    f"{name:>6} {batch:>5} {mode:>9} {r['tok_s']:>10.1f} {r['seconds']:>9.3f} "
-                    f"{r['cpu_seconds']:>8.3f} {r['tok_cpu_s']:>10.1f} "
-                    f"{r['peak_mib']:>12.1f}",
-                    flush=True,
-                )
+    out = []
+    for row in rows:
+        if row not in best:
+            continue
+        kind, name, batch, mode = row
+        r = best[row]
+        base = best.get((kind, name, batch, "uncached"))
+        speedup = f"{base['seconds'] / r['seconds']:.1f}" if base else "-"
+        print(
+            f"{kind:>11} {name:>3} {batch:>5} {mode:>9} {r['ms_step']:>8.2f} "
+            f"{r['ops_step']:>4.0f}/{r.get('all_ops_step', 0):<4.0f} {r['tok_s']:>8.0f} {r['tok_cpu_s']:>9.0f} "
+            f"{r['peak_mib']:>10.1f} {speedup:>10} {loads[row]:>5.1f}"
+        )
+        out.append({"prior": kind, "config": name, "batch": batch, "mode": mode, **r})
+    if args.json:
+        with open(args.json, "w") as f:
+            f.writelines(json.dumps(o) + "\n" for o in out)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,28 @@ def test_cpu_backends_match_math(backend, tq, tk, causal, mask_kind):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "math", "flex-window"])
+@pytest.mark.parametrize("filled", [1, 6, 11])
+def test_attend_one_equals_attend_with_one_query_on_a_cache_view(backend, filled):
+    """The decode-step call: one query per row over the filled part of a longer cache."""
+    impl = (
+        FlexAttention(FlexAttentionConfig(compile=False, window=4))
+        if backend == "flex-window"
+        else get_backend(backend)
+    )
+    g = torch.Generator().manual_seed(5)
+    cache = torch.randn(2, 3, 4, 11, 8, generator=g)  # [2, B, H, T_max, Dh]
+    q = torch.randn(3, 4, 8, generator=g)  # [B, H, Dh]
+    k, v = cache[0, :, :, :filled], cache[1, :, :, :filled]  # views, not contiguous
+    got = impl.attend_one(q, k, v)
+    want = impl.attend(q.unsqueeze(2), k.contiguous(), v.contiguous(), causal=True)[:, :, 0]
+    assert got.shape == (3, 4, 8)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if backend != "flex-window":
+        ref = _brute_force(q.unsqueeze(2), k, v, causal=False, mask=None)[:, :, 0]
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_flex_window_is_a_band_mask():
     q, k, v = _qkv(tq=4, tk=9)
     window = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentgen.priors.sampling import draw, draw_fast, filter_logits, top_k_mask
+from latentgen.priors.sampling import draw, draw_fast, filter_logits, top_k_indices, top_k_mask
 from latentgen.specs import SamplerConfig
 
 DRAWS = [draw, draw_fast]
@@ -46,6 +46,18 @@ def test_top_k_mask_matches_topk_without_ties():
     want.scatter_(-1, logits.topk(7, dim=-1).indices, True)
     assert torch.equal(top_k_mask(logits, 7), want)
     assert (top_k_mask(logits, 7).sum(-1) == 7).all()
+
+
+@pytest.mark.parametrize("k", [1, 5, 17])
+def test_top_k_indices_is_the_mask_in_code_order_with_ties_signs_and_inf(k):
+    # Coarse values: many exact ties at the k-th place, negatives, -0.0 next to 0.0, -inf.
+    logits = (torch.randn(200, 40, generator=gen(3)) * 2).round() / 2
+    logits[::7, 3] = -0.0
+    logits[::5, 9] = float("-inf")
+    logits[1] = 0.0  # one row all tied
+    idx = top_k_indices(logits, k)  # [200, k]
+    want = [row.nonzero().flatten().tolist() for row in top_k_mask(logits, k)]
+    assert idx.tolist() == want  # same codes as the mask, ascending
 
 
 @pytest.mark.parametrize(

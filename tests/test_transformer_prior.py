@@ -78,11 +78,15 @@ _CACHE_CASES = [
 
 @pytest.mark.parametrize("positions,layout", VARIANTS)
 @pytest.mark.parametrize("conditional,sampler_name", _CACHE_CASES)
-def test_cached_sampling_equals_uncached(positions, layout, conditional, sampler_name):
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_cached_sampling_equals_uncached(positions, layout, conditional, sampler_name, static):
+    """Both cached decode loops (the one-token step and the static-shape step that
+    ``compile=True`` compiles) draw token for token what the full re-forward draws."""
     sampler = _SAMPLERS[sampler_name]
     model = make(positions, conditional, layout)
     kw = {"conds": conds_for()} if conditional else {"num_samples": 3}
-    cached = model.sample(grid=GRID, sampler=sampler, generator=gen(1), **kw)
+    opts = {"static_cache": True} if static else {}
+    cached = model.sample(grid=GRID, sampler=sampler, generator=gen(1), **kw, **opts)
     uncached = model.sample(grid=GRID, sampler=sampler, generator=gen(1), use_cache=False, **kw)
     assert cached.shape == (3, *GRID) and cached.dtype == torch.long
     assert torch.equal(cached, uncached)
@@ -498,3 +502,42 @@ def test_taming_conversion_lists_every_mismatch():
     assert "blocks.1.attn.mask is not causal" in msg
     with pytest.raises(CheckpointError, match="does not divide"):
         convert_taming_gpt(_taming_state_dict(24, 9, 1, 32), {"n_head": 5})
+
+
+# -- decode options ----------------------------------------------------------------------------
+def test_threads_option_sets_the_decode_threads_and_restores_them(monkeypatch):
+    model = make(conditional=False)
+    seen: list[int] = []
+    head = model._head
+
+    def spy(h):
+        seen.append(torch.get_num_threads())
+        return head(h)
+
+    monkeypatch.setattr(model, "_head", spy)
+    before = torch.get_num_threads()
+    try:
+        model.sample(grid=GRID, num_samples=2, threads=2)
+        assert set(seen) == {2} and torch.get_num_threads() == before
+        # "auto": a step this small (2 rows x 32 wide) runs on one thread, whatever was set.
+        torch.set_num_threads(2)
+        seen.clear()
+        model.sample(grid=GRID, num_samples=2)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "many", True])
+def test_bad_threads_option_is_a_clear_error(bad):
+    with pytest.raises(InputError, match=r"threads must be 'auto', None or a positive int, got"):
+        make(conditional=False).sample(grid=GRID, num_samples=1, threads=bad)
+
+
+def test_static_cache_needs_the_cache_and_plain_attention():
+    model = make(conditional=False)
+    with pytest.raises(InputError, match=r"static_cache / compile decode with the KV cache"):
+        model.sample(grid=GRID, num_samples=1, static_cache=True, use_cache=False)
+    windowed = make(conditional=False, attention={"type": "flex", "window": 4})
+    with pytest.raises(InputError, match=r"attention backend 'flex' with \{.*'window': 4"):
+        windowed.sample(grid=GRID, num_samples=1, compile=True)

@@ -79,6 +79,14 @@ class AttentionBackend(Component, ABC):
     ) -> Tensor:
         """``q [B, H, Tq, Dh]``, ``k, v [B, H, Tk, Dh]`` -> ``[B, H, Tq, Dh]``."""
 
+    def attend_one(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Decode step: one query per row, ``q [B, H, Dh]``, over every key of ``k, v
+        [B, H, Tk, Dh]`` (the query is the last position) -> ``[B, H, Dh]``.
+
+        The default is ``attend`` with ``Tq = 1``; a backend overrides it where one query can go
+        a cheaper way than its general kernel."""
+        return self.attend(q.unsqueeze(2), k, v, causal=True).squeeze(2)
+
 
 # -- helpers shared by the backends ------------------------------------------------------------
 def causal_mask(tq: int, tk: int, device: torch.device | str | None = None) -> Tensor:
@@ -170,6 +178,16 @@ class MathAttention(AttentionBackend):
         return (att @ v.float()).to(q.dtype)  # [B, H, Tq, Dh]
 
 
+def _attend_one_bmm(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``softmax(q k^T / sqrt(Dh)) v`` for one query per row: ``q [B, H, Dh]``, ``k, v
+    [B, H, Tk, Dh]`` (views into a KV cache are fine) -> ``[B, H, Dh]``."""
+    b, h, dh = q.shape
+    tk = k.shape[2]
+    q1 = (q * (1.0 / math.sqrt(dh))).reshape(b * h, 1, dh)
+    att = torch.bmm(q1, k.reshape(b * h, tk, dh).transpose(1, 2)).softmax(-1)  # [B*H, 1, Tk]
+    return torch.bmm(att, v.reshape(b * h, tk, dh)).view(b, h, dh)
+
+
 # -- sdpa: torch's fused kernels ---------------------------------------------------------------
 class SDPAttentionConfig(ComponentConfig):
     """torch ``scaled_dot_product_attention``; torch picks the kernel unless ``kernel`` is set."""
@@ -240,6 +258,13 @@ class SDPAttention(AttentionBackend):
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal
             )
+
+    def attend_one(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self._kernel is not None or q.device.type != "cpu":
+            return super().attend_one(q, k, v)
+        # On CPU the fused kernel costs far more than the arithmetic for one query (thread
+        # dispatch, blocking for long sequences): two batched matmuls and a softmax are cheaper.
+        return _attend_one_bmm(q, k, v)
 
 
 # -- xformers ----------------------------------------------------------------------------------

@@ -12,7 +12,15 @@ from torch import Tensor
 
 from latentgen.specs import SamplerConfig
 
-__all__ = ["draw", "draw_fast", "filter_logits", "guide", "top_k_mask", "top_p_remove"]
+__all__ = [
+    "draw",
+    "draw_fast",
+    "filter_logits",
+    "guide",
+    "top_k_indices",
+    "top_k_mask",
+    "top_p_remove",
+]
 
 
 def top_k_mask(logits: Tensor, k: int) -> Tensor:
@@ -61,6 +69,23 @@ def draw(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def top_k_indices(logits: Tensor, k: int) -> Tensor:
+    """Indices ``[..., k]`` in ascending code order of the codes ``top_k_mask`` keeps.
+
+    One ``topk`` over exact, distinct integer keys (the float's bits made monotone, then the
+    code index as tie-break) replaces the mask-then-rank of ``top_k_mask``: same set, fewer ops,
+    and no host sync, so it also runs inside a CUDA graph.
+    """
+    n = logits.shape[-1]
+    bits = (logits.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 and 0.0 get the same key
+    # IEEE floats order like sign-magnitude integers: flipping the magnitude bits of negative
+    # values gives integers that order like the floats (a radix-sort trick).
+    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    index = torch.arange(n, device=logits.device)
+    key = mono.to(torch.int64) * n - index  # distinct; equal logits rank the lower index first
+    return key.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
 def draw_fast(
     logits: Tensor, sampler: SamplerConfig, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -78,12 +103,9 @@ def draw_fast(
     if not top_k and not top_p:
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
     if top_k:
-        keep = top_k_mask(logits, top_k)  # [B, K], exactly top_k per row
-        # The kept codes in code order (distinct integer keys, so topk has no ties to break):
-        # logits equal up to rounding (cached vs uncached forward) then cannot swap two
-        # near-tied candidates and with them the drawn code.
-        rank = torch.arange(k, 0, -1, device=logits.device).expand_as(logits)  # K .. 1
-        idx = rank.masked_fill(~keep, 0).topk(top_k, dim=-1).indices  # [B, k], ascending
+        # The kept codes in code order, not logit order: logits equal up to rounding (cached
+        # vs uncached forward) then cannot swap two near-tied candidates and the drawn code.
+        idx = top_k_indices(logits, top_k)  # [B, k], ascending
         vals = logits.gather(-1, idx)  # [B, k]
     else:
         idx = torch.arange(k, device=logits.device).expand_as(logits)  # [B, K]

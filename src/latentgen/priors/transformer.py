@@ -14,8 +14,9 @@ the whole sequence, and the last condition token (or a start token) predicts the
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Any, Literal
 
 import torch
@@ -227,6 +228,67 @@ class _Block(nn.Module):
             h = F.dropout(h, resid_p, training=True)
         return x + h
 
+    def step(
+        self,
+        x: Tensor,
+        kv: Tensor,
+        pos: int,
+        backend: AttentionBackend,
+        rope: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """One decode step: ``x [B, C]`` is the token at position ``pos``; its key and value go
+        into ``kv [2, B, H, T_max, Dh]`` and it attends to ``kv[..., : pos + 1]``. Inference
+        only (no dropout). Same result as ``forward`` on ``[B, 1, C]``, in fewer ops."""
+        b, c = x.shape
+        nh = self.n_head
+        h = F.layer_norm(x, (c,), self.ln1.weight, self.ln1.bias, self.eps)
+        qkv = F.linear(h, self.attn.qkv.weight, self.attn.qkv.bias).view(b, 3, nh, c // nh)
+        q = qkv[:, 0]  # [B, H, Dh]
+        if rope is None:
+            kv.select(3, pos).copy_(qkv[:, 1:].transpose(0, 1))  # k and v in one copy
+        else:
+            q = _rotate(q, *rope)
+            kv[0, :, :, pos] = _rotate(qkv[:, 1], *rope)
+            kv[1, :, :, pos] = qkv[:, 2]
+        # narrow + unbind: the filled part of the cache in two view ops (indexing takes ~6).
+        k, v = kv.narrow(3, 0, pos + 1).unbind(0)  # [B, H, pos + 1, Dh] each
+        y = backend.attend_one(q, k, v)  # [B, H, Dh]
+        x = x + F.linear(y.reshape(b, c), self.attn.proj.weight, self.attn.proj.bias)
+        h = F.layer_norm(x, (c,), self.ln2.weight, self.ln2.bias, self.eps)
+        h = F.gelu(F.linear(h, self.mlp.fc.weight, self.mlp.fc.bias))  # [B, 4C]
+        return x + F.linear(h, self.mlp.proj.weight, self.mlp.proj.bias)
+
+    def step_static(
+        self,
+        x: Tensor,
+        kv: Tensor,
+        pos: Tensor,
+        keep: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """``step`` with static shapes, as ``torch.compile`` and CUDA graphs want them: the
+        position is a tensor (``pos [1]`` long) and the token attends over the whole cache
+        ``kv [2, B, H, T_max, Dh]`` with ``keep [T_max]`` (True up to ``pos``) masking the
+        rest. The cache must start zeroed, so masked entries are finite."""
+        b, c = x.shape
+        nh = self.n_head
+        h = F.layer_norm(x, (c,), self.ln1.weight, self.ln1.bias, self.eps)
+        qkv = F.linear(h, self.attn.qkv.weight, self.attn.qkv.bias).view(b, 3, nh, c // nh)
+        q = qkv[:, 0]  # [B, H, Dh]
+        if rope is None:
+            new = qkv[:, 1:].transpose(0, 1)  # [2, B, H, Dh]
+        else:
+            q = _rotate(q, *rope)
+            new = torch.stack((_rotate(qkv[:, 1], *rope), qkv[:, 2]))
+        kv.index_copy_(3, pos, new.unsqueeze(3))  # tensor index: no recompile per position
+        q = q.unsqueeze(2) * (1.0 / math.sqrt(c // nh))  # [B, H, 1, Dh]
+        att = (q @ kv[0].transpose(-1, -2)).masked_fill(~keep, float("-inf")).softmax(-1)
+        y = att @ kv[1]  # [B, H, 1, Dh]
+        x = x + F.linear(y.reshape(b, c), self.attn.proj.weight, self.attn.proj.bias)
+        h = F.layer_norm(x, (c,), self.ln2.weight, self.ln2.bias, self.eps)
+        h = F.gelu(F.linear(h, self.mlp.fc.weight, self.mlp.fc.bias))  # [B, 4C]
+        return x + F.linear(h, self.mlp.proj.weight, self.mlp.proj.bias)
+
 
 # -- the prior ---------------------------------------------------------------------------------
 class TransformerPrior(Prior):
@@ -248,7 +310,7 @@ class TransformerPrior(Prior):
     """
 
     Config = TransformerPriorConfig
-    sample_options = frozenset({"use_cache"})
+    sample_options = frozenset({"use_cache", "static_cache", "compile", "threads"})
 
     def __init__(self, config: TransformerPriorConfig) -> None:
         super().__init__(config)
@@ -292,6 +354,8 @@ class TransformerPrior(Prior):
         self.head = None if cfg.tie_embeddings else nn.Linear(c, cfg.vocab_size, bias=False)
         # One backend per (device, dtype): "auto" may pick another kernel on another device.
         self._backends: dict[tuple[torch.device, torch.dtype], AttentionBackend] = {}
+        # torch.compile'd static decode steps, per (device, dtype); built on first use.
+        self._compiled_steps: dict[tuple[torch.device, torch.dtype], Callable[..., Tensor]] = {}
         self._attention: str | AttentionBackend = "auto"
         if cfg.attention != "auto":
             # Built now, so an unknown name fails at build time and caches live with the model.
@@ -467,14 +531,70 @@ class TransformerPrior(Prior):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target)
 
     def generate(self, request: SampleRequest) -> Tensor:
-        """Draw codes ``[B, h, w]`` (``Prior.sample`` checks the inputs); the option
-        ``use_cache=False`` is the slow reference that re-runs the whole sequence per code."""
+        """Draw codes ``[B, h, w]`` (``Prior.sample`` checks the inputs).
+
+        Options (``Prior.sample(..., option=value)``):
+
+        - ``use_cache`` (default True): False is the slow reference that re-runs the whole
+          sequence per code;
+        - ``static_cache`` (default False): decode with static shapes (the position as a
+          tensor, attention over the whole cache with a mask), the form ``compile`` needs;
+        - ``compile`` (default False): ``torch.compile`` the static decode step (inductor on
+          CPU, CUDA graphs on CUDA). Compiling costs tens of seconds once per model, batch and
+          grid, so it pays off for long sampling runs only (benchmarks/sample_speed.py);
+        - ``threads`` (default ``"auto"``): torch threads during the decode loop; ``"auto"``
+          uses one thread on CPU where a step is too small to split (see ``_decode_threads``),
+          an int sets the count, None leaves torch's setting alone.
+        """
         gh, gw = request.grid
+        opts = request.options
+        use_cache = bool(opts.get("use_cache", True))
+        compiled = bool(opts.get("compile", False))
+        static = compiled or bool(opts.get("static_cache", False))
+        if static and not use_cache:
+            raise InputError(
+                "static_cache / compile decode with the KV cache; drop use_cache=False or them."
+            )
+        if static:
+            self._check_static_backend()
         x0 = self._prefix(request.conds, request.rows)  # [rows, n_ctx, C]
-        use_cache = bool(request.options.get("use_cache", True))
-        decode = self._decode_cached if use_cache else self._decode_uncached
-        out = decode(x0, gh * gw, request.pick, 2 if request.guided else 1)
+        copies = 2 if request.guided else 1
+        with self._decode_threads(opts.get("threads", "auto"), request.rows, x0.device):
+            if not use_cache:
+                out = self._decode_uncached(x0, gh * gw, request.pick, copies)
+            elif static:
+                out = self._decode_static(x0, gh * gw, request.pick, copies, compiled)
+            else:
+                out = self._decode_cached(x0, gh * gw, request.pick, copies)
         return out.view(request.batch, gh, gw)
+
+    @contextlib.contextmanager
+    def _decode_threads(self, threads: Any, rows: int, device: torch.device) -> Iterator[None]:
+        """Run the block with the decode loop's torch thread count (the ``threads`` option)."""
+        valid_int = isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1
+        if threads is not None and threads != "auto" and not valid_int:
+            raise InputError(f"threads must be 'auto', None or a positive int, got {threads!r}.")
+        before = torch.get_num_threads()
+        want = before
+        if isinstance(threads, int):
+            want = threads
+        elif threads == "auto" and device.type == "cpu":
+            # The largest GEMM of a step is rows x C x 4C. Below ~64 MFLOP the intra-op split
+            # costs more than it saves (waking threads, and on a busy machine spinning while
+            # waiting for a core): on a 2-core EPYC, 8 x 256 x 1024 ran 45 us on one thread
+            # and 0.6-2 ms on two; 8 x 512 x 2048 ran the same on one or two when idle, and
+            # under load two threads made whole decode steps 30x slower.
+            c = self.config.n_embd
+            if rows * c * 4 * c * 2 < 64e6:
+                want = 1
+        if want == before:
+            yield
+            return
+        torch.set_num_threads(want)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     # -- sampling internals -----------------------------------------------------------------
     def _decode_cached(
@@ -490,16 +610,131 @@ class TransformerPrior(Prior):
         t_max = n_ctx + n - 1  # the last code is never fed back
         cache = x0.new_empty(cfg.n_layer, 2, rows, cfg.n_head, t_max, c // cfg.n_head)
         kv = list(cache.unbind(0))  # per-layer views [2, rows, H, T_max, Dh], made once
-        out = torch.empty(rows // copies, n, dtype=torch.long, device=x0.device)
+        out = torch.empty(n, rows // copies, dtype=torch.long, device=x0.device)  # step-major
         h = self._run(x0, 0, kv)[:, -1]  # [rows, C]
+        step = self._step_fn(x0.device, x0.dtype)
         for i in range(n):
             code = pick(self._head(h), i)  # [B]
-            out[:, i] = code
+            out[i] = code
             if i == n - 1:
                 break
-            feed = out[:, i : i + 1] if copies == 1 else code.repeat(copies)[:, None]  # [rows, 1]
-            h = self._run(self._embed_codes(feed, i), n_ctx + i, kv)[:, 0]  # [rows, C]
-        return out
+            h = step(code if copies == 1 else code.repeat(copies), i, n_ctx + i, kv)  # [rows, C]
+        return out.t()
+
+    def _step_fn(
+        self, device: torch.device, dtype: torch.dtype
+    ) -> Callable[[Tensor, int, int, list[Tensor]], Tensor]:
+        """The one-token decode step ``(codes [rows], code index, position, kv) -> h [rows, C]``
+        with the backend and the position tables bound once per sampling call."""
+        backend = self._backend(device, dtype)
+        blocks = list(self.blocks)
+        emb, pos_emb = self.tok_emb.weight, self.pos_emb
+        pos0 = self._code_pos0
+        ln_w, ln_b, eps = self.ln_f.weight, self.ln_f.bias, self.config.layer_norm_eps
+        rope_cos: Tensor | None = getattr(self, "rope_cos", None)
+        rope_sin: Tensor | None = getattr(self, "rope_sin", None)
+
+        def step(codes: Tensor, j: int, pos: int, kv: list[Tensor]) -> Tensor:
+            x = F.embedding(codes, emb)  # [rows, C]
+            rope = None
+            if pos_emb is not None:
+                x = x + pos_emb[pos0 + j]
+            elif rope_cos is not None and rope_sin is not None:
+                rope = (rope_cos[pos], rope_sin[pos])  # [Dh] each
+            for block, layer_kv in zip(blocks, kv):
+                x = block.step(x, layer_kv, pos, backend, rope)
+            return F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+
+        return step
+
+    def _check_static_backend(self) -> None:
+        """The static step computes attention itself (masked, over the whole cache), which is
+        what ``sdpa`` and ``math`` compute; a backend with its own pattern would differ."""
+        name = self._attention if isinstance(self._attention, str) else None
+        if name is None:
+            name = self._attention.type_name()
+            options = self._attention.config.model_dump(exclude={"type"})
+            if name == "sdpa" and options.get("kernel", "auto") != "auto":
+                options = {}  # a forced SDPA kernel computes the same attention
+            if name not in ("sdpa", "math") or (name == "sdpa" and options):
+                raise InputError(
+                    f"static_cache / compile compute plain causal attention, but this prior "
+                    f"uses attention backend {name!r} with {options}; sample without them."
+                )
+        elif name not in ("auto", "sdpa", "math"):
+            raise InputError(
+                f"static_cache / compile compute plain causal attention, but this prior uses "
+                f"attention backend {name!r}; sample without them."
+            )
+
+    def _decode_static(
+        self,
+        x0: Tensor,
+        n: int,
+        pick: Callable[[Tensor, int], Tensor],
+        copies: int,
+        compiled: bool,
+    ) -> Tensor:
+        """``_decode_cached`` with static shapes: every step is the same computation on the
+        same buffers (cache, position tensor), so it compiles once and replays as a graph."""
+        cfg = self.config
+        rows, n_ctx, c = x0.shape
+        t_max = n_ctx + n - 1
+        # Zeroed: the masked, not yet written entries must be finite (0 * NaN is NaN).
+        cache = x0.new_zeros(cfg.n_layer, 2, rows, cfg.n_head, t_max, c // cfg.n_head)
+        out = torch.empty(n, rows // copies, dtype=torch.long, device=x0.device)  # step-major
+        h = self._run(x0, 0, list(cache.unbind(0)))[:, -1]  # [rows, C]
+        step = self._static_step_fn(x0.device, x0.dtype, compiled)
+        if compiled and x0.device.type == "cuda":
+            # CUDA graphs replay fixed addresses: the cache is mutated in place, never moved.
+            torch._dynamo.mark_static_address(cache)
+        pos = torch.zeros(1, dtype=torch.long, device=x0.device)
+        for i in range(n):
+            code = pick(self._head(h), i)  # [B]
+            out[i] = code
+            if i == n - 1:
+                break
+            pos.fill_(n_ctx + i)
+            h = step(code if copies == 1 else code.repeat(copies), pos, cache)  # [rows, C]
+            if compiled and x0.device.type == "cuda":
+                h = h.clone()  # a CUDA-graph output is overwritten by the next replay
+        return out.t()
+
+    def _static_step_fn(
+        self, device: torch.device, dtype: torch.dtype, compiled: bool
+    ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """``(codes [rows], pos [1], cache [L, 2, rows, H, T, Dh]) -> h [rows, C]``; compiled
+        once per (device, dtype) when asked (torch.compile recompiles per new shape)."""
+        key = (device, dtype)
+        if compiled and key in self._compiled_steps:
+            return self._compiled_steps[key]
+        blocks = list(self.blocks)
+        emb, pos_emb = self.tok_emb.weight, self.pos_emb
+        offset = self._code_pos0 - self.n_ctx  # pos_emb row of sequence position p: p + offset
+        ln_w, ln_b, eps = self.ln_f.weight, self.ln_f.bias, self.config.layer_norm_eps
+        rope_cos: Tensor | None = getattr(self, "rope_cos", None)
+        rope_sin: Tensor | None = getattr(self, "rope_sin", None)
+
+        def step(codes: Tensor, pos: Tensor, cache: Tensor) -> Tensor:
+            x = F.embedding(codes, emb)  # [rows, C]
+            rope = None
+            if pos_emb is not None:
+                x = x + pos_emb.index_select(0, pos + offset)
+            elif rope_cos is not None and rope_sin is not None:
+                rope = (rope_cos.index_select(0, pos), rope_sin.index_select(0, pos))  # [1, Dh]
+            keep = torch.arange(cache.shape[4], device=cache.device) <= pos  # [T_max]
+            for i, block in enumerate(blocks):
+                x = block.step_static(x, cache[i], pos, keep, rope)
+            return F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+
+        if not compiled:
+            return step
+        # CPU: inductor fuses the elementwise ops into C++ loops; CUDA: reduce-overhead adds
+        # CUDA graphs, one replay per step instead of ~20 launches per layer.
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        fn = torch.compile(step, dynamic=False, fullgraph=True, mode=mode)
+        self._compiled_steps[key] = fn
+        return fn
 
     def _decode_uncached(
         self, x0: Tensor, n: int, pick: Callable[[Tensor, int], Tensor], copies: int
