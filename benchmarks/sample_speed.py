@@ -214,7 +214,8 @@ def main() -> None:
         speedup = f"{base['seconds'] / r['seconds']:.1f}" if base else "-"
         print(
             f"{kind:>11} {name:>3} {batch:>5} {mode:>9} {r['ms_step']:>8.2f} "
-            f"{r['ops_step']:>4.0f}/{r.get('all_ops_step', 0):<4.0f} {r['tok_s']:>8.0f} {r['tok_cpu_s']:>9.0f} "
+            f"{r['ops_step']:>4.0f}/{r.get('all_ops_step', 0):<4.0f} {r['tok_s']:>8.0f} "
+            f"{r['tok_cpu_s']:>9.0f} "
             f"{r['peak_mib']:>10.1f} {speedup:>10} {loads[row]:>5.1f}"
         )
         out.append({"prior": kind, "config": name, "batch": batch, "mode": mode, **r})

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -627,7 +627,7 @@ class TransformerPrior(Prior):
         """The one-token decode step ``(codes [rows], code index, position, kv) -> h [rows, C]``
         with the backend and the position tables bound once per sampling call."""
         backend = self._backend(device, dtype)
-        blocks = list(self.blocks)
+        blocks = cast(list[_Block], list(self.blocks))
         emb, pos_emb = self.tok_emb.weight, self.pos_emb
         pos0 = self._code_pos0
         ln_w, ln_b, eps = self.ln_f.weight, self.ln_f.bias, self.config.layer_norm_eps
@@ -650,21 +650,18 @@ class TransformerPrior(Prior):
     def _check_static_backend(self) -> None:
         """The static step computes attention itself (masked, over the whole cache), which is
         what ``sdpa`` and ``math`` compute; a backend with its own pattern would differ."""
-        name = self._attention if isinstance(self._attention, str) else None
-        if name is None:
-            name = self._attention.type_name()
-            options = self._attention.config.model_dump(exclude={"type"})
-            if name == "sdpa" and options.get("kernel", "auto") != "auto":
-                options = {}  # a forced SDPA kernel computes the same attention
-            if name not in ("sdpa", "math") or (name == "sdpa" and options):
-                raise InputError(
-                    f"static_cache / compile compute plain causal attention, but this prior "
-                    f"uses attention backend {name!r} with {options}; sample without them."
-                )
-        elif name not in ("auto", "sdpa", "math"):
+        att = self._attention
+        if isinstance(att, str):
+            name, options = att, {}
+        else:
+            name, options = att.type_name(), att.config.model_dump(exclude={"type"})
+            options.pop("kernel", None)  # a forced SDPA kernel computes the same attention
+        if name not in ("auto", "sdpa", "math") or options:
             raise InputError(
-                f"static_cache / compile compute plain causal attention, but this prior uses "
-                f"attention backend {name!r}; sample without them."
+                "static_cache / compile compute plain causal attention, but this prior uses "
+                f"attention backend {name!r}"
+                + (f" with {options}" if options else "")
+                + "; sample without them."
             )
 
     def _decode_static(
@@ -708,7 +705,7 @@ class TransformerPrior(Prior):
         key = (device, dtype)
         if compiled and key in self._compiled_steps:
             return self._compiled_steps[key]
-        blocks = list(self.blocks)
+        blocks = cast(list[_Block], list(self.blocks))
         emb, pos_emb = self.tok_emb.weight, self.pos_emb
         offset = self._code_pos0 - self.n_ctx  # pos_emb row of sequence position p: p + offset
         ln_w, ln_b, eps = self.ln_f.weight, self.ln_f.bias, self.config.layer_norm_eps
