@@ -26,6 +26,8 @@ SHARED = dict(codebook_size=64, dim=8, kmeans_init=True, kmeans_iters=5, dead_co
 CASES = {
     "ema": (EMAQuantizer, EMAQuantizerConfig(lookup_dim=4, l2_normalize=True, **SHARED)),
     "vq": (VectorQuantizer, VectorQuantizerConfig(**SHARED)),
+    # k-means and restarts from a reservoir that gathers rows of both ranks (unequal batches).
+    "vq-reservoir": (VectorQuantizer, VectorQuantizerConfig(reservoir_size=256, **SHARED)),
 }
 
 
@@ -60,6 +62,8 @@ def _run(name: str, rank: int) -> dict[str, torch.Tensor]:
     }
     if isinstance(q, EMAQuantizer):
         out.update(ema_count=q.ema_count.clone(), ema_sum=q.ema_sum.clone())
+    if q.reservoir is not None:
+        out["reservoir"] = q.reservoir.contents().clone()  # compared across ranks too
     return out
 
 
@@ -116,6 +120,9 @@ def test_ranks_hold_bit_identical_codebooks(
     for key in keys:
         assert torch.equal(r0[key], r1[key]), key
     assert r0[f"{name}.reduced.restarts"] > 0  # dead-code restarts happened during the run
+    if name == "vq-reservoir":
+        # Both ranks' rows went in: 4 steps x 2 ranks x 96 (the smaller batch) > 256 kept.
+        assert r0["vq-reservoir.reduced.reservoir"].shape == (256, 8)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -20,10 +20,12 @@ from latentgen.staged_state import StagedState
 
 __all__ = [
     "UsageCounter",
+    "all_reduce_min_",
     "all_reduce_sum_",
     "broadcast_",
     "check_indices",
     "check_latents",
+    "draw_distinct",
     "fp32_region",
     "is_distributed",
     "is_rank0",
@@ -53,6 +55,13 @@ def all_reduce_sum_(t: Tensor) -> Tensor:
     """Sum ``t`` over ranks in place (no-op outside torch.distributed); returns ``t``."""
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_min_(t: Tensor) -> Tensor:
+    """Minimum of ``t`` over ranks in place (no-op outside torch.distributed); returns ``t``."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t
 
 
@@ -112,25 +121,52 @@ def sample_rows(x: Tensor, n: int) -> Tensor:
 
 
 @torch.no_grad()
-def kmeans(x: Tensor, k: int, iters: int, spherical: bool = False) -> tuple[Tensor, Tensor]:
+def draw_distinct(x: Tensor, n: int) -> Tensor:
+    """Up to ``n`` distinct rows ``[m, d]`` of ``x [N, d]`` (``m <= n``; equal rows count once),
+    drawn at random on rank 0 and broadcast, so every rank gets the same rows.
+
+    Re-seeding two dead codes with one vector would leave one of them dead again (the lookup
+    picks the lower index), so a restart takes fewer rows rather than repeat one.
+    """
+    pool = torch.unique(x.detach().float(), dim=0)  # [U, d]
+    m = int(broadcast_(torch.tensor([min(n, int(pool.shape[0]))], device=x.device))[0])
+    out = pool.new_empty(m, x.shape[1])
+    if is_rank0():
+        out.copy_(pool[torch.randperm(pool.shape[0], device=x.device)[:m]])
+    return broadcast_(out)
+
+
+@torch.no_grad()
+def kmeans(
+    x: Tensor, k: int, iters: int, spherical: bool = False, shared: bool = False
+) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means in fp32; under torch.distributed it clusters the union of all ranks' rows.
 
-    Centroids start from ``k`` rows of rank 0's ``x`` (with replacement if it has fewer than
-    ``k``), then each iteration sums the assignments of every rank with an all-reduce, so all
-    ranks run the same iterations on the same statistics. A centroid that gets no points keeps
-    its position. ``spherical`` re-normalises centroids to unit length (cosine k-means).
+    Centroids start from ``k`` distinct rows of rank 0's ``x`` (repeating rows only if it has
+    fewer than ``k`` distinct ones), then each iteration sums the assignments of every rank
+    with an all-reduce, so all ranks run the same iterations on the same statistics. A
+    centroid that gets no points keeps its position. ``spherical`` re-normalises centroids to unit length (cosine k-means).
+    ``shared``: ``x`` is already the same on every rank (a ``Reservoir``), so nothing is summed
+    over ranks (that would count each row once per rank).
 
     Returns:
         centroids ``[k, d]`` and the number of points assigned to each in the last pass ``[k]``.
     """
     x = x.detach().float()
     d = x.shape[1]
-    centroids = sample_rows(x, k)  # [k, d], identical on all ranks
+    # Seeds at distinct rows (a blank background repeats one latent many times, and centroids
+    # seeded on one point stay duplicates); repeats only when there are fewer than k.
+    centroids = draw_distinct(x, k)  # [m, d], identical on all ranks
+    if centroids.shape[0] < k:
+        centroids = torch.cat((centroids, sample_rows(x, k - centroids.shape[0])))  # [k, d]
     counts = x.new_zeros(k)
     for _ in range(iters):
         idx = nearest_codes(x, centroids)  # [N]
-        counts = all_reduce_sum_(torch.bincount(idx, minlength=k).float())  # [k]
-        sums = all_reduce_sum_(x.new_zeros(k, d).index_add_(0, idx, x))  # [k, d]
+        counts = torch.bincount(idx, minlength=k).float()  # [k]
+        sums = x.new_zeros(k, d).index_add_(0, idx, x)  # [k, d]
+        if not shared:
+            all_reduce_sum_(counts)
+            all_reduce_sum_(sums)
         new = sums / counts.clamp_min(1.0).unsqueeze(1)
         if spherical:
             new = F.normalize(new, dim=1)

@@ -28,7 +28,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from latentgen.specs import ComponentConfig
@@ -39,13 +39,14 @@ from latentgen.tokenizers.quantizers.common import (
     broadcast_,
     check_indices,
     check_latents,
+    draw_distinct,
     fp32_region,
     is_distributed,
     kmeans,
     nearest_codes,
     perplexity,
-    sample_rows,
 )
+from latentgen.tokenizers.quantizers.reservoir import Reservoir
 
 __all__ = ["EMAQuantizer", "EMAQuantizerConfig", "VectorQuantizer", "VectorQuantizerConfig"]
 
@@ -97,6 +98,25 @@ class _CodebookConfig(ComponentConfig):
         description="Length in training steps of the window over which dead codes are counted; "
         "restarts are checked at the end of each window.",
     )
+    reservoir_size: int = Field(
+        0,
+        ge=0,
+        description="Rows of recent encoder outputs (lookup space, all ranks together) kept for "
+        "k-means init and dead-code restarts, so a large codebook fills at any batch size. With "
+        "a reservoir, k-means waits until it holds codebook_size rows (or is full) and restarts "
+        "re-seed every dead code from distinct reservoir rows. 0: the current batch only. "
+        "About 4 x codebook_size is a good size.",
+    )
+
+    @model_validator(mode="after")
+    def _check_reservoir(self) -> _CodebookConfig:
+        if self.reservoir_size and not (self.kmeans_init or self.dead_code_threshold > 0):
+            raise ValueError(
+                f"reservoir_size={self.reservoir_size} feeds k-means init and dead-code restarts, "
+                "but both are off: set kmeans_init=true or dead_code_threshold > 0, or "
+                "reservoir_size=0."
+            )
+        return self
 
 
 class VectorQuantizerConfig(_CodebookConfig):
@@ -150,6 +170,7 @@ class _NearestCodeQuantizer(Quantizer):
         # Saved: a loaded checkpoint must not re-run k-means (or the first-step broadcast).
         self.register_buffer("codebook_initialized", torch.tensor(False))
         self.usage_counter = UsageCounter(config.codebook_size)
+        self.reservoir = Reservoir(config.reservoir_size, d) if config.reservoir_size else None
         if config.dead_code_threshold > 0:
             # Saved, so a resumed run restarts the same codes as an uninterrupted one would.
             self.register_buffer(
@@ -193,6 +214,8 @@ class _NearestCodeQuantizer(Quantizer):
         b, _, h, w = z.shape
         with fp32_region(z):
             x = self._to_lookup(z.float())  # [B*h*w, d]
+            if self.training and self.reservoir is not None:
+                self.reservoir.add(x.detach())
             if self.training and not bool(self.staged("codebook_initialized")):
                 self._initialise(x.detach())
             codes = self.codes()  # [K, d]
@@ -233,8 +256,19 @@ class _NearestCodeQuantizer(Quantizer):
     def _initialise(self, x: Tensor) -> None:
         """First training step: k-means (on all ranks' data) or adopt rank 0's random codebook."""
         if self.config.kmeans_init:
+            shared = False
+            if self.reservoir is not None:
+                # Wait for K points (or a full reservoir): k-means on fewer rows than centroids
+                # leaves the surplus centroids as duplicates. The length agrees on all ranks.
+                if len(self.reservoir) < min(self.codebook_size, self.reservoir.capacity):
+                    return
+                x, shared = self.reservoir.contents(), True
             centroids, counts = kmeans(
-                x, self.codebook_size, self.config.kmeans_iters, spherical=self.config.l2_normalize
+                x,
+                self.codebook_size,
+                self.config.kmeans_iters,
+                spherical=self.config.l2_normalize,
+                shared=shared,
             )
             self._set_codebook(centroids, counts)
         elif is_distributed():
@@ -263,10 +297,16 @@ class _NearestCodeQuantizer(Quantizer):
         dead = (window.float() < self.config.dead_code_threshold).nonzero()[:, 0]
         self.stage("window_counts", torch.zeros_like(window))
         self.stage("window_step", torch.zeros_like(step))
+        restarted = 0
         if dead.numel():
-            # Rank 0 picks the replacements and broadcasts them: every rank writes the same rows.
-            self._write_codes(dead, sample_rows(x, dead.numel()))
-        return {"dead_code_restarts": float(dead.numel())}
+            # Distinct rows, picked on rank 0 and broadcast: every rank writes the same rows.
+            # With fewer distinct rows than dead codes, the rest wait for the next window.
+            pool = x if self.reservoir is None else self.reservoir.contents()
+            rows = draw_distinct(pool, dead.numel())  # [m, d], m <= dead codes
+            restarted = rows.shape[0]
+            if restarted:
+                self._write_codes(dead[:restarted], rows)
+        return {"dead_code_restarts": float(restarted)}
 
 
 def _with_rows(t: Tensor, rows: Tensor, values: Tensor | float) -> Tensor:
