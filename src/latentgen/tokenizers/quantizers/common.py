@@ -145,7 +145,8 @@ def kmeans(
     Centroids start from ``k`` distinct rows of rank 0's ``x`` (repeating rows only if it has
     fewer than ``k`` distinct ones), then each iteration sums the assignments of every rank
     with an all-reduce, so all ranks run the same iterations on the same statistics. A
-    centroid that gets no points keeps its position. ``spherical`` re-normalises centroids to unit length (cosine k-means).
+    centroid that gets no points keeps its position. ``spherical`` re-normalises centroids to
+    unit length (cosine k-means).
     ``shared``: ``x`` is already the same on every rank (a ``Reservoir``), so nothing is summed
     over ranks (that would count each row once per rank).
 
