@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
 from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
+from latentgen.priors.pixelsnail_cache import sample_cached
 
 __all__ = ["PixelSNAILConfig", "PixelSNAILPrior"]
 
@@ -265,9 +266,10 @@ class PixelSNAILPrior(Prior):
         config: a :class:`PixelSNAILConfig`; the model is built from it and nothing else.
 
     One forward gives logits ``[B, K, h, w]`` for every position at once (training and
-    ``log_prob``). Sampling runs one forward per position in raster order, cropped to the rows
-    drawn so far: PixelSNAIL has no KV cache, so it costs O(h*w) forwards, which is the known
-    trade-off against the transformer prior. The crop is exact because no layer looks down.
+    ``log_prob``). Sampling draws in raster order and keeps every layer's activations, so each
+    code costs one position's work (``latentgen.priors.pixelsnail_cache``, after Fast PixelCNN++,
+    arXiv 1704.06001); ``use_cache=False`` runs one forward per position instead, cropped to the
+    rows drawn so far (exact because no layer looks down).
 
     Conditions: each slot gets an embedding table of ``vocab_size + 1`` rows (the last is the
     learned null, used where ``Conditioning.drop`` is True). Class-like conditions become a
@@ -277,6 +279,7 @@ class PixelSNAILPrior(Prior):
     """
 
     Config = PixelSNAILConfig
+    sample_options = frozenset({"use_cache"})
 
     def __init__(self, config: PixelSNAILConfig) -> None:
         super().__init__(config)
@@ -376,11 +379,16 @@ class PixelSNAILPrior(Prior):
         return -nll.flatten(1).sum(1)
 
     def generate(self, request: SampleRequest) -> Tensor:
-        """Draw codes ``[B, h, w]`` in raster order, one cropped forward per position.
+        """Draw codes ``[B, h, w]`` in raster order.
 
-        ``Prior.sample`` checks the inputs and runs this in eval mode (no dropout); with
-        guidance the conditional and null branches run as one batch of ``2B`` rows.
+        By default with cached activations (``latentgen.priors.pixelsnail_cache``: each code
+        costs one position's work); the option ``use_cache=False`` runs one cropped forward
+        per position instead, the reference the cache is tested against. ``Prior.sample``
+        checks the inputs and runs this in eval mode (no dropout); with guidance the
+        conditional and null branches run as one batch of ``2B`` rows.
         """
+        if request.options.get("use_cache", True):
+            return sample_cached(self, request)
         b, (h, w) = request.batch, request.grid
         device = self.embed.weight.device
         if request.prefix is None:
