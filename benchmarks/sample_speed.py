@@ -1,10 +1,12 @@
-"""Sampling speed of the transformer prior: ms/step, ops/step, tokens/s and peak memory.
+"""Sampling speed of the priors: ms/step, ops/step, tokens/s and peak memory.
 
 Unconditional sampling of 256 new codes (a 16x16 grid) after the one start token, vocab 1024,
 top-k 100, fp32, for two model sizes (s = 4 layers / 8 heads / 256 wide, m = 8 / 8 / 512) at
 batch 1 and 8. ``cached`` is the KV-cached decode loop (one token per step); ``uncached``
 re-runs the whole sequence per code and is printed as the yardstick from the same run, since
-absolute figures drift with the load of a shared machine.
+absolute figures drift with the load of a shared machine. PixelSNAIL rows (``--kinds
+pixelsnail``; s = 2 blocks of 64 channels, m = 4 of 128, as in benchmarks/prior_step.py) compare
+its activation cache with one cropped forward per code.
 
     LG_THREADS=2 lg python benchmarks/sample_speed.py
     lg python benchmarks/sample_speed.py --configs s --batches 1 --modes cached --rounds 5
@@ -82,10 +84,47 @@ def transformer_sampler(
     return go
 
 
+PIXELSNAIL = {  # benchmarks/prior_step.py's small and medium
+    "s": dict(channel=64, res_channel=64, n_block=2, n_res_block=2, n_head=4,
+              key_channel=64, value_channel=64),
+    "m": dict(channel=128, res_channel=128, n_block=4, n_res_block=2, n_head=8,
+              key_channel=128, value_channel=128),
+}  # fmt: skip
+
+
+def pixelsnail_sampler(
+    name: str, batch: int, mode: str, args: argparse.Namespace
+) -> Callable[[tuple[int, int]], object]:
+    """Like ``transformer_sampler`` for PixelSNAIL (cached: ``pixelsnail_cache``; uncached: one
+    cropped forward per code)."""
+    import torch
+
+    from latentgen.priors.pixelsnail import PixelSNAILConfig, PixelSNAILPrior
+    from latentgen.specs import SamplerConfig
+
+    torch.manual_seed(0)
+    side = int(args.tokens**0.5)
+    config = PixelSNAILConfig(
+        vocab_size=1024, max_height=side, max_width=side, dropout=0.0, **PIXELSNAIL[name]
+    )
+    device = torch.device(args.device)
+    model = PixelSNAILPrior(config).to(device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+    sampler = SamplerConfig(top_k=100)
+
+    def go(grid: tuple[int, int]) -> object:
+        gen = torch.Generator(device=device).manual_seed(0)
+        return model.sample(
+            grid=grid, sampler=sampler, generator=gen, num_samples=batch, use_cache=mode == "cached"
+        )
+
+    return go
+
+
 #: Row kinds: name -> (configs, modes, factory(config, batch, mode, args) -> draw(grid)).
 #: Other priors add their rows here.
 ROWS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[..., Any]]] = {
     "transformer": (("s", "m"), ("cached", "uncached"), transformer_sampler),
+    "pixelsnail": (("s", "m"), ("cached", "uncached"), pixelsnail_sampler),
 }
 
 
