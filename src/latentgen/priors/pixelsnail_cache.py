@@ -19,15 +19,19 @@ rounding of a boundary could differ; tests check equality on real draws).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # import cycle: pixelsnail.py imports this module to sample
-    from latentgen.priors.base import SampleRequest
-    from latentgen.priors.pixelsnail import CausalConv2d, GatedResBlock, PixelSNAILPrior
+from latentgen.priors.base import SampleRequest
+
+# The PixelSNAIL modules are typed ``Any`` here: pixelsnail.py imports this module to sample,
+# and importing its classes back (even for type checking only) would make an import cycle.
+PixelSNAILPrior = Any
+CausalConv2d = Any
+GatedResBlock = Any
 
 __all__ = ["sample_cached"]
 
