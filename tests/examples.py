@@ -54,6 +54,16 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
             "n_head": 2,
             "n_embd": 16,
         },
+        "masked": {
+            "type": "masked",
+            "vocab_size": 16,
+            "block_size": 16,
+            "n_layer": 1,
+            "n_head": 2,
+            "n_embd": 16,
+            "steps": 4,
+            "elbo_samples": 4,
+        },
         "pixelsnail": {
             "type": "pixelsnail",
             "vocab_size": 16,

@@ -136,6 +136,13 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
     "default) moves it in strides and reuses the KV cache; 'exact' runs one window forward per "
     "code (the reference).",
 )
+@click.option(
+    "--steps",
+    default=None,
+    type=int,
+    help="Decoding passes T of a masked prior (default: its config's steps, usually 12); "
+    "fewer is faster, more is closer to one code per pass. Autoregressive priors ignore it.",
+)
 @click.option("--nrow", default=None, type=click.IntRange(1), help="Images per grid row.")
 @click.option(
     "--reject",
@@ -163,6 +170,7 @@ def sample(
     top_p: float | None,
     guidance: float | None,
     window: str | None,
+    steps: int | None,
     nrow: int | None,
     reject_dir: Path | None,
     acceptance: float | None,
@@ -201,6 +209,7 @@ def sample(
         "top_p": top_p,
         "guidance_scale": guidance,
         "window": window,
+        "steps": steps,
     }
     sampler = SamplerConfig(
         **{**pipe.sampler.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}

@@ -65,6 +65,9 @@ class PriorEvaluation:
     nll_nats_per_code: float
     bits_per_code: float  # NLL in bits per code (per token of the prior)
     bits_per_image_dim: float  # the same total, spread over the image's C*H*W values
+    # True when the prior's log_prob is a lower bound (the masked prior's ELBO): the figures
+    # above are then upper bounds on the NLL, not the exact NLL an autoregressive prior gives.
+    nll_is_upper_bound: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """The metrics by name (what ``latentgen eval prior --json`` prints)."""
@@ -268,4 +271,5 @@ def evaluate_prior(
         nll_nats_per_code=per_code,
         bits_per_code=per_code / math.log(2.0),
         bits_per_image_dim=nats / values / math.log(2.0),
+        nll_is_upper_bound=bool(getattr(pipe.prior, "log_prob_is_bound", False)),
     )

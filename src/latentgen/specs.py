@@ -87,6 +87,13 @@ class SamplerConfig(BaseModel):
         description="Classifier-free guidance: logits = uncond + s * (cond - uncond); 1 turns "
         "it off. See arXiv 2207.12598.",
     )
+    steps: int | None = Field(
+        None,
+        description="Parallel decoding passes T of a prior that fills many codes per pass (the "
+        "masked prior; MaskGIT, arXiv 2202.04200, uses 8-12), from 1 to the grid's number of "
+        "codes. None: the prior's own default. Autoregressive priors draw one code per pass "
+        "and do not read it.",
+    )
     window: Literal["exact", "cached"] = Field(
         "cached",
         description="Sliding window for grids larger than the prior's trained window: 'exact' "
@@ -107,6 +114,11 @@ class SamplerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_window(self) -> SamplerConfig:
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(
+                f"steps={self.steps}: a masked prior needs at least one decoding pass; use "
+                "steps >= 1 (e.g. 12), or None for the prior's default."
+            )
         for name in ("window_size", "window_stride"):
             value = getattr(self, name)
             if value is not None and min(value) < 1:

@@ -102,8 +102,11 @@ class SampleRequest:
         window: ``(wh, ww)`` when the grid is drawn with the sliding window
             (``latentgen.priors.window``), the conditions then being the whole-grid ones; None
             when ``generate`` draws the grid directly.
-        on_code: called by ``pick`` with the number of codes it just drew (B), for progress
-            and cancelling (it may raise to stop the draw); None: nothing is called.
+        on_code: called by ``pick`` with the number of codes it just drew (B), or by a prior
+            that draws many codes per pass with the number it filled, for progress and
+            cancelling (it may raise to stop the draw); None: nothing is called.
+        progress: whether ``sample`` was asked for a progress bar (a prior that decodes in
+            steps, like the masked prior, shows one over its steps).
     """
 
     grid: tuple[int, int]
@@ -115,6 +118,7 @@ class SampleRequest:
     options: Mapping[str, Any] = field(default_factory=dict)
     window: tuple[int, int] | None = None
     on_code: Callable[[int], None] | None = None
+    progress: bool = False
 
     @property
     def guided(self) -> bool:
@@ -200,6 +204,8 @@ class Prior(Component, nn.Module, ABC):
     kind: ClassVar[str] = "prior"
     #: Names of the prior's own keyword options to ``sample`` (e.g. ``use_cache``).
     sample_options: ClassVar[frozenset[str]] = frozenset()
+    #: True when ``log_prob`` is a lower bound (an ELBO, e.g. the masked prior's), not exact.
+    log_prob_is_bound: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         nn.Module.__init__(self)
@@ -400,10 +406,11 @@ class Prior(Component, nn.Module, ABC):
                 with conditions it may only repeat their batch size.
             prefix: optional ``[B, h, w]`` codes with -1 where codes are to be drawn; given
                 codes are kept (completion, as in the paper's image-completion figures).
-            progress: show a progress bar (tqdm) over the codes of a windowed draw.
-            on_code: called as ``on_code(done, total)`` after each drawn position, counting
-                codes over the whole batch (``total = B * h * w``); an exception it raises
-                stops the draw and reaches the caller (how ``latentgen serve`` cancels).
+            progress: show a progress bar (tqdm) over the codes of a windowed draw (or over
+                the steps of a prior that decodes in steps).
+            on_code: called as ``on_code(done, total)`` after each drawn position (or pass),
+                counting codes over the whole batch (``total = B * h * w``); an exception it
+                raises stops the draw and reaches the caller (how ``latentgen serve`` cancels).
             **options: prior-specific sampling options, passed on to ``generate``.
 
         A grid the prior cannot model directly (or any grid larger than
@@ -415,6 +422,8 @@ class Prior(Component, nn.Module, ABC):
         )
         if on_code is not None:
             request = replace(request, on_code=_count_codes(on_code, request))
+        if progress:
+            request = replace(request, progress=True)
         was_training = self.training
         self.eval()
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -175,11 +175,25 @@ class _MLP(nn.Module):
         self.proj = nn.Linear(4 * c, c, bias=bias)
 
 
+class BlockShape(Protocol):
+    """The config fields a block is built from (the GPT and masked priors' configs have them)."""
+
+    @property
+    def n_embd(self) -> int: ...
+    @property
+    def n_head(self) -> int: ...
+    @property
+    def bias(self) -> bool: ...
+    @property
+    def layer_norm_eps(self) -> float: ...
+
+
 class _Block(nn.Module):
     """Pre-LN transformer block. ``forward`` calls the functional ops directly: in the one-token
-    decode step the per-module call overhead is a large share of the time."""
+    decode step the per-module call overhead is a large share of the time. ``causal=False``
+    makes it bidirectional (the masked prior, ``latentgen.priors.masked``, shares it)."""
 
-    def __init__(self, config: TransformerPriorConfig) -> None:
+    def __init__(self, config: BlockShape) -> None:
         super().__init__()
         c = config.n_embd
         self.ln1 = nn.LayerNorm(c, eps=config.layer_norm_eps, bias=config.bias)
@@ -198,9 +212,10 @@ class _Block(nn.Module):
         start: int = 0,
         attn_p: float = 0.0,
         resid_p: float = 0.0,
+        causal: bool = True,
     ) -> Tensor:
         """``x [B, T, C]`` at positions ``start..start+T``; ``kv [2, B, H, T_max, Dh]``: this
-        layer's key/value cache, written in place."""
+        layer's key/value cache, written in place; ``causal=False``: every position sees all."""
         b, t, c = x.shape
         h = F.layer_norm(x, (c,), self.ln1.weight, self.ln1.bias, self.eps)
         qkv = F.linear(h, self.attn.qkv.weight, self.attn.qkv.bias)  # [B, T, 3C]
@@ -216,7 +231,7 @@ class _Block(nn.Module):
                 kv[1, :, :, start : start + t] = v
             # Attend over the filled part only: a shorter key tensor, never a full-length mask.
             k, v = kv[:, :, :, : start + t].unbind(0)
-        y = backend.attend(q, k, v, causal=True, mask=None, dropout_p=attn_p)  # [B, H, T, Dh]
+        y = backend.attend(q, k, v, causal=causal, mask=None, dropout_p=attn_p)  # [B, H, T, Dh]
         y = F.linear(y.transpose(1, 2).reshape(b, t, c), self.attn.proj.weight, self.attn.proj.bias)
         if resid_p:
             y = F.dropout(y, resid_p, training=True)

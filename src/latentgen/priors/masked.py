@@ -1,0 +1,413 @@
+"""Masked bidirectional transformer prior: MaskGIT / absorbing-state discrete diffusion on codes.
+
+A bidirectional transformer reads the code grid with some codes replaced by a mask token and
+predicts every masked code at once (MaskGIT, Chang et al., arXiv 2202.04200). Conditions are
+prefix tokens exactly as the GPT prior takes them (``latentgen.priors.transformer``): the same
+``ConditionSlot``s, each condition with its own embedding table, positions and learned null
+embedding, condition dropout and classifier-free guidance through ``Prior``. The blocks are the
+GPT prior's own (``_Block`` with ``causal=False``), not a copy.
+
+- **Training** masks a fraction ``gamma(u)``, ``u ~ U(0, 1)``, of each grid's codes, where
+  ``gamma`` is the mask schedule (``cosine`` by default, as in MaskGIT), and minimises the
+  cross-entropy of the masked codes.
+- **Sampling** starts from all-masked (or from a ``prefix`` whose -1 entries are free, so any
+  region can be completed) and runs T passes (``SamplerConfig.steps``, default the config's
+  ``steps`` = 12). Each pass draws every masked code (temperature / top-k / top-p / guidance,
+  seeded generator), keeps the most confident ones and re-masks the rest so that a fraction
+  ``gamma((t + 1) / T)`` of the free codes stays masked; the confidence is the drawn code's
+  log-probability plus Gumbel noise annealed to zero over the passes (MaskGIT's choice
+  temperature).
+- **Likelihood**: ``log_prob`` is a lower bound (ELBO) of the log-likelihood in nats: the
+  absorbing-state diffusion bound (Austin et al., arXiv 2107.03006; Bond-Taylor et al., arXiv
+  2111.12701), here in its discrete-time, any-order form (Hoogeboom et al., arXiv 2110.02037)
+
+      -log p(x) <= sum_{m=1..N} E_{|S|=m} [ (1/m) sum_{i in S} -log p(x_i | x outside S) ]
+
+  estimated with ``elbo_samples`` mask draws, stratified over m and seeded by ``elbo_seed``
+  (the same draws for every grid, so a grid's bound does not depend on its batch). ``-log_prob``
+  is therefore an upper bound on the NLL and sits above an autoregressive prior's exact NLL for
+  an equally good model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
+from torch import Tensor, nn
+
+from latentgen.conditioners.base import Conditioning
+from latentgen.errors import InputError
+from latentgen.priors.attention import AttentionBackend, get_backend
+from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
+from latentgen.priors.sampling import filter_logits
+from latentgen.priors.transformer import AttentionSpec, _Block
+
+__all__ = ["MASK_SCHEDULES", "MaskedPrior", "MaskedPriorConfig", "mask_ratio"]
+
+
+#: Mask schedules ``gamma: [0, 1] -> [0, 1]``, decreasing from 1 (all masked) to 0: the masked
+#: fraction at training time ``gamma(u)`` and after sampling pass t of T ``gamma((t + 1) / T)``.
+MASK_SCHEDULES: dict[str, Callable[[Tensor], Tensor]] = {
+    "cosine": lambda r: torch.cos(r * (math.pi / 2)),  # MaskGIT's default
+    "linear": lambda r: 1 - r,
+    "square": lambda r: 1 - r**2,  # convex: more codes per pass early
+    "sqrt": lambda r: 1 - r.sqrt(),  # concave: more codes per pass late
+}
+
+
+def mask_ratio(schedule: str, r: Tensor) -> Tensor:
+    """The masked fraction ``gamma(r)`` of the named schedule at ``r`` in [0, 1]."""
+    try:
+        fn = MASK_SCHEDULES[schedule]
+    except KeyError:
+        raise InputError(
+            f"unknown mask schedule {schedule!r}; use one of {', '.join(MASK_SCHEDULES)}."
+        ) from None
+    return fn(r.clamp(0, 1)).clamp(0, 1)
+
+
+class MaskedPriorConfig(PriorConfig):
+    """Config of the masked prior (MaskGIT, arXiv 2202.04200; absorbing diffusion, 2111.12701)."""
+
+    type: Literal["masked"] = "masked"
+    vocab_size: int = Field(1024, ge=2, description="Number of codes K (the tokenizer's codebook).")
+    block_size: int = Field(
+        256,
+        ge=1,
+        description="Code positions the model has (h*w of the largest grid it reads; positions "
+        "are raster order). There is no sliding window: a larger grid is an error.",
+    )
+    n_layer: int = Field(8, ge=1, description="Number of transformer blocks.")
+    n_head: int = Field(8, ge=1, description="Attention heads per block; must divide n_embd.")
+    n_embd: int = Field(512, ge=1, description="Width of the residual stream.")
+    embd_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the input embeddings.")
+    attn_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention weights.")
+    resid_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on each block's attention and MLP outputs."
+    )
+    bias: bool = Field(True, description="Biases in the linear layers and LayerNorms.")
+    layer_norm_eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon.")
+    attention: AttentionSpec = Field(
+        "auto",
+        description="Attention backend, as for the transformer prior: 'auto', a backend name, "
+        "or a backend config with its options.",
+    )
+    conditions: dict[str, ConditionSlot] = Field(
+        default_factory=dict,
+        description="Conditions by name (vocab_size, num_tokens each); their prefixes come in "
+        "this order, as in the transformer prior. Empty: unconditional.",
+    )
+    mask_schedule: str = Field(
+        "cosine",
+        description="Mask schedule gamma, used for the training mask ratio gamma(u), u ~ U(0,1), "
+        "and for how many codes stay masked after each sampling pass: "
+        + ", ".join(MASK_SCHEDULES)
+        + " (MaskGIT finds cosine best).",
+    )
+    steps: int = Field(
+        12,
+        ge=1,
+        description="Default number of sampling passes T (SamplerConfig.steps overrides it). "
+        "MaskGIT uses 8-12 for 16x16 grids.",
+    )
+    choice_temperature: float = Field(
+        4.5,
+        ge=0,
+        description="Scale of the Gumbel noise added to the confidences that pick which drawn "
+        "codes are kept, annealed linearly to 0 over the passes (MaskGIT's value: 4.5). "
+        "0: keep the most likely codes.",
+    )
+    elbo_samples: int = Field(
+        16,
+        ge=1,
+        description="Mask draws per log_prob call for the ELBO estimate (one forward pass each).",
+    )
+    elbo_seed: int = Field(0, description="Seed of log_prob's mask draws (fixed: deterministic).")
+
+    @field_validator("mask_schedule")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        if value not in MASK_SCHEDULES:
+            raise ValueError(
+                f"unknown mask_schedule {value!r}; use one of {', '.join(MASK_SCHEDULES)}."
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> MaskedPriorConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick a width "
+                f"that is a multiple of the head count, e.g. {self.n_head * 64}."
+            )
+        if self.steps > self.block_size:
+            raise ValueError(
+                f"steps={self.steps} is more than the block_size={self.block_size} codes: each "
+                f"pass fills at least one code; use steps <= {self.block_size}."
+            )
+        return self
+
+
+class MaskedPrior(Prior):
+    """Bidirectional transformer over the code grid with a mask token (arXiv 2202.04200).
+
+    Args:
+        config: a ``MaskedPriorConfig``; nothing else is needed to rebuild the model.
+
+    ``loss`` in training mode is MaskGIT's objective (cross-entropy of the codes masked at a
+    ratio drawn from the schedule); outside training it is ``-log_prob / codes``, the ELBO per
+    code, like every prior's mean NLL. ``log_prob`` is a bound, not the exact likelihood (see
+    the module docstring); ``log_prob_is_bound`` says so to ``eval prior`` and ``compare``.
+    """
+
+    Config = MaskedPriorConfig
+    log_prob_is_bound = True
+
+    def __init__(self, config: MaskedPriorConfig) -> None:
+        super().__init__(config)
+        cfg = config
+        c = cfg.n_embd
+        self.n_ctx = sum(s.num_tokens for s in cfg.conditions.values())  # prefix length
+        self.mask_id = cfg.vocab_size  # the absorbing state: one row past the codes
+        self.tok_emb = nn.Embedding(cfg.vocab_size + 1, c)
+        self.pos_emb = nn.Parameter(torch.zeros(cfg.block_size, c))
+        self.cond_emb = nn.ModuleDict(
+            {n: nn.Embedding(s.vocab_size, c) for n, s in cfg.conditions.items()}
+        )
+        self.cond_pos = nn.ParameterDict(
+            {n: nn.Parameter(torch.zeros(s.num_tokens, c)) for n, s in cfg.conditions.items()}
+        )
+        self.cond_null = nn.ParameterDict({n: nn.Parameter(torch.zeros(c)) for n in cfg.conditions})
+        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(c, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.head = nn.Linear(c, cfg.vocab_size, bias=False)  # never predicts the mask token
+        self._backends: dict[tuple[torch.device, torch.dtype], AttentionBackend] = {}
+        self._attention: str | AttentionBackend = "auto"
+        if cfg.attention != "auto":
+            # Built now, so an unknown name fails at build time (as in the transformer prior).
+            self._attention = get_backend(cfg.attention, check=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        std = 0.02
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                # GPT-2's scaled residual projections, as in the transformer prior.
+                scale = name.endswith(("attn.proj", "mlp.proj"))
+                nn.init.normal_(
+                    module.weight, 0.0, std / math.sqrt(2 * self.config.n_layer) if scale else std
+                )
+                bias = getattr(module, "bias", None)
+                if bias is not None:
+                    nn.init.zeros_(bias)
+        for p in (self.pos_emb, *self.cond_null.values(), *self.cond_pos.values()):
+            nn.init.normal_(p, 0.0, std)
+
+    # -- properties and checks -------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    def check_grid(self, h: int, w: int) -> None:
+        n = self.config.block_size
+        if h * w > n:
+            raise InputError(
+                f"code grid {h}x{w} ({h * w} codes) is larger than the {n} positions the masked "
+                f"prior was built with (block_size={n}), and it has no sliding window: sample a "
+                f"grid of at most {n} codes, or train a masked prior with block_size >= {h * w}."
+            )
+
+    def resolve_window(
+        self, grid: tuple[int, int], size: tuple[int, int] | None, force: bool = False
+    ) -> tuple[int, int] | None:
+        """Always None (every grid is drawn whole); a window asked for is an error."""
+        if size is not None or force:
+            raise InputError(
+                "the masked prior has no sliding window (it reads the whole grid at once): "
+                "leave SamplerConfig.window_size unset and sample a grid of at most "
+                f"block_size={self.config.block_size} codes."
+            )
+        self.check_grid(*grid)
+        return None
+
+    def num_steps(self, sampler_steps: int | None, grid: tuple[int, int]) -> int:
+        """The number of sampling passes T for ``grid``: the sampler's, else the config's."""
+        t = self.config.steps if sampler_steps is None else int(sampler_steps)
+        n = grid[0] * grid[1]
+        if t < 1 or t > n:
+            raise InputError(
+                f"steps={t} for a {grid[0]}x{grid[1]} grid of {n} codes: each pass fills at "
+                f"least one code, so use 1 <= steps <= {n} (SamplerConfig.steps, `--steps` on "
+                "the command line; MaskGIT uses 8-12)."
+            )
+        return t
+
+    def _backend(self, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+        key = (device, dtype)
+        backend = self._backends.get(key)
+        if backend is None:
+            backend = get_backend(self._attention, device, dtype)
+            self._backends[key] = backend
+        return backend
+
+    # -- the network ---------------------------------------------------------------------------
+    def _prefix(self, conds: dict[str, Conditioning], batch: int) -> Tensor | None:
+        """Embedded condition prefix ``[B, n_ctx, C]``, nulls where dropped; None if none."""
+        device = self.tok_emb.weight.device
+        parts = []
+        for name in self.config.conditions:
+            cond = conds[name]
+            e = self.cond_emb[name](cond.tokens.to(device=device, dtype=torch.long))  # [B, n, C]
+            if cond.drop is not None:
+                d = cond.drop.to(device=device, dtype=torch.bool)
+                e = torch.where(d[:, None, None], self.cond_null[name].to(e.dtype), e)
+            parts.append(e + self.cond_pos[name])
+        if not parts:
+            return None
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def _logits(self, tokens: Tensor, conds: dict[str, Conditioning]) -> Tensor:
+        """Logits ``[B, N, K]`` of every position of ``tokens [B, N]`` (``mask_id`` = masked)."""
+        cfg = self.config
+        b, n = tokens.shape
+        train = self.training
+        x = self.tok_emb(tokens) + self.pos_emb[:n]  # [B, N, C]
+        prefix = self._prefix(conds, b)
+        if prefix is not None:
+            x = torch.cat((prefix, x), dim=1)  # [B, n_ctx + N, C]
+        if train and cfg.embd_dropout:
+            x = F.dropout(x, cfg.embd_dropout, training=True)
+        backend = self._backend(x.device, x.dtype)
+        attn_p = cfg.attn_dropout if train else 0.0
+        resid_p = cfg.resid_dropout if train else 0.0
+        for block in self.blocks:
+            x = block(x, backend, None, None, 0, attn_p, resid_p, causal=False)
+        h = x[:, self.n_ctx :]  # [B, N, C]
+        h = F.layer_norm(h, (h.shape[-1],), self.ln_f.weight, self.ln_f.bias, cfg.layer_norm_eps)
+        return self.head(h)  # [B, N, K]
+
+    # -- training and likelihood -------------------------------------------------------------
+    def loss(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
+        """Training mode: cross-entropy of the codes masked at a ratio ``gamma(u)`` (MaskGIT),
+        with condition dropout. Otherwise: ``-log_prob`` per code, the ELBO in nats."""
+        if not self.training:
+            return super().loss(codes, conds)
+        b = int(codes.shape[0])
+        got = self.check_inputs(codes, self.drop_conditions(conds, b))
+        flat = codes.reshape(b, -1).to(self.tok_emb.weight.device, torch.long)  # [B, N]
+        n = flat.shape[1]
+        u = torch.rand(b, device=flat.device)  # [B]
+        # At least one masked code per grid, so every sample contributes to the loss.
+        n_mask = (mask_ratio(self.config.mask_schedule, u) * n).ceil().clamp(1, n)  # [B]
+        mask = _first_by_random_rank(b, n, n_mask, flat.device)  # [B, N] bool
+        logits = self._logits(flat.masked_fill(mask, self.mask_id), got)  # [B, N, K]
+        return F.cross_entropy(logits[mask].float(), flat[mask])
+
+    def log_prob(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
+        """A lower bound ``[B]`` in nats on each code grid's log-likelihood (the ELBO).
+
+        ``elbo_samples`` seeded mask draws, stratified over the number of masked codes, the
+        same draws for every grid (see the module docstring). Dropout applies in training mode;
+        call ``eval()`` for the deterministic bound.
+        """
+        got = self.check_inputs(codes, conds)
+        b = int(codes.shape[0])
+        flat = codes.reshape(b, -1).to(self.tok_emb.weight.device, torch.long)  # [B, N]
+        n = flat.shape[1]
+        e = self.config.elbo_samples
+        g = torch.Generator().manual_seed(self.config.elbo_seed)
+        # Stratified m in 1..N: draw j covers the j-th of e equal slices of (0, 1].
+        u = torch.arange(e, dtype=torch.float64) + torch.rand(e, generator=g, dtype=torch.float64)
+        m = (u / e * n).ceil().clamp(1, n).long()  # [E]
+        order = torch.rand(e, n, generator=g).argsort(-1)  # [E, N]: a random order per draw
+        total = flat.new_zeros(b, dtype=torch.float32)
+        for j in range(e):
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[order[j, : int(m[j])]] = True
+            mask = mask.to(flat.device)
+            logits = self._logits(flat.masked_fill(mask, self.mask_id), got)  # [B, N, K]
+            lp = logits[:, mask].float().log_softmax(-1)  # [B, m, K]
+            lp = lp.gather(-1, flat[:, mask, None]).squeeze(-1).sum(-1)  # [B]
+            # Unbiased for the sum over m = 1..N of the mean over masked codes.
+            total = total + lp * (n / int(m[j]))
+        return total / e
+
+    # -- sampling ------------------------------------------------------------------------------
+    def generate(self, request: SampleRequest) -> Tensor:
+        """Draw codes ``[B, h, w]`` in T confidence-ordered passes (``Prior.sample`` checks
+        the inputs; ``request.prefix`` codes are kept, its -1 entries drawn)."""
+        from tqdm.auto import tqdm
+
+        gh, gw = request.grid
+        n, b = gh * gw, request.batch
+        steps = self.num_steps(request.sampler.steps, request.grid)
+        device = self.tok_emb.weight.device
+        codes = (
+            torch.full((b, n), -1, dtype=torch.long, device=device)
+            if request.prefix is None
+            else request.prefix.reshape(b, n).clone()
+        )  # [B, N], -1 = still masked
+        free = (codes < 0).sum(-1)  # [B] codes each grid draws
+        gen = request.generator
+        schedule = self.config.mask_schedule
+        bar = tqdm(
+            total=steps,
+            desc=f"sampling (masked, {steps} steps)",
+            unit="step",
+            disable=not request.progress,
+        )
+        if request.on_code is not None:
+            request.on_code(int(b * n - free.sum()))  # the given codes count as done
+        with bar:
+            for t in range(steps):
+                masked = codes < 0  # [B, N]
+                if not bool(masked.any()):
+                    break  # a prefix left fewer free codes than passes
+                tokens = codes.masked_fill(masked, self.mask_id)
+                logits = request.mix(self._logits(request.expand(tokens), request.conds))
+                logits = filter_logits(logits, request.sampler)  # [B, N, K], -inf removed
+                logp = logits.log_softmax(-1)
+                probs = logp.exp().view(b * n, -1)  # [B*N, K]
+                drawn = torch.multinomial(probs, 1, generator=gen).view(b, n)  # [B, N]
+                conf = logp.gather(-1, drawn[..., None]).squeeze(-1)  # [B, N]
+                noise_scale = self.config.choice_temperature * (1 - (t + 1) / steps)
+                if noise_scale > 0:
+                    conf = conf + noise_scale * _gumbel((b, n), gen, device)
+                # Codes still masked after this pass: gamma((t+1)/T) of the free ones, at least
+                # one fewer than now (every pass fills a code), none after the last pass.
+                left = masked.sum(-1)  # [B]
+                r = torch.full((b,), (t + 1) / steps, dtype=torch.float64)
+                keep_masked = (mask_ratio(schedule, r).to(device) * free).floor().long()
+                keep_masked = torch.minimum(keep_masked, (left - 1).clamp(min=0))
+                if t == steps - 1:
+                    keep_masked = torch.zeros_like(keep_masked)
+                # Fill the (left - keep_masked) most confident masked codes of each row.
+                conf = conf.masked_fill(~masked, float("inf"))  # given codes rank first
+                order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
+                rank = order.argsort(-1)  # [B, N]: 0 = most confident
+                fill = masked & (rank < (n - keep_masked)[:, None])
+                codes = torch.where(fill, drawn, codes)
+                bar.update(1)
+                if request.on_code is not None:
+                    request.on_code(int(fill.sum()))
+        return codes.view(b, gh, gw)
+
+
+def _gumbel(
+    shape: tuple[int, int], generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """Standard Gumbel noise ``-log(-log U)`` drawn with ``generator``."""
+    u = torch.rand(shape, generator=generator, device=device)
+    e = (-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20)  # Exp(1), kept away from 0
+    return -torch.log(e)
+
+
+def _first_by_random_rank(b: int, n: int, count: Tensor, device: torch.device) -> Tensor:
+    """Bool ``[B, N]`` with ``count[i]`` randomly chosen True entries in row i."""
+    rank = torch.rand(b, n, device=device).argsort(-1).argsort(-1)  # a random permutation
+    return rank < count.to(device)[:, None]

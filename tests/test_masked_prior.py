@@ -1,0 +1,321 @@
+"""The masked prior (MaskGIT / absorbing diffusion): blocks, sampling, ELBO, training, errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from latentgen import registry
+from latentgen.conditioners.base import Conditioning
+from latentgen.errors import InputError
+from latentgen.priors.masked import MASK_SCHEDULES, MaskedPrior, MaskedPriorConfig, mask_ratio
+from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig, _Block
+from latentgen.specs import SamplerConfig
+
+
+def _prior(**kw) -> MaskedPrior:
+    torch.manual_seed(0)
+    cfg = {"vocab_size": 8, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
+    cfg["steps"] = min(12, kw.get("block_size", 16))
+    return MaskedPrior(MaskedPriorConfig(**{**cfg, **kw})).eval()
+
+
+def _labels(*ys: int, drop: bool = False) -> dict[str, Conditioning]:
+    tokens = torch.tensor(ys)[:, None]
+    d = torch.full((len(ys),), drop) if drop else None
+    return {"label": Conditioning(tokens=tokens, vocab_size=3, drop=d)}
+
+
+class _Passes:
+    """Counts the forward passes of a prior and the masked codes each one reads."""
+
+    def __init__(self, prior: MaskedPrior, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.masked: list[list[int]] = []
+        self.rows: list[int] = []
+        inner = prior._logits
+
+        def logits(tokens, conds):
+            self.masked.append((tokens == prior.mask_id).sum(-1).tolist())
+            self.rows.append(int(tokens.shape[0]))
+            return inner(tokens, conds)
+
+        monkeypatch.setattr(prior, "_logits", logits)
+
+
+def test_registered_and_shares_the_transformer_block():
+    assert registry.get("prior", "masked").cls is MaskedPrior
+    prior = _prior()
+    assert all(type(b) is _Block for b in prior.blocks)  # the GPT prior's block, not a copy
+
+
+def test_the_shared_block_is_causal_for_gpt_and_bidirectional_here():
+    torch.manual_seed(0)
+    block = _Block(TransformerPriorConfig(n_embd=16, n_head=2)).eval()
+    from latentgen.priors.attention import get_backend
+
+    backend = get_backend("math")
+    x = torch.randn(1, 5, 16)
+    y = x.clone()
+    y[:, -1] = torch.randn(16)  # change the last position only
+    with torch.no_grad():
+        causal = block(x, backend)[:, 0], block(y, backend)[:, 0]
+        both = block(x, backend, causal=False)[:, 0], block(y, backend, causal=False)[:, 0]
+    assert torch.equal(*causal)  # the first position cannot see the last
+    assert not torch.allclose(*both)  # bidirectional: it can
+    # and the masked prior's first code's logits depend on the last code
+    prior = _prior()
+    a = torch.zeros(1, 16, dtype=torch.long)
+    b = a.clone()
+    b[0, -1] = 3
+    with torch.no_grad():
+        assert not torch.allclose(prior._logits(a, {})[0, 0], prior._logits(b, {})[0, 0])
+
+
+@pytest.mark.parametrize("name", list(MASK_SCHEDULES))
+def test_mask_schedules_fall_from_all_masked_to_none(name):
+    r = torch.linspace(0, 1, 11, dtype=torch.float64)
+    g = mask_ratio(name, r)
+    assert g[0] == pytest.approx(1.0) and g[-1] == pytest.approx(0.0, abs=1e-12)
+    assert bool((g[1:] <= g[:-1]).all())
+
+
+def test_sampling_takes_t_passes_filling_codes_by_the_cosine_schedule(monkeypatch):
+    prior = _prior()
+    passes = _Passes(prior, monkeypatch)
+    out = prior.sample(
+        grid=(4, 4),
+        sampler=SamplerConfig(steps=4),
+        num_samples=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.shape == (2, 4, 4) and int(out.min()) >= 0 and int(out.max()) < 8
+    # masked codes each pass reads: 16, then floor(16 cos(pi t / 8)) for t = 1, 2, 3
+    want = [16] + [math.floor(16 * math.cos(math.pi / 2 * t / 4)) for t in (1, 2, 3)]
+    assert passes.masked == [[m, m] for m in want]
+    # the default T is the config's
+    passes.masked.clear()
+    _ = prior.sample(grid=(4, 4), generator=torch.Generator().manual_seed(0))
+    assert len(passes.masked) == prior.config.steps == 12
+
+
+def test_other_schedule_changes_the_fill_order(monkeypatch):
+    prior = _prior(mask_schedule="linear")
+    passes = _Passes(prior, monkeypatch)
+    prior.sample(grid=(4, 4), sampler=SamplerConfig(steps=4))
+    assert [m[0] for m in passes.masked] == [16, 12, 8, 4]
+
+
+def test_same_seed_same_codes_other_seed_other_codes():
+    prior = _prior()
+
+    def draw(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return prior.sample(grid=(4, 4), num_samples=3, generator=g)
+
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+
+
+def test_completion_of_any_region_keeps_the_given_codes(monkeypatch):
+    """-1 marks free codes anywhere (not only a raster prefix): a checkerboard here."""
+    prior = _prior()
+    given = torch.randint(8, (2, 4, 4), generator=torch.Generator().manual_seed(3))
+    prefix = given.clone()
+    free = (torch.arange(16).view(4, 4) + torch.arange(4)[:, None]) % 2 == 0
+    prefix[:, free] = -1
+    passes = _Passes(prior, monkeypatch)
+    out = prior.sample(prefix=prefix, sampler=SamplerConfig(steps=12), grid=(4, 4))
+    assert torch.equal(out[:, ~free], given[:, ~free])
+    assert int(out.min()) >= 0
+    # 8 free codes: at most 8 passes even though 12 were asked (each pass fills at least one)
+    assert passes.masked[0] == [8, 8] and len(passes.masked) <= 8
+    full = prior.sample(prefix=given, grid=(4, 4))  # nothing free: nothing changes
+    assert torch.equal(full, given)
+
+
+def test_greedy_choice_ignores_the_seed():
+    prior = _prior(choice_temperature=0.0)
+    sampler = SamplerConfig(top_k=1, steps=4)
+    a = prior.sample(grid=(4, 4), sampler=sampler, generator=torch.Generator().manual_seed(0))
+    b = prior.sample(grid=(4, 4), sampler=sampler, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a, b)
+
+
+def test_guidance_mixes_the_conditional_and_null_rows_of_one_pass(monkeypatch):
+    """CFG runs 2B rows per pass (conditions, then nulls) and mixes their logits u + s (c - u).
+
+    The network is replaced by one whose conditional rows want code 3 * label and whose null
+    rows want code 1, so each guidance scale's draws say which rows it read.
+    """
+    prior = _prior(conditions={"label": {"vocab_size": 3}}, cond_dropout=0.1)
+    rows = []
+
+    def logits(tokens, conds):
+        c = conds["label"]
+        rows.append(int(tokens.shape[0]))
+        out = torch.zeros(*tokens.shape, 8)
+        want = (
+            torch.where(c.drop, 1, c.tokens[:, 0] * 3) if c.drop is not None else c.tokens[:, 0] * 3
+        )
+        out[torch.arange(len(want)), :, want] = 20.0
+        return out
+
+    monkeypatch.setattr(prior, "_logits", logits)
+    labels = _labels(1, 2)
+
+    def draw(scale: float) -> torch.Tensor:
+        sampler = SamplerConfig(guidance_scale=scale, steps=3)
+        return prior.sample(labels, grid=(4, 4), sampler=sampler)
+
+    assert bool((draw(0.0) == 1).all())  # the null rows only
+    assert rows == [4, 4, 4]  # one batched pass of 2B rows per step
+    assert torch.equal(draw(1.0), torch.tensor([3, 6])[:, None, None].expand(2, 4, 4))
+    assert torch.equal(draw(3.0), draw(1.0))  # guidance pushes further the same way
+    null = prior.sample(_labels(1, 2, drop=True), grid=(4, 4), sampler=SamplerConfig(steps=3))
+    assert bool((null == 1).all())
+
+
+def test_progress_bar_counts_the_steps(capsys):
+    prior = _prior()
+    prior.sample(grid=(4, 4), sampler=SamplerConfig(steps=5), progress=True)
+    err = capsys.readouterr().err
+    assert "sampling (masked, 5 steps)" in err and "5/5" in err
+
+
+# -- the likelihood bound -------------------------------------------------------------------------
+def _exact_elbo(prior: MaskedPrior, codes: torch.Tensor) -> torch.Tensor:
+    """The bound by enumeration: sum over m of the mean over all m-subsets S of
+    (1/m) sum_{i in S} log p(x_i | x outside S)."""
+    b, n = codes.shape[0], codes[0].numel()
+    flat = codes.reshape(b, n)
+    total = torch.zeros(b, dtype=torch.float64)
+    for m in range(1, n + 1):
+        subsets = list(itertools.combinations(range(n), m))
+        acc = torch.zeros(b, dtype=torch.float64)
+        for s in subsets:
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[list(s)] = True
+            with torch.no_grad():
+                lp = prior._logits(flat.masked_fill(mask, prior.mask_id), {}).log_softmax(-1)
+            acc += lp[:, mask].gather(-1, flat[:, mask, None]).squeeze(-1).sum(-1).double() / m
+        total += acc / len(subsets)
+    return total
+
+
+def test_the_elbo_is_a_bound_summing_to_at_most_one():
+    """exp(ELBO) over every grid of 3 codes from 3 sums to <= 1: a lower bound of a proper
+    distribution's log-likelihood (Jensen over decoding orders)."""
+    prior = _prior(vocab_size=3, block_size=3)
+    grids = torch.tensor(list(itertools.product(range(3), repeat=3))).view(27, 1, 3)
+    mass = float(_exact_elbo(prior, grids).exp().sum())
+    assert 0.3 < mass <= 1.0 + 1e-9
+
+
+def test_log_prob_estimates_the_bound_deterministically_and_per_grid():
+    prior = _prior(vocab_size=4, block_size=4, elbo_samples=400)
+    codes = torch.randint(4, (3, 2, 2), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lp = prior.log_prob(codes)
+        again = prior.log_prob(codes)
+        alone = prior.log_prob(codes[1:2])
+    assert torch.equal(lp, again)  # fixed, seeded mask draws
+    torch.testing.assert_close(alone, lp[1:2])  # the same draws whatever the batch
+    torch.testing.assert_close(lp.double(), _exact_elbo(prior, codes), rtol=0.03, atol=0.03)
+    assert (lp < 0).all()
+    other = _prior(vocab_size=4, block_size=4, elbo_samples=400, elbo_seed=1)
+    assert not torch.equal(other.log_prob(codes), lp)
+
+
+def test_loss_is_the_masked_objective_in_training_and_the_bound_in_eval():
+    prior = _prior()
+    codes = torch.randint(8, (4, 4, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        elbo = prior.loss(codes)
+        torch.testing.assert_close(elbo, -prior.log_prob(codes).sum() / codes.numel())
+    prior.train()
+    torch.manual_seed(0)
+    loss = prior.loss(codes)
+    loss.backward()
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert all(p.grad is not None for p in prior.blocks.parameters())
+    assert prior.tok_emb.weight.grad[prior.mask_id].abs().sum() > 0  # the mask token is learned
+
+
+def test_training_learns_a_class_conditional_pattern():
+    """Each class is one constant grid: after training, samples and the bound follow the label."""
+    prior = _prior(
+        vocab_size=8, conditions={"label": {"vocab_size": 3}}, cond_dropout=0.1, steps=4
+    ).train()
+    opt = torch.optim.AdamW(prior.parameters(), lr=3e-3)
+    ys = torch.tensor([0, 1, 2] * 4)
+    codes = (ys * 3)[:, None, None].expand(-1, 4, 4).contiguous()  # class y -> all codes 3y
+    with torch.no_grad():
+        before = -prior.eval().log_prob(codes[:3], _labels(0, 1, 2)).mean() / 16
+    prior.train()
+    for _ in range(150):
+        opt.zero_grad()
+        prior.loss(codes, {"label": Conditioning(tokens=ys[:, None], vocab_size=3)}).backward()
+        opt.step()
+    prior.eval()
+    with torch.no_grad():
+        after = -prior.log_prob(codes[:3], _labels(0, 1, 2)).mean() / 16
+    assert after < 0.2 < before
+    greedy = SamplerConfig(top_k=1)
+    out = prior.sample(_labels(0, 1, 2), grid=(4, 4), sampler=greedy)
+    assert torch.equal(out, codes[:3])
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def test_steps_out_of_range_name_the_fix():
+    prior = _prior()
+    with pytest.raises(InputError, match=r"steps=17 for a 4x4 grid of 16 codes.*1 <= steps <= 16"):
+        prior.sample(grid=(4, 4), sampler=SamplerConfig(steps=17))
+    with pytest.raises(ValidationError, match="use steps >= 1"):
+        SamplerConfig(steps=0)
+    with pytest.raises(ValidationError, match="steps <= 16"):
+        MaskedPriorConfig(block_size=16, steps=20)
+
+
+def test_unknown_schedule_lists_the_known_ones():
+    with pytest.raises(ValidationError, match="unknown mask_schedule 'cosin'; use one of cosine"):
+        MaskedPriorConfig(mask_schedule="cosin")
+    with pytest.raises(InputError, match="use one of cosine, linear"):
+        mask_ratio("exp", torch.zeros(1))
+
+
+def test_prefix_codes_outside_the_vocabulary_are_refused():
+    prior = _prior()
+    prefix = torch.full((1, 4, 4), -1)
+    prefix[0, 2, 2] = 8
+    with pytest.raises(InputError, match=r"prefix codes must lie in \[0, 8\) or be -1"):
+        prior.sample(prefix=prefix, grid=(4, 4))
+    prefix[0, 2, 2] = -2
+    with pytest.raises(InputError, match=r"prefix codes must lie in \[0, 8\)"):
+        prior.sample(prefix=prefix, grid=(4, 4))
+
+
+def test_a_grid_beyond_the_trained_positions_is_refused():
+    prior = _prior()
+    with pytest.raises(InputError, match=r"5x4 \(20 codes\).*block_size=16.*no sliding window"):
+        prior.sample(grid=(5, 4))
+    with pytest.raises(InputError, match="block_size=16"):
+        prior.log_prob(torch.zeros(1, 5, 4, dtype=torch.long))
+    with pytest.raises(InputError, match="no sliding window"):
+        prior.sample(grid=(4, 4), sampler=SamplerConfig(window_size=(2, 2)))
+
+
+def test_the_gpt_prior_reads_no_steps():
+    """SamplerConfig.steps is for priors that decode in passes; the GPT prior draws the same."""
+    torch.manual_seed(0)
+    gpt = TransformerPrior(
+        TransformerPriorConfig(vocab_size=8, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    ).eval()
+    a = gpt.sample(grid=(4, 4), generator=torch.Generator().manual_seed(0))
+    b = gpt.sample(
+        grid=(4, 4), sampler=SamplerConfig(steps=3), generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(a, b)
