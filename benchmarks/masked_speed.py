@@ -120,8 +120,10 @@ def main() -> None:
     mem = "peak MiB" if args.device.startswith("cuda") else "maxrss +MiB"
     print(
         f"{'grid':>6} {'config':>6} {'batch':>5} {'prior':>10} {'passes':>6} {'tok/s':>9} "
-        f"{'seconds':>8} {'cpu-s':>8} {mem:>11} {'vs gpt':>7}"
+        f"{'seconds':>8} {'cpu-s':>8} {mem:>11} {'vs gpt':>7} {'(cpu-s)':>7}"
     )
+    # "vs gpt": the GPT prior's time over this prior's, in wall seconds and in CPU seconds (on a
+    # loaded machine the wall clock swings with the neighbours; CPU time much less).
     skip = set(args.skip.split(",")) if args.skip else set()
     priors = ["gpt-cached"] + [f"masked-{t}" for t in args.steps.split(",")]
     for side in (int(s) for s in args.grids.split(",")):
@@ -129,7 +131,7 @@ def main() -> None:
             for batch in (int(b) for b in args.batches.split(",")):
                 if f"{name}:{side}:{batch}" in skip:
                     continue
-                gpt_s = None
+                gpt: dict | None = None
                 for prior in priors:
                     cmd = [sys.executable, __file__, "--one", f"{prior},{name},{batch},{side}"]
                     for opt in ("device", "dtype", "repeats"):
@@ -142,12 +144,13 @@ def main() -> None:
                         continue
                     r = json.loads(res.stdout.strip().splitlines()[-1])
                     if prior == "gpt-cached":
-                        gpt_s = r["seconds"]
-                    ratio = f"{gpt_s / r['seconds']:.2f}x" if gpt_s else "-"
+                        gpt = r
+                    ratio = f"{gpt['seconds'] / r['seconds']:.2f}x" if gpt else "-"
+                    cpu_ratio = f"{gpt['cpu_seconds'] / r['cpu_seconds']:.2f}x" if gpt else "-"
                     print(
                         f"{grid:>6} {name:>6} {batch:>5} {prior:>10} {r['passes']:>6} "
                         f"{r['tok_s']:>9.1f} {r['seconds']:>8.3f} {r['cpu_seconds']:>8.3f} "
-                        f"{r['peak_mib']:>11.1f} {ratio:>7}",
+                        f"{r['peak_mib']:>11.1f} {ratio:>7} {cpu_ratio:>7}",
                         flush=True,
                     )
 
