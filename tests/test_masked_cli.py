@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
@@ -101,3 +102,44 @@ def test_segmentation_masked_prior_trains_and_samples_from_a_map(tokenizers):
     )
     assert res.exit_code == 0, res.output
     assert "wrote 2 images" in res.output and out.stat().st_size > 0
+
+
+def test_compare_puts_the_masked_bound_beside_the_gpt_nll(tmp_path):
+    """`compare` trains both on one code cache and marks the masked prior's NLL as a bound;
+    the shipped GPT-vs-masked config validates."""
+    from latentgen.compare import load_compare_config, run_compare
+
+    tok = registry.build("tokenizer", {"type": "toy.palette", "vocab_size": 8, "downsample": 4})
+    ds = ShapesDataset(ShapesConfig(size=32, image_size=16))
+    tok.fit(torch.stack([ds[i]["image"] for i in range(32)]))
+    tok_dir = save_component(tok, "tokenizer", tmp_path / "palette")
+    shape = {"vocab_size": 8, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    label = {"conditions": {"label": {"vocab_size": 6}}, "cond_dropout": 0.1}
+    result = run_compare(
+        {
+            "name": "tiny",
+            "out_dir": str(tmp_path / "out"),
+            "tokenizer_path": str(tok_dir),
+            "data": {"type": "shapes", "size": 32, "image_size": 16},
+            "held_out": {"type": "shapes", "size": 16, "image_size": 16, "seed": 999},
+            "conditioners": {"label": {"type": "class_label", "num_classes": 6}},
+            "sampler": {"steps": 4, "top_k": 4},
+            "priors": {
+                "gpt": {"type": "transformer", **shape, **label},
+                "masked": {"type": "masked", **shape, **label, "elbo_samples": 2},
+            },
+            "budgets": [{"steps": 3}],
+            "trainer": {"batch_size": 4, "lr": 0.001},
+            "evaluation": {"held_out_images": 8, "sample_batch": 2},
+        }
+    )
+    rows = {r["prior"]: r for r in result.rows}
+    assert rows["gpt"]["nll_is_upper_bound"] is False
+    assert rows["masked"]["nll_is_upper_bound"] is True
+    assert 0 < rows["masked"]["held_out_bits_per_code"] < 10
+    assert rows["masked"]["sample_codes_per_s"] > 0
+    assert "nll_is_upper_bound" in result.table().splitlines()[0]
+
+    shipped = load_compare_config(CONFIGS / "compare-shapes-masked.yaml")
+    assert {p.type for p in shipped.priors.values()} == {"transformer", "masked"}
+    assert shipped.sampler.steps == 12

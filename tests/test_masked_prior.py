@@ -186,6 +186,32 @@ def test_progress_bar_counts_the_steps(capsys):
     assert "sampling (masked, 5 steps)" in err and "5/5" in err
 
 
+def test_on_code_counts_every_code_and_can_cancel():
+    """``latentgen serve``'s progress and cancel: the count reaches B*h*w, given codes included."""
+    prior = _prior()
+    prefix = torch.full((2, 4, 4), -1)
+    prefix[:, 0] = 1  # 8 given codes
+    seen = []
+    prior.sample(
+        prefix=prefix,
+        grid=(4, 4),
+        sampler=SamplerConfig(steps=4),
+        on_code=lambda d, t: seen.append((d, t)),
+    )
+    assert seen[0] == (8, 32) and seen[-1] == (32, 32) and len(seen) == 5  # start + 4 passes
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, total):
+        if done > 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        prior.sample(grid=(4, 4), sampler=SamplerConfig(steps=4), on_code=stop)
+
+
 # -- the likelihood bound -------------------------------------------------------------------------
 def _exact_elbo(prior: MaskedPrior, codes: torch.Tensor) -> torch.Tensor:
     """The bound by enumeration: sum over m of the mean over all m-subsets S of
