@@ -6,20 +6,25 @@ batch 1 and 8. ``cached`` is the KV-cached decode loop (one token per step); ``u
 re-runs the whole sequence per code and is printed as the yardstick from the same run, since
 absolute figures drift with the load of a shared machine. PixelSNAIL rows (``--kinds
 pixelsnail``; s = 2 blocks of 64 channels, m = 4 of 128, as in benchmarks/prior_step.py) compare
-its activation cache with one cropped forward per code.
+its activation cache with one cropped forward per code. Masked-prior rows (``--kinds masked``,
+the transformer's s and m shapes, bidirectional) fill the grid in T passes (modes ``T=8``,
+``T=12``); ``--tokens 1024`` gives the 32x32 grid where the GPT prior's serial cost grows.
 
     LG_THREADS=2 lg python benchmarks/sample_speed.py
     lg python benchmarks/sample_speed.py --configs s --batches 1 --modes cached --rounds 5
     python benchmarks/sample_speed.py --device cuda --dtype bf16 --compile
 
 Columns:
-- ms/step: wall time of one decode step (one code for every sample of the batch);
+- ms/step: wall time of one sequential step: one code for every sample of the batch, or one
+  masked-prior pass over the whole grid;
 - ops/step: aten operators dispatched per step (torch.profiler over a short draw, sampling
   included), the per-op overhead that dominates a small decode step: top-level calls / all
   calls including the ones nested inside other ops (views are cheap, kernels are not);
 - tok/s and tok/cpu-s: codes per wall second and per CPU second of the sampling process (on a
   shared machine wall time swings with the neighbours; CPU time less so);
-- peak: CPU, growth of the process's max RSS over the timed runs; CUDA, max allocated.
+- peak: CPU, growth of the process's max RSS over the timed runs; CUDA, max allocated;
+- passes: sequential steps of one draw (h*w, or the masked prior's T); x gpt: the KV-cached
+  transformer's time over this row's, at the same config and batch.
 
 Each (config, batch, mode) runs in a fresh subprocess, so its peak memory is its own; the rows
 are measured in ``--rounds`` alternating rounds and the best round counts. The load average is
@@ -120,24 +125,58 @@ def pixelsnail_sampler(
     return go
 
 
+def masked_sampler(
+    name: str, batch: int, mode: str, args: argparse.Namespace
+) -> Callable[[tuple[int, int]], object]:
+    """Like ``transformer_sampler`` for the masked prior of the same width and depth; ``mode``
+    "T=12" is 12 passes (fewer on the small grids of the warm-up and the op count). The
+    returned draw has ``passes``: its sequential forward passes on the full grid."""
+    import torch
+
+    from latentgen.priors.masked import MaskedPrior, MaskedPriorConfig
+    from latentgen.specs import SamplerConfig
+
+    torch.manual_seed(0)
+    steps = int(mode.removeprefix("T="))
+    config = MaskedPriorConfig(
+        vocab_size=1024, block_size=args.tokens, steps=min(steps, args.tokens), **CONFIGS[name]
+    )
+    device = torch.device(args.device)
+    model = MaskedPrior(config).to(device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+
+    def go(grid: tuple[int, int]) -> object:
+        gen = torch.Generator(device=device).manual_seed(0)
+        sampler = SamplerConfig(top_k=100, steps=min(steps, grid[0] * grid[1]))
+        return model.sample(grid=grid, sampler=sampler, generator=gen, num_samples=batch)
+
+    go.passes = steps  # type: ignore[attr-defined]
+    return go
+
+
 #: Row kinds: name -> (configs, modes, factory(config, batch, mode, args) -> draw(grid)).
-#: Other priors add their rows here.
+#: Other priors add their rows here. A draw with a ``passes`` attribute runs that many
+#: sequential passes per grid (the masked prior); otherwise one per code.
 ROWS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[..., Any]]] = {
     "transformer": (("s", "m"), ("cached", "uncached"), transformer_sampler),
     "pixelsnail": (("s", "m"), ("cached", "uncached"), pixelsnail_sampler),
+    "masked": (("s", "m"), ("T=8", "T=12"), masked_sampler),
 }
 
 
-def _ops_per_step(go: Callable[[tuple[int, int]], object], steps: int) -> tuple[float, float]:
-    """Aten ops per decode step, counted by torch.profiler over a ``steps``-code draw: the
-    top-level calls (what Python dispatches) and all of them (nested calls included)."""
+def _ops_per_step(
+    go: Callable[[tuple[int, int]], object], steps: int, passes: int | None = None
+) -> tuple[float, float]:
+    """Aten ops per decode step, counted by torch.profiler over a ``steps``-code draw of
+    ``passes`` sequential passes (default: one per code): the top-level calls (what Python
+    dispatches) and all of them (nested calls included)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         go((1, steps))
     aten = [e for e in prof.events() if e.name.startswith("aten::")]
     top = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
-    return len(top) / steps, len(aten) / steps
+    n = passes or steps
+    return len(top) / n, len(aten) / n
 
 
 def run_one(args: argparse.Namespace, kind: str, name: str, batch: int, mode: str) -> dict:
@@ -171,9 +210,12 @@ def run_one(args: argparse.Namespace, kind: str, name: str, batch: int, mode: st
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = _maxrss_mib() - rss0
-    ops, all_ops = _ops_per_step(go, min(32, n_tokens))
+    probe = min(32, n_tokens)
+    passes = int(getattr(go, "passes", n_tokens))  # sequential passes of one full-grid draw
+    ops, all_ops = _ops_per_step(go, probe, min(passes, probe))
     return {
-        "ms_step": 1000 * best / n_tokens,
+        "passes": passes,
+        "ms_step": 1000 * best / passes,
         "ops_step": ops,
         "all_ops_step": all_ops,
         "tok_s": batch * n_tokens / best,
@@ -241,7 +283,8 @@ def main() -> None:
     mem = "peak MiB" if args.device.startswith("cuda") else "maxrss+MiB"
     print(
         f"{'prior':>11} {'cfg':>3} {'batch':>5} {'mode':>9} {'ms/step':>8} {'ops/step':>9} "
-        f"{'tok/s':>8} {'tok/cpu-s':>9} {mem:>10} {'x uncached':>10} {'load':>5}"
+        f"{'tok/s':>8} {'tok/cpu-s':>9} {mem:>10} {'x uncached':>10} {'passes':>6} "
+        f"{'x gpt':>6} {'load':>5}"
     )
     out = []
     for row in rows:
@@ -251,11 +294,14 @@ def main() -> None:
         r = best[row]
         base = best.get((kind, name, batch, "uncached"))
         speedup = f"{base['seconds'] / r['seconds']:.1f}" if base else "-"
+        gpt = best.get(("transformer", name, batch, "cached"))  # the KV-cached GPT prior
+        vs_gpt = f"{gpt['seconds'] / r['seconds']:.2f}" if gpt else "-"
         print(
             f"{kind:>11} {name:>3} {batch:>5} {mode:>9} {r['ms_step']:>8.2f} "
             f"{r['ops_step']:>4.0f}/{r.get('all_ops_step', 0):<4.0f} {r['tok_s']:>8.0f} "
             f"{r['tok_cpu_s']:>9.0f} "
-            f"{r['peak_mib']:>10.1f} {speedup:>10} {loads[row]:>5.1f}"
+            f"{r['peak_mib']:>10.1f} {speedup:>10} {r.get('passes', '-'):>6} {vs_gpt:>6} "
+            f"{loads[row]:>5.1f}"
         )
         out.append({"prior": kind, "config": name, "batch": batch, "mode": mode, **r})
     if args.json:
