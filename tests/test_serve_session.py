@@ -233,3 +233,35 @@ def test_serve_command_refuses_a_missing_pipeline_and_writes_nothing(tmp_path):
     assert result.exit_code == 1
     assert "nope is not a directory. A saved pipeline is a directory" in result.output
     assert not out.exists()
+
+
+def test_clicking_keypoints_fills_the_pose_in_order(spatial, tmp_path):
+    gr = pytest.importorskip("gradio")
+    from latentgen.serve.app import build_app
+    from latentgen.serve.clicks import keypoint_clicker
+
+    def at(x, y):  # what Gradio hands the handler for a click on an image
+        return gr.SelectData(None, {"index": [x, y], "value": None})
+
+    click = keypoint_clicker(count=3, side=100)
+    text = None
+    for x, y in [(49, 49), (19, 79), (89, 9)]:
+        text, picture = click(text, at(x, y))
+    assert json.loads(text) == [[0.495, 0.495, 1], [0.195, 0.795, 1], [0.895, 0.095, 1]]
+    rgb = np.asarray(picture)
+    assert tuple(rgb[49, 49]) == palette(4)[1] and tuple(rgb[79, 19]) == palette(4)[2]
+    text, _ = click(text, at(0, 0))
+    assert json.loads(text) == [[0.005, 0.005, 1]], "a click after the last starts a new pose"
+    # the clicked pose is a valid condition, and the page for this pipeline builds
+    depth = tmp_path / "d.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8), mode="L").save(depth)
+    req = GenerateRequest(
+        conditions={
+            "depth": ConditionValue(file=str(depth)),
+            "pose": ConditionValue(text=click(None, at(5, 5))[0]),
+        },
+        size=(16, 16),
+    )
+    with pytest.raises(InputError, match="pose"):  # one keypoint of three: the pose refuses it
+        spatial.generate(req)
+    assert build_app(spatial) is not None

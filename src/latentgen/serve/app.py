@@ -19,7 +19,7 @@ from typing import Any
 
 from latentgen.conditioners.base import RawInput
 from latentgen.errors import InputError, LatentgenError
-from latentgen.serve.inputs import class_choices, palette_hex
+from latentgen.serve.inputs import class_choices, keypoint_picture, palette_hex
 from latentgen.serve.session import Cancelled, ConditionValue, GenerateRequest, Studio
 
 __all__ = ["build_app", "launch"]
@@ -117,14 +117,26 @@ class _Controls:
                 self.components.append(
                     gr.File(label=f"{name}: keypoints JSON file", elem_id=f"lg-cond-{name}-file")
                 )
-                self.components.append(
-                    gr.Textbox(
-                        label=f"{name}: or type the keypoints [[x, y, visibility], ...], x and y "
-                        f"in [0, 1] ({spec.count or 'K'} of them)",
-                        lines=2,
-                        elem_id=f"lg-cond-{name}-text",
-                    )
+                text = gr.Textbox(
+                    label=f"{name}: or type the keypoints [[x, y, visibility], ...], x and y "
+                    f"in [0, 1] ({spec.count or 'K'} of them), or click them below",
+                    lines=2,
+                    elem_id=f"lg-cond-{name}-text",
                 )
+                self.components.append(text)
+                if spec.count:
+                    from latentgen.serve.clicks import keypoint_clicker
+
+                    side = 256
+                    board = gr.Image(
+                        keypoint_picture([], side, spec.count),
+                        label=f"{name}: click keypoints 0..{spec.count - 1} in order (the next "
+                        "click after the last starts again)",
+                        interactive=False,
+                        format="png",
+                        elem_id=f"lg-cond-{name}-board",
+                    )
+                    board.select(keypoint_clicker(spec.count, side), text, [text, board])
             else:
                 self.components.append(
                     gr.Textbox(

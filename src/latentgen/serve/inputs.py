@@ -21,6 +21,7 @@ from latentgen.errors import InputError
 
 __all__ = [
     "class_choices",
+    "keypoint_picture",
     "label_map_from_colours",
     "label_map_from_painting",
     "palette",
@@ -176,3 +177,24 @@ def save_condition(kind: str, value: Any, folder: Path, name: str, num_classes: 
         path.write_text(text + "\n")
         return f"@{path}"
     return text
+
+
+def keypoint_picture(points: Any, side: int, count: int) -> Any:
+    """A ``side`` x ``side`` picture of keypoints ``[[x, y, v], ...]`` (x, y in [0, 1]): one
+    numbered dot per visible keypoint, coloured as the palette's classes 1, 2, ..."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (side, side), (235, 235, 235))
+    draw = ImageDraw.Draw(image)
+    colours = palette(count + 1)[1:]
+    r = max(3, side // 40)
+    for i, p in enumerate(points if isinstance(points, list) else []):
+        try:
+            x, y, v = float(p[0]) * side, float(p[1]) * side, float(p[2])
+        except (TypeError, ValueError, IndexError):
+            continue  # not a keypoint: the conditioner names the problem when it is used
+        if v <= 0 or i >= count:
+            continue
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=colours[i], outline=(0, 0, 0))
+        draw.text((x + r + 1, y - r), str(i), fill=(0, 0, 0))
+    return image
