@@ -294,15 +294,15 @@ def test_bad_input_shows_the_library_error_and_the_server_keeps_serving(page, se
 
 def test_progress_and_cancel(page, server):
     runs = len(list((server["root"] / "out").glob("run-*")))
-    _set_number(page, "lg-height", 256)
-    _set_number(page, "lg-width", 256)  # 64x64 codes: long enough to watch and cancel
-    _set_number(page, "lg-num", 4)
+    _set_number(page, "lg-height", 512)
+    _set_number(page, "lg-width", 512)  # 128x128 codes: seconds even on a fast machine
+    _set_number(page, "lg-num", 1)
     _css(page, "#lg-generate").click()
     WebDriverWait(page, WAIT, poll_frequency=0.05).until(
         lambda d: _status(d).startswith("Drawing codes")
     )
     done, total = (int(x) for x in _status(page).split(":")[1].split("/"))
-    assert total == 4 * 64 * 64 and 0 < done < total
+    assert total == 128 * 128 and 0 < done < total
     _css(page, "#lg-cancel").click()
     WebDriverWait(page, WAIT).until(lambda d: _status(d).startswith("Cancelled"))
     assert len(list((server["root"] / "out").glob("run-*"))) == runs
