@@ -14,7 +14,7 @@ import torch
 
 from latentgen import registry
 from latentgen.artifact import load_module
-from latentgen.conditioners.base import Conditioning
+from latentgen.conditioners.base import INPUT_KINDS, Conditioning, RawInput
 from latentgen.errors import InputError
 from latentgen.files import load_tensors, save_tensors
 from latentgen.specs import ComponentConfig, SamplerConfig, parse_component
@@ -269,6 +269,15 @@ class ConditionerContract(_Contract):
         assert torch.equal(cond.encode(self.raw).tokens, out.tokens)
         if cond.num_tokens is not None:  # the count the pipeline checks against prior slots
             assert out.num_tokens == cond.num_tokens, "encode disagrees with num_tokens"
+
+    def test_raw_input(self) -> None:
+        """The declared raw input (what ``latentgen serve`` offers a control for) is sound."""
+        spec = self.build().raw_input
+        assert isinstance(spec, RawInput) and spec.kind in INPUT_KINDS
+        if spec.names and spec.count is not None:
+            assert len(spec.names) == spec.count, "one name per class"
+        if spec.kind in ("class", "label_map"):
+            assert spec.count is None or spec.count >= 1
 
     def test_null_drops_all(self) -> None:
         out = self.build().encode(self.raw).null()
