@@ -39,6 +39,7 @@ from latentgen.priors.base import Prior
 from latentgen.rejection import RejectionConfig, RejectionReport
 from latentgen.specs import ComponentConfig, PipelineSpec, SamplerConfig, load_spec, spec_error
 from latentgen.tokenizers.base import Tokenizer
+from latentgen.tokenizers.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, decode_tiled, needs_tiling
 from latentgen.version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PIPELINE_FILE", "Pipeline"]
@@ -570,7 +571,8 @@ class Pipeline:
             num_images: how many; with conditions, a multiple of their batch (default: one each).
             size: image size ``(H, W)`` or one int; defaults to the card's ``image_size``. A
                 size whose code grid is larger than the prior's trained window is drawn with
-                the sliding window (``sampler.window``: ``"cached"`` or ``"exact"``).
+                the sliding window (``sampler.window``: ``"cached"`` or ``"exact"``) and
+                decoded in tiles (``decode``).
             sampler: overrides the pipeline's default sampler for this call (a
                 ``SamplerConfig`` or a mapping of its fields, e.g. ``{"window": "exact"}``).
             generator: a seeded ``torch.Generator`` makes the draw reproducible.
@@ -591,8 +593,7 @@ class Pipeline:
             on_code=on_code,
             **conditions,
         )
-        with self._eval():
-            images = self.tokenizer.decode(codes)
+        images = self.decode(codes)
         if output_type == "tensor":
             return images
         if output_type != "pil":
@@ -606,11 +607,27 @@ class Pipeline:
         with self._eval():
             return self.tokenizer.encode(images.to(self.device))
 
-    def decode(self, codes: Tensor) -> Tensor:
-        """Codes ``[B, h, w]`` -> images ``[B, C, H, W]``."""
+    def decode(
+        self,
+        codes: Tensor,
+        *,
+        tiled: bool | None = None,
+        tile: int | tuple[int, int] = DEFAULT_TILE,
+        overlap: int = DEFAULT_OVERLAP,
+    ) -> Tensor:
+        """Codes ``[B, h, w]`` -> images ``[B, C, H, W]``.
+
+        A grid larger than ``tile`` codes on a side is decoded in overlapping tiles
+        (``latentgen.tokenizers.tiling``), so memory follows the tile, not the image;
+        ``tiled=False`` always decodes whole, ``tiled=True`` always tiles.
+        """
         self.tokenizer.check_codes(codes)
+        grid = (int(codes.shape[1]), int(codes.shape[2]))
         with self._eval():
-            return self.tokenizer.decode(codes.to(self.device))
+            codes = codes.to(self.device)
+            if tiled or (tiled is None and needs_tiling(grid, tile)):
+                return decode_tiled(self.tokenizer, codes, tile, overlap)
+            return self.tokenizer.decode(codes)
 
     def reconstruct(self, images: Tensor) -> Tensor:
         """``decode(encode(images))``."""

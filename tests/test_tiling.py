@@ -1,0 +1,182 @@
+"""Tiled decoding: tile placement, seam blending, the Pipeline hook and bad tile settings."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Literal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from latentgen import ComponentConfig, Pipeline, Tokenizer, registry
+from latentgen.errors import InputError
+from latentgen.tokenizers.tiling import decode_tiled, needs_tiling, tile_starts, tiled_difference
+
+
+class LocalConfig(ComponentConfig):
+    type: Literal["test.local"] = "test.local"
+
+
+class LocalTokenizer(Tokenizer):
+    """Decodes through two 3x3 convs: each pixel depends on codes within 2 pixels of it."""
+
+    Config = LocalConfig
+
+    def __init__(self, config: LocalConfig | None = None) -> None:
+        super().__init__(config or LocalConfig())
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(8, 4)
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 3, 3, padding=1)
+        self.calls: list[tuple[int, int]] = []
+
+    vocab_size = 8  # type: ignore[assignment]
+    downsample = 4  # type: ignore[assignment]
+    in_channels = 3  # type: ignore[assignment]
+
+    def encode(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, codes: Tensor) -> Tensor:
+        self.calls.append((int(codes.shape[1]), int(codes.shape[2])))
+        x = self.emb(codes).permute(0, 3, 1, 2)  # [B, 4, h, w]
+        x = F.interpolate(x, scale_factor=self.downsample, mode="nearest")
+        return self.conv2(torch.relu(self.conv1(x)))  # [B, 3, h*f, w*f]
+
+
+@pytest.mark.parametrize("n,tile,overlap", [(16, 16, 4), (17, 16, 4), (40, 16, 4), (64, 32, 8)])
+def test_tiles_cover_the_side_evenly_with_at_least_the_overlap(n, tile, overlap):
+    starts = tile_starts(n, tile, overlap)
+    assert starts[0] == 0 and starts[-1] + min(tile, n) == n
+    shared = [a + tile - b for a, b in itertools.pairwise(starts)]
+    assert all(s >= overlap for s in shared)
+    assert max(shared, default=0) - min(shared, default=0) <= 1  # evenly spread
+    # no fewer tiles could do it
+    assert len(starts) == 1 or (len(starts) - 2) * (tile - overlap) + tile < n
+
+
+@pytest.mark.parametrize(
+    "grid,tile,overlap", [((20, 20), 8, 4), ((9, 30), 8, 4), ((24, 17), 12, 6)]
+)
+def test_a_local_decoder_decodes_identically_tiled_and_whole(grid, tile, overlap):
+    # The blend gives no weight to the outer quarter of each seam (here >= 4 pixels), and the
+    # decoder sees 2 pixels around a pixel: the tile borders' zero padding never shows.
+    tok = LocalTokenizer()
+    codes = torch.randint(0, 8, (2, *grid), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = tok.decode(codes)
+        tok.calls.clear()
+        tiled = decode_tiled(tok, codes, tile, overlap)
+    assert tiled.shape == whole.shape
+    assert float((tiled - whole).abs().max()) < 1e-5
+    assert len(tok.calls) > 1
+    assert all(h <= tile and w <= tile for h, w in tok.calls)  # memory follows the tile
+
+
+def test_seams_without_blending_would_show():
+    # A too-narrow overlap puts weight on pixels that saw the tile's zero padding: the check
+    # above can fail, and tiled_difference reports it.
+    tok = LocalTokenizer()
+    codes = torch.randint(0, 8, (1, 24, 24), generator=torch.Generator().manual_seed(2))
+    assert tile_starts(24, 8, 0) == [0, 8, 16]  # tiles meet edge to edge
+    assert tiled_difference(tok, codes, tile=8, overlap=0) > 1e-3
+    assert tiled_difference(tok, codes, tile=8, overlap=4) < 1e-5
+
+
+def test_vqgan_decodes_tile_by_tile_and_reports_the_difference():
+    tok = registry.build(
+        "tokenizer",
+        {
+            "type": "vqgan",
+            "ch": 8,
+            "ch_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [],
+            "z_channels": 8,
+            "resolution": 16,
+            "quantizer": {"type": "vq", "codebook_size": 16, "dim": 4},
+            "perceptual_weight": 0.0,
+        },
+    ).eval()
+    codes = torch.randint(0, 16, (1, 20, 12), generator=torch.Generator().manual_seed(0))
+    seen: list[tuple[int, ...]] = []
+    decode = tok.decode
+
+    def spy(c: Tensor) -> Tensor:
+        seen.append(tuple(c.shape))
+        return decode(c)
+
+    tok.decode = spy  # type: ignore[method-assign]
+    with torch.no_grad():
+        out = decode_tiled(tok, codes, tile=8, overlap=2)
+    assert out.shape == (1, 3, 40, 24) and torch.isfinite(out).all()
+    assert len(seen) == 3 * 2 and all(s[1] <= 8 and s[2] <= 8 for s in seen)
+    diff = tiled_difference(tok, codes, tile=8, overlap=2)
+    assert 0 < diff < float("inf")  # GroupNorm is per tile: close, not identical
+
+
+def _pipeline() -> tuple[Pipeline, list[tuple[int, int]]]:
+    """A pipeline whose (registered, local) tokenizer records the grid of every decode call."""
+    pipe = Pipeline.from_spec(
+        {
+            "tokenizer": {"type": "toy.palette", "vocab_size": 8, "downsample": 4},
+            "prior": {
+                "type": "transformer",
+                "vocab_size": 8,
+                "block_size": 16,
+                "n_layer": 1,
+                "n_head": 1,
+                "n_embd": 8,
+            },
+        }
+    )
+    calls: list[tuple[int, int]] = []
+    decode = pipe.tokenizer.decode
+
+    def spy(c: Tensor) -> Tensor:
+        calls.append((int(c.shape[1]), int(c.shape[2])))
+        return decode(c)
+
+    pipe.tokenizer.decode = spy  # type: ignore[method-assign]
+    return pipe, calls
+
+
+def test_pipeline_decodes_large_grids_in_tiles_and_small_ones_whole():
+    pipe, calls = _pipeline()
+    big = torch.randint(0, 8, (1, 40, 36))
+    out = pipe.decode(big)
+    assert out.shape == (1, 3, 160, 144)
+    assert needs_tiling((40, 36)) and len(calls) == 4 and max(max(c) for c in calls) == 32
+    calls.clear()
+    assert torch.allclose(pipe.decode(big, tiled=False), out, atol=1e-5)  # a local decoder
+    assert calls == [(40, 36)]
+    calls.clear()
+    pipe.decode(torch.randint(0, 8, (1, 12, 12)))
+    assert calls == [(12, 12)]
+    calls.clear()
+    pipe.decode(torch.randint(0, 8, (1, 12, 12)), tiled=True, tile=8, overlap=2)
+    assert len(calls) == 4
+
+
+def test_generation_at_a_large_size_decodes_in_tiles():
+    pipe, calls = _pipeline()
+    images = pipe(1, size=(4 * 36, 4 * 8), output_type="tensor", generator=torch.Generator())
+    assert images.shape == (1, 3, 144, 32)
+    assert len(calls) == 2 and all(h <= 32 for h, _ in calls)
+
+
+@pytest.mark.parametrize(
+    "tile,overlap,match",
+    [
+        (0, 0, "tile must be at least 1x1"),
+        (8, 8, r"overlap must lie in \[0, 8\)"),
+        ((8, 4), 4, r"overlap must lie in \[0, 4\)"),
+        (8, -1, "overlap must lie"),
+    ],
+)
+def test_bad_tile_settings_name_the_fix(tile, overlap, match):
+    tok = LocalTokenizer()
+    with pytest.raises(InputError, match=match):
+        decode_tiled(tok, torch.zeros(1, 20, 20, dtype=torch.long), tile, overlap)
