@@ -3,6 +3,7 @@ segmentation cond-stage tokenizer and the conditioned prior via the CLI, then sa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -48,22 +49,138 @@ def _shrink(name: str, tmp: Path, **top) -> Path:
     return out
 
 
+def _train(tmp: Path, kind: str, cfg: Path) -> None:
+    res = CliRunner().invoke(main, ["train", kind, "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """The image VQGAN, the segmentation cond-stage tokenizer and the prior, trained."""
     tmp = tmp_path_factory.mktemp("seg")
-    runner = CliRunner()
     for name in ("shapes-vqgan.yaml", "shapes-segmentation-vqvae.yaml"):
-        res = runner.invoke(main, ["train", "tokenizer", "--config", str(_shrink(name, tmp))])
-        assert res.exit_code == 0, res.output
-    cfg = _shrink("shapes-segmentation-transformer.yaml", tmp)
-    res = runner.invoke(main, ["train", "prior", "--config", str(cfg)])
-    assert res.exit_code == 0, res.output
+        _train(tmp, "tokenizer", _shrink(name, tmp))
+    _train(tmp, "prior", _shrink("shapes-segmentation-transformer.yaml", tmp))
     return tmp
+
+
+def _retarget(cfg: dict, old: str, new: str, conditioner: dict) -> dict:
+    """A shipped depth config rewritten for another spatial condition (edges, low_resolution)."""
+    text = yaml.safe_dump(cfg).replace(old, new)
+    out = yaml.safe_load(text)
+    if "spec" in out:
+        out["spec"]["conditioners"][new] = conditioner
+    else:
+        out["data"]["conditioner"] = conditioner
+    return out
+
+
+def _condition_configs(cond: str, tmp: Path) -> tuple[Path | None, Path]:
+    """(cond-stage tokenizer config or None, prior config) for ``cond``, shrunk."""
+    if cond in ("depth", "pose"):
+        return (
+            _shrink(f"shapes-{cond}-vqvae.yaml", tmp),
+            _shrink(f"shapes-{cond}-transformer.yaml", tmp),
+        )
+    tok = yaml.safe_load(_shrink("shapes-depth-vqvae.yaml", tmp).read_text())
+    prior = yaml.safe_load(_shrink("shapes-depth-transformer.yaml", tmp).read_text())
+    if cond == "edges":  # Sobel edges of the images, through a trained one-channel vqvae
+        tok_path = tmp / "shapes-edges-vqvae.yaml"
+        tok_path.write_text(yaml.safe_dump(_retarget(tok, "depth", "edges", {"type": "edges"})))
+        prior = _retarget(prior, "depth", "edges", {"type": "edges"})
+        prior["cond_tokenizers"]["edges"] = str(tmp / "runs" / "shapes-edges-vqvae")
+        prior["condition_keys"] = {"edges": "image"}  # derived from each training image
+        prior_path = tmp / "shapes-edges-transformer.yaml"
+        prior_path.write_text(yaml.safe_dump(prior))
+        return tok_path, prior_path
+    # low_resolution: the zero-training stage (4x smaller image, one token per small pixel,
+    # 4 levels per channel: 64 tokens)
+    lowres = {"type": "low_resolution", "factor": 4, "downsample": 1, "levels": 4}
+    prior = _retarget(prior, "depth", "low_resolution", lowres)
+    del prior["cond_tokenizers"]
+    prior["condition_keys"] = {"low_resolution": "image"}
+    prior_path = tmp / "shapes-low_resolution-transformer.yaml"
+    prior_path.write_text(yaml.safe_dump(prior))
+    return None, prior_path
+
+
+@pytest.fixture(scope="module")
+def image_tokenizer(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cond")
+    _train(tmp, "tokenizer", _shrink("shapes-vqgan.yaml", tmp))
+    return tmp
+
+
+@pytest.fixture(scope="module", params=["depth", "pose", "edges", "low_resolution"])
+def trained_condition(request, image_tokenizer):
+    """(condition name, final pipeline dir): cond-stage tokenizer and prior trained from the
+    CLI next to the shared image tokenizer."""
+    cond, tmp = request.param, image_tokenizer
+    tok_cfg, prior_cfg = _condition_configs(cond, tmp)
+    if tok_cfg is not None:
+        _train(tmp, "tokenizer", tok_cfg)
+    _train(tmp, "prior", prior_cfg)
+    run = yaml.safe_load(prior_cfg.read_text())["trainer"]["run_name"]
+    return cond, tmp / "runs" / run / "final"
+
+
+def _raw_condition_file(cond: str, tmp: Path, size: tuple[int, int]) -> Path:
+    """A condition file of the kind a user passes with -c NAME=@FILE, for an image of ``size``."""
+    h, w = size
+    g = np.random.default_rng(0)
+    if cond == "pose":  # 5 keypoints (x, y in [0, 1], visibility)
+        path = tmp / "kp.json"
+        kp = [[float(x), float(y), 1.0] for x, y in g.uniform(0.2, 0.8, (5, 2))]
+        path.write_text(json.dumps(kp))
+        return path
+    if cond == "low_resolution":  # an RGB image 4 times smaller
+        path = tmp / "small.png"
+        Image.fromarray(g.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8)).save(path)
+        return path
+    # depth (grey, black = near) and edges (grey, white = edge)
+    ramp = np.linspace(0, 255, w, dtype=np.float32)[None].repeat(h, 0)
+    if cond == "edges":
+        ramp = np.zeros((h, w), np.float32)
+        ramp[h // 3, :] = ramp[:, w // 2] = 255
+    path = tmp / f"{cond}.png"
+    Image.fromarray(ramp.astype(np.uint8)).save(path)
+    return path
+
+
+def test_each_spatial_condition_end_to_end_from_the_cli(trained_condition, tmp_path):
+    cond, final = trained_condition
+    pipe = Pipeline.from_pretrained(final)
+    assert pipe.prior.config.window == (8, 8)  # training records the 8x8 code grid it saw
+    if cond != "low_resolution":  # the trained cond-stage tokenizer went into the pipeline
+        assert pipe.conditioners[cond].tokenizer is not None
+    # at the trained size, then larger than the window (12x16 codes from an 8x8 window)
+    for size, window in (((32, 32), None), ((48, 64), "cached"), ((48, 64), "exact")):
+        raw = _raw_condition_file(cond, tmp_path, size)
+        out = tmp_path / f"{cond}-{size[0]}x{size[1]}-{window}.png"
+        args = ["sample", str(final), "-n", "1", "-c", f"{cond}=@{raw}", "-o", str(out)]
+        if cond == "pose" or window:
+            args += ["--size", f"{size[0]}x{size[1]}"]
+        if window:
+            args += ["--window", window]
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+        assert Image.open(out).size == (size[1] + 4, size[0] + 4)  # one image, 2 px frame
+    # the same from Python, a batch of two from one condition
+    raw = _raw_condition_file(cond, tmp_path, (48, 64))
+    images = pipe(
+        2,
+        size=(48, 64),
+        output_type="tensor",
+        generator=torch.Generator().manual_seed(0),
+        **{cond: str(raw)},
+    )
+    assert images.shape == (2, 3, 48, 64) and torch.isfinite(images).all()
 
 
 def test_segmentation_to_image_end_to_end(trained):
     final = trained / "runs" / "shapes-segmentation-transformer" / "final"
     pipe = Pipeline.from_pretrained(final)
+    assert pipe.prior.config.window == (8, 8)
     seg = pipe.conditioners["segmentation"]
     # the conditioner holds the trained cond-stage tokenizer, saved with the pipeline
     from latentgen.artifact import load_component

@@ -277,7 +277,7 @@ def train_prior(
                 click.echo(f"code cache {cache_path}: {len(cache)} grids of {cache.grid}")
             return
         _seed(tcfg.seed)
-        prior = registry.build("prior", cfg.spec.prior)
+        prior = registry.build("prior", _with_window(cfg.spec.prior, cache.grid))
         conds = {n: registry.build("conditioner", c) for n, c in cfg.spec.conditioners.items()}
         _load_cond_tokenizers(conds, cfg.cond_tokenizers)
         Pipeline(tokenizer, prior, conds, cfg.spec.sampler)  # checks that the parts fit together
@@ -299,6 +299,27 @@ def train_prior(
             _report(result)
     finally:
         shutdown_distributed()
+
+
+def _with_window(prior: Any, grid: tuple[int, int]) -> Any:
+    """The prior config with ``window`` set to the grid it trains on (priors that have one).
+
+    The sliding window needs the grid a prior was trained on; ``block_size`` alone does not
+    say its shape (64 codes may be 8x8 or 4x16), so training records it.
+    """
+    if "window" not in type(prior).model_fields:
+        return prior
+    h, w = grid
+    if prior.window is None:
+        return type(prior).model_validate({**prior.model_dump(), "window": (h, w)})
+    if tuple(prior.window) != (h, w):
+        raise SpecError(
+            f"the prior's window is {prior.window[0]}x{prior.window[1]} but it trains on "
+            f"{h}x{w} code grids (the data's image size / the tokenizer's downsample): the "
+            f"window is the grid a prior is trained on; remove `window` from spec.prior or "
+            f"set it to [{h}, {w}]."
+        )
+    return prior
 
 
 def _prior_train_config(config_path: Path) -> Any:
