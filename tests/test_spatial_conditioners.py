@@ -342,3 +342,73 @@ def test_pose_alone_samples_at_its_configured_size():
     given = pipe(pose=kp, size=(16, 16), output_type="tensor", generator=g)
     again = pipe(pose=kp, output_type="tensor", generator=torch.Generator().manual_seed(0))
     assert torch.equal(given, again)
+
+
+def test_pipeline_refuses_a_spatial_slot_that_is_not_the_window_size():
+    # block_size 16: a 4x4 code window, so a spatial condition emits 16 tokens per window
+    with pytest.raises(
+        SpecError,
+        match=r"conditioner 'depth' \(depth\) emits one token per code, 16 for the prior's "
+        r"4x4 code window, but the prior's slot for it expects 12: set "
+        r"prior.conditions.depth.num_tokens = 16",
+    ):
+        _pipe({"depth": {"type": "depth"}}, {"depth": {"vocab_size": 16, "num_tokens": 12}})
+    _pipe({"depth": {"type": "depth"}}, {"depth": {"vocab_size": 16, "num_tokens": 16}})
+
+
+def _grey(path, size, value=0):
+    Image.fromarray(np.full(size, value, np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "replace,message",
+    [
+        ({"segmentation": ("bad.png", (16, 16), 9)}, "class id 9, outside [0, 7)"),
+        ({"segmentation": ("big.png", (32, 32), 1)}, "segmentation map is 32x32 pixels but the"),
+        ({"pose": [[0.5, 0.5, 1.0]] * 4}, "has 4 keypoints but this conditioner takes 5"),
+        ({"pose": [[0.5, 0.5, 1.0]] * 4 + [[1.5, 0.2, 1.0]]}, "keypoint 4 of pose 0 is at (1.5"),
+        ({"edges": ("e12.png", (12, 12), 0)}, "the edge map is 12x12 pixels but the requested"),
+        ({"low_resolution": ("s6.png", (6, 6), 0)}, "low-resolution image is 6x6 pixels but"),
+        ({"label": 3}, "conditions do not match this pipeline (unknown ['label']"),
+    ],
+    ids=["seg-class", "seg-size", "pose-missing", "pose-range", "edges", "lowres", "undeclared"],
+)
+def test_cli_bad_spatial_input_names_the_fix_and_writes_nothing(tmp_path, replace, message):
+    from click.testing import CliRunner
+
+    from latentgen.cli import main
+
+    conds = {
+        "segmentation": {"type": "segmentation", "num_classes": 7},
+        "pose": {"type": "pose", "num_keypoints": 5, "image_size": 16},
+        "edges": {"type": "edges"},
+        "low_resolution": {"type": "low_resolution", "factor": 2, "downsample": 2},
+    }
+    vocab = {"segmentation": 7, "pose": 6, "edges": 8, "low_resolution": 64}
+    _pipe(
+        conds, {n: {"vocab_size": v, "num_tokens": 16} for n, v in vocab.items()}
+    ).save_pretrained(tmp_path / "p")
+    files = {
+        "segmentation": ("map.png", (16, 16), 1),
+        "pose": [[0.5, 0.5, 1.0]] * 5,
+        "edges": ("e.png", (16, 16), 0),
+        "low_resolution": ("small.png", (8, 8), 0),
+        **replace,
+    }
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "s.png"
+    args = ["sample", str(tmp_path / "p"), "-n", "1", "--size", "16", "-o", str(out)]
+    for name, spec in files.items():
+        if isinstance(spec, tuple):
+            path = _grey(tmp_path / spec[0], spec[1], spec[2])
+            if name == "low_resolution":  # an RGB image
+                Image.open(path).convert("RGB").save(path)
+        else:
+            path = tmp_path / f"{name}.json"
+            path.write_text(json.dumps(spec))
+        args += ["-c", f"{name}=@{path}"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0
+    assert message in res.output
+    assert not list((tmp_path / "out").iterdir())  # no image, no temp file left behind
