@@ -93,6 +93,78 @@ def run_speed(args: argparse.Namespace, name: str, mode: str) -> dict[str, float
     }
 
 
+# The decoder of taming's f=16 ImageNet VQGAN (ch 128, ch_mult 1,1,2,2,4, 2 ResNet blocks,
+# attention at 16x16, z 256); untrained: memory and time do not depend on the weights.
+TAMING_F16 = {
+    "type": "vqgan",
+    "ch": 128,
+    "ch_mult": [1, 1, 2, 2, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [16],
+    "z_channels": 256,
+    "resolution": 256,
+    "quantizer": {"type": "vq", "codebook_size": 1024, "dim": 256},
+    "perceptual_weight": 0.0,
+}
+
+
+def run_generate(args: argparse.Namespace, tiled: bool) -> dict[str, float]:
+    """One whole ``grid x grid`` generation through ``Pipeline``: cached window + decoding."""
+    import torch
+
+    from latentgen import Pipeline, registry
+    from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
+    from latentgen.specs import SamplerConfig
+
+    torch.manual_seed(0)
+    side = args.window
+    config = TransformerPriorConfig(vocab_size=1024, block_size=side * side, **CONFIGS["s"])
+    tok = registry.build("tokenizer", TAMING_F16).eval()
+    sampler = SamplerConfig(window="cached", top_k=100)
+    pipe = Pipeline(tok, TransformerPrior(config).eval(), sampler=sampler)
+    px = args.grid * tok.downsample
+    gen = torch.Generator().manual_seed(0)
+    before = _maxrss_mib()
+    t0 = time.perf_counter()
+    codes = pipe.sample_codes(1, size=px, generator=gen)
+    t1 = time.perf_counter()
+    after_sampling = _maxrss_mib()
+    image = pipe.decode(codes, tiled=tiled)
+    t2 = time.perf_counter()
+    assert image.shape == (1, 3, px, px)
+    return {
+        "pixels": px,
+        "startup_mib": before,
+        "sampling_peak_mib": after_sampling,
+        "peak_mib": _maxrss_mib(),
+        "sampling_s": t1 - t0,
+        "decode_s": t2 - t1,
+    }
+
+
+def run_tile_difference(args: argparse.Namespace) -> dict[str, float]:
+    """Max and mean |tiled - whole| of the taming-sized decoder on random codes."""
+    import torch
+
+    from latentgen import registry
+    from latentgen.tokenizers.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, decode_tiled
+
+    torch.manual_seed(0)
+    tok = registry.build("tokenizer", TAMING_F16).eval()
+    codes = torch.randint(0, 1024, (1, args.diff_grid, args.diff_grid))
+    with torch.no_grad():
+        whole = tok.decode(codes)
+        diff = (decode_tiled(tok, codes) - whole).abs()
+    return {
+        "grid": args.diff_grid,
+        "tile": DEFAULT_TILE,
+        "overlap": DEFAULT_OVERLAP,
+        "max": float(diff.max()),
+        "mean": float(diff.mean()),
+        "whole_std": float(whole.std()),
+    }
+
+
 def run_nll(args: argparse.Namespace) -> dict[str, float]:
     """Train a small windowed prior on palette codes of rendered shapes; score each mode."""
     import torch
@@ -146,6 +218,18 @@ def run_nll(args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
+def _child(args: argparse.Namespace, one: str) -> dict[str, float] | None:
+    """Run ``--one ONE`` in a fresh process (its own peak memory); None when it failed."""
+    cmd = [sys.executable, __file__, "--one", one]
+    for opt in ("device", "grid", "window", "exact_every", "diff_grid"):
+        cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        print(f"  {one} failed: {res.stderr.strip()[-500:]}")
+        return None
+    return json.loads(res.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 def main() -> None:
     """Run each (config, mode) speed measurement in its own process, then the NLL comparison."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -158,6 +242,15 @@ def main() -> None:
     )
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-nll", action="store_true")
+    p.add_argument(
+        "--skip-generate", action="store_true", help="skip the whole-generation memory figure"
+    )
+    p.add_argument(
+        "--whole-decode", action="store_true", help="also run the generation with a whole decode"
+    )
+    p.add_argument(
+        "--diff-grid", type=int, default=40, help="code grid of the tiled-vs-whole check"
+    )
     p.add_argument("--train-images", type=int, default=48)
     p.add_argument("--held-out", type=int, default=2)
     p.add_argument("--train-steps", type=int, default=300)
@@ -167,7 +260,12 @@ def main() -> None:
 
     if args.one:
         name, mode = args.one.split(",")
-        print(json.dumps(run_speed(args, name, mode)))
+        if name == "generate":
+            print(json.dumps(run_generate(args, tiled=mode == "tiled")))
+        elif name == "difference":
+            print(json.dumps(run_tile_difference(args)))
+        else:
+            print(json.dumps(run_speed(args, name, mode)))
         return
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(
@@ -205,6 +303,28 @@ def main() -> None:
             print(
                 f"(exact timed on every {args.exact_every}th code of the grid; its tok/s is "
                 "that subset's rate, standing for the whole grid)"
+            )
+    if not args.skip_generate:
+        print(
+            f"whole generation, {args.grid}x{args.grid} codes -> "
+            f"{args.grid * 16}x{args.grid * 16} px: prior s, cached window, taming f=16 VQGAN "
+            "decoder (untrained), batch 1, each in a fresh process (peak = max RSS)"
+        )
+        for decode in ("tiled", "whole") if args.whole_decode else ("tiled",):
+            r = _child(args, f"generate,{decode}")
+            if r is None:
+                continue
+            print(
+                f"  {decode:>5} decode: sampling {r['sampling_s']:.1f}s, decoding "
+                f"{r['decode_s']:.1f}s; peak {r['peak_mib']:.0f} MiB (after start-up and "
+                f"weights {r['startup_mib']:.0f} MiB, after sampling {r['sampling_peak_mib']:.0f})"
+            )
+        r = _child(args, "difference,-")
+        if r is not None:
+            print(
+                f"  tiled vs whole decode ({r['grid']}x{r['grid']} random codes, tile "
+                f"{r['tile']}, overlap {r['overlap']}): max |diff| {r['max']:.3f}, mean "
+                f"{r['mean']:.4f} (whole decode's std {r['whole_std']:.3f})"
             )
     if not args.skip_nll:
         r = run_nll(args)

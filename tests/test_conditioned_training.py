@@ -234,6 +234,19 @@ def test_cond_stage_vocabulary_must_match_the_prior_slot(trained):
     assert not (trained / "runs" / "bad-vocab" / "final").exists()
 
 
+def test_a_prior_window_that_is_not_the_training_grid_is_refused(trained):
+    cfg = _shrink("shapes-segmentation-transformer.yaml", trained)
+    data = yaml.safe_load(cfg.read_text())
+    data["spec"]["prior"]["window"] = [4, 16]
+    data["trainer"]["run_name"] = "bad-window"
+    cfg.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(main, ["train", "prior", "--config", str(cfg)])
+    assert res.exit_code != 0
+    assert "the prior's window is 4x16 but it trains on 8x8 code grids" in res.output
+    assert "set it to [8, 8]" in res.output
+    assert not (trained / "runs" / "bad-window" / "final").exists()
+
+
 def test_cond_tokenizers_must_name_a_conditioner(trained):
     cfg = _shrink("shapes-segmentation-transformer.yaml", trained)
     data = yaml.safe_load(cfg.read_text())
