@@ -93,16 +93,16 @@ def _check_fit(tokenizer: Tokenizer, prior: Prior, conditioners: Mapping[str, Co
             )
         n = cond.num_tokens
         window = prior.window_size
-        if n is None and isinstance(cond, SpatialConditioner) and window is not None:
-            # a spatial condition emits one token per code of the window the prior sees
-            if window[0] * window[1] != slot.num_tokens:
-                raise SpecError(
-                    f"conditioner '{name}' ({cond.config.type}) emits one token per code, "
-                    f"{window[0] * window[1]} for the prior's {window[0]}x{window[1]} code "
-                    f"window, but the prior's slot for it expects {slot.num_tokens}: set "
-                    f"prior.conditions.{name}.num_tokens = {window[0] * window[1]} (or give "
-                    "the prior the window whose code count that is)."
-                )
+        spatial = n is None and isinstance(cond, SpatialConditioner)
+        # a spatial condition emits one token per code of the window the prior sees
+        if spatial and window is not None and window[0] * window[1] != slot.num_tokens:
+            raise SpecError(
+                f"conditioner '{name}' ({cond.config.type}) emits one token per code, "
+                f"{window[0] * window[1]} for the prior's {window[0]}x{window[1]} code "
+                f"window, but the prior's slot for it expects {slot.num_tokens}: set "
+                f"prior.conditions.{name}.num_tokens = {window[0] * window[1]} (or give "
+                "the prior the window whose code count that is)."
+            )
         if n is not None and n != slot.num_tokens:
             raise SpecError(
                 f"conditioner '{name}' ({cond.config.type}) emits {n} token(s) per sample but "
