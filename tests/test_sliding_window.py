@@ -9,7 +9,9 @@ from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
 from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
 from latentgen.priors.window import (
+    FullForwardDecoder,
     crop_conditions,
+    generation_order,
     plan_windows,
     sample_windowed,
     window_origin,
@@ -59,33 +61,39 @@ def test_window_is_centred_and_shifted_inward_at_the_borders():
 
 
 @pytest.mark.parametrize("mode", ["exact", "cached"])
-@pytest.mark.parametrize("grid", [(4, 4), (9, 7), (4, 13), (12, 4)])
-def test_every_code_is_drawn_once_from_a_full_window_with_its_context_drawn(mode, grid):
+@pytest.mark.parametrize("grid", [(4, 4), (9, 7), (4, 13), (12, 4), (12, 16)])
+@pytest.mark.parametrize("stride", [None, (1, 1), (2, 3)])
+def test_every_code_is_drawn_once_from_a_full_window_with_its_context_drawn(mode, grid, stride):
     size = (4, 4)
-    placements = plan_windows(grid, size, mode)
+    placements = plan_windows(grid, size, mode, stride)
     done = torch.zeros(grid, dtype=torch.bool)
     for p in placements:
         assert 0 <= p.top <= grid[0] - 4 and 0 <= p.left <= grid[1] - 4  # full size, inside
-        for i, j in p.targets:
-            li, lj = i - p.top, j - p.left
-            assert 0 <= li < 4 and 0 <= lj < 4
-            window = done[p.top : p.top + 4, p.left : p.left + 4].flatten()
-            assert window[: li * 4 + lj].all(), (mode, p, (i, j))  # all context is known
-            assert not done[i, j]
-            done[i, j] = True
+    for k, i, j in generation_order(placements):
+        p = placements[k]
+        li, lj = i - p.top, j - p.left
+        assert 0 <= li < 4 and 0 <= lj < 4
+        window = done[p.top : p.top + 4, p.left : p.left + 4].flatten()
+        assert window[: li * 4 + lj].all(), (mode, p, (i, j))  # all context is known
+        assert not done[i, j]
+        done[i, j] = True
     assert done.all()
-    if mode == "cached":  # the window moves once per tile, not once per code
+    if mode == "cached" and stride is None:  # the window moves once per tile, not per code
         assert len(placements) < grid[0] * grid[1] / 3
 
 
-def test_cached_tiles_move_in_strides():
+def test_cached_tiles_move_in_strides_centred_across():
     placements = plan_windows((8, 8), (4, 4), "cached", stride=(2, 2))
     assert [(p.top, p.left, len(p.targets)) for p in placements[:4]] == [
-        (0, 0, 16),  # the first tile fills the whole window
-        (0, 2, 8),  # then two columns at a time, the window's right edge on the tile's
-        (0, 4, 8),
-        (2, 0, 8),  # the next band: two rows, the window's bottom on the band's
+        (0, 0, 12),  # the first band: 4 rows; the first tile up to a column before its edge
+        (0, 2, 8),  # then two columns at a time, the window one column wider on each side
+        (0, 4, 12),  # at the right border the window stops moving: the last tile takes 3
+        (2, 0, 6),  # the next band: two rows, the window's bottom on the band's
     ]
+    assert {j for _, j in placements[1].targets} == {3, 4}  # columns 2..5 in the window
+    # a band is drawn row by row across its tiles
+    order = [(i, j) for k, i, j in generation_order(placements) if placements[k].top == 2]
+    assert order[:8] == [(4, j) for j in range(8)]
 
 
 # -- sampling -----------------------------------------------------------------------------------
@@ -121,6 +129,18 @@ def test_cached_equals_exact_while_the_window_stands_still():
     cached = prior.sample(grid=(12, 4), sampler=sampler, generator=_gen(1), num_samples=3)
     assert torch.equal(exact[:, :3], cached[:, :3])
     assert not torch.equal(exact, cached)  # afterwards the windows differ
+
+
+@pytest.mark.parametrize("stride", [None, (2, 3), (1, 1)])
+def test_cached_draws_what_teacher_forced_windows_draw(stride, monkeypatch):
+    # The KV caches of a band's tiles, fed as neighbours draw, give the logits that one full
+    # forward of each window gives: the same codes from the same seed.
+    prior = _prior(label={"vocab_size": 3})
+    sampler = SamplerConfig(window="cached", window_stride=stride, guidance_scale=1.5)
+    cached = prior.sample(_label(), grid=(9, 13), sampler=sampler, generator=_gen(4))
+    monkeypatch.setattr(prior, "window_decoder", lambda rows, size: FullForwardDecoder(prior, size))
+    forward = prior.sample(_label(), grid=(9, 13), sampler=sampler, generator=_gen(4))
+    assert torch.equal(cached, forward)
 
 
 @pytest.mark.parametrize("mode", ["exact", "cached"])

@@ -8,12 +8,14 @@ its full size; each spatial condition is cropped to the same window. Two modes:
 - ``exact``: one window per code, placed by that rule, and one forward of that window per code
   (the reference, as in Taming Transformers' ``sample_conditional.py``);
 - ``cached``: the window moves in strides. The grid is cut into bands of ``th`` rows and each
-  band into tiles of ``tw`` columns; a tile's window is aligned to the tile's bottom-right
-  corner, so that everything in the window before the tile (the rows above, the columns to
-  the left) is already drawn and nothing after it is needed. While the window stays put its
-  codes come from the prior's KV cache: one forward fills the window up to the tile, then
-  each code costs one cached step. The first band and the first tile of each band span the
-  whole window.
+  band into tiles of ``tw`` columns; a tile's window has its bottom row on the band's bottom
+  row (every row above the band is drawn) and is centred on the tile across, so a code sees
+  about ``(ww - tw) / 2`` columns on either side in the rows above it. Each tile of a band
+  keeps its own KV cache, and the band is drawn row by row across all its tiles: when a tile
+  draws row ``r``, its neighbours have drawn the rest of row ``r - 1`` and the columns of row
+  ``r`` to its left, so everything in its window before the code is drawn. Each code then
+  costs one cached step (the first code of a tile row also feeds the few codes its
+  neighbours drew since), and each tile one forward of the rows above the band.
 
 ``windowed_log_prob`` scores code grids with the same windows per mode, so the likelihood of
 each mode can be compared on held-out large grids.
@@ -78,6 +80,7 @@ __all__ = [
     "WindowDecoder",
     "WindowMode",
     "crop_conditions",
+    "generation_order",
     "plan_windows",
     "sample_windowed",
     "window_origin",
@@ -124,6 +127,23 @@ def _spans(n: int, size: int, stride: int) -> Iterator[tuple[int, int]]:
         yield start, end
 
 
+def _column_tiles(w: int, ww: int, tw: int, margin: int) -> list[tuple[int, int, int]]:
+    """``(c0, c1, left)`` per tile of a band: ``[c0, c1)`` drawn from the window at ``left``.
+
+    The window is centred on the tile (``margin`` columns either side) and shifted inward at
+    the borders; the first tile runs up to ``margin`` columns before the first window's right
+    edge. Neighbouring tiles whose window would stand in the same place are one tile.
+    """
+    out: list[tuple[int, int, int]] = []
+    for c0, c1 in _spans(w, ww - margin, tw):
+        left = min(max(c0 - margin, 0), w - ww)
+        if out and out[-1][2] == left:
+            out[-1] = (out[-1][0], c1, left)
+        else:
+            out.append((c0, c1, left))
+    return out
+
+
 def plan_windows(
     grid: tuple[int, int],
     size: tuple[int, int],
@@ -131,11 +151,12 @@ def plan_windows(
     stride: tuple[int, int] | None = None,
     align: int = 1,
 ) -> list[Placement]:
-    """Where the window stands for each code of an ``(h, w)`` grid, in generation order.
+    """Where the window stands for each code of an ``(h, w)`` grid.
 
     ``exact``: one placement per code in raster order (``window_origin``). ``cached``: one
-    placement per tile; ``stride`` ``(th, tw)`` is the tile size after the first band / tile
-    (default half the window, rounded to ``align``).
+    placement per tile, band by band; ``stride`` ``(th, tw)`` is the tile size after the first
+    band (default half the window, rounded to ``align``). ``generation_order`` gives the order
+    in which the codes of all placements are drawn.
     """
     (h, w), (wh, ww) = grid, size
     if mode == "exact":
@@ -153,13 +174,25 @@ def plan_windows(
                 f"window_stride {stride} must be a multiple of {align}: a spatial condition is "
                 f"{align}x coarser than the codes, so windows can only stand at multiples of it."
             )
+    margin = (ww - tw) // 2
+    margin -= margin % align
     out = []
     for r0, r1 in _spans(h, wh, th):
-        top = r1 - wh
-        for c0, c1 in _spans(w, ww, tw):
+        for c0, c1, left in _column_tiles(w, ww, tw, margin):
             targets = tuple((i, j) for i in range(r0, r1) for j in range(c0, c1))
-            out.append(Placement(top, c1 - ww, targets))
+            out.append(Placement(r1 - wh, left, targets))
     return out
+
+
+def generation_order(placements: list[Placement]) -> list[tuple[int, int, int]]:
+    """``(k, i, j)``: code ``(i, j)`` drawn from ``placements[k]``, in drawing order.
+
+    Band by band (placements with the same ``top``), row by row across the band's tiles, left
+    to right: a tile draws row ``r`` after its neighbours have drawn row ``r - 1``. For
+    ``exact`` placements (one code each) this is raster order.
+    """
+    keyed = [(p.top, i, k, j) for k, p in enumerate(placements) for i, j in p.targets]
+    return [(k, i, j) for _, i, k, j in sorted(keyed)]
 
 
 def _merged(placements: list[Placement]) -> list[Placement]:
@@ -284,30 +317,39 @@ def sample_windowed(
     progress: bool = False,
     stride: tuple[int, int] | None = None,
 ) -> Tensor:
-    """Draw codes ``[B, h, w]`` for a checked ``request`` with a sliding ``size`` window."""
+    """Draw codes ``[B, h, w]`` for a checked ``request`` with a sliding ``size`` window.
+
+    Every placement being drawn holds a ``WindowDecoder`` (the tiles of a band at once in
+    ``cached`` mode, one at a time in ``exact``); a finished placement's decoder is reused.
+    """
     (h, w), (wh, ww) = request.grid, size
     device = prior.device
     b, rows = request.batch, request.rows
     align = condition_alignment(request.conds, request.grid, size)
     placements = plan_windows(request.grid, size, mode, stride, align)
+    order = generation_order(placements)
+    last = {k: n for n, (k, _, _) in enumerate(order)}  # where each placement is done
     out = torch.zeros(b, h, w, dtype=torch.long, device=device)
     if request.prefix is not None:
         out = torch.where(request.prefix >= 0, request.prefix, out)
-    decoder = prior.window_decoder(rows, size)
+    active: dict[int, WindowDecoder] = {}
+    idle: list[WindowDecoder] = []
     bar = tqdm(total=h * w, desc=f"sampling ({mode} window)", unit="code", disable=not progress)
     with bar:
-        for p in placements:
-            decoder.start(crop_conditions(request.conds, request.grid, p.top, p.left, size))
+        for n, (k, i, j) in enumerate(order):
+            p = placements[k]
+            decoder = active.get(k)
+            if decoder is None:
+                decoder = idle.pop() if idle else prior.window_decoder(rows, size)
+                decoder.start(crop_conditions(request.conds, request.grid, p.top, p.left, size))
+                active[k] = decoder
+            # the window as drawn so far (neighbouring tiles write into it between calls)
             win = out[:, p.top : p.top + wh, p.left : p.left + ww].reshape(b, wh * ww)
-            window = request.expand(win)  # [rows, wh*ww], own memory: updated as codes are drawn
-            if rows == b:
-                window = window.clone()
-            for i, j in p.targets:
-                local = (i - p.top) * ww + (j - p.left)
-                code = request.pick(decoder.logits(window, local), i * w + j)  # [B]
-                out[:, i, j] = code
-                window[:, local] = request.expand(code)
-                bar.update(1)
+            local = (i - p.top) * ww + (j - p.left)
+            out[:, i, j] = request.pick(decoder.logits(request.expand(win), local), i * w + j)
+            if last[k] == n:
+                idle.append(active.pop(k))
+            bar.update(1)
     return out
 
 
