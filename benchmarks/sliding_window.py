@@ -10,6 +10,11 @@ costs one window forward per code, so by default it is timed on a uniform subset
 subset's rate; ``--exact-every 1`` times the whole grid. The weights are untrained: speed does
 not depend on them.
 
+Whole generation: a 64x64 code grid drawn through ``Pipeline`` (prior s, ``cached``) and decoded
+by the decoder of taming's f=16 VQGAN (1024x1024 pixels), in a fresh process, tiled (the
+default) and, with ``--whole-decode``, whole; the peak is the process's maximum resident size.
+Then the largest difference between the tiled and the whole decode of a 40x40 grid.
+
 NLL: the same window modes score held-out large grids made from rendered images. The
 ``shapes`` data at 256x256 pixels is tokenized by the zero-training ``toy.palette`` tokenizer
 (k-means palette of 4x4 patch means, f=4, so a 64x64 code grid per image); a small prior (2
@@ -20,6 +25,7 @@ grids, then ``Prior.window_log_prob`` scores held-out 64x64 grids in each mode (
     OMP_NUM_THREADS=2 python benchmarks/sliding_window.py
     python benchmarks/sliding_window.py --configs s --skip-nll
     python benchmarks/sliding_window.py --skip-speed --train-steps 600
+    python benchmarks/sliding_window.py --skip-speed --skip-nll --whole-decode
 """
 
 from __future__ import annotations
