@@ -216,11 +216,15 @@ def test_tokenizer_inspection(spatial, tmp_path):
 
 
 def test_serve_without_gradio_names_the_extra(spatial, monkeypatch):
-    from latentgen.serve.app import build_app
+    from latentgen.serve.app import build_app, launch
 
     monkeypatch.setitem(sys.modules, "gradio", None)
     with pytest.raises(InputError, match=r"pip install 'latentgen\[ui\]'"):
         build_app(spatial)
+    before = sorted(spatial.out_dir.rglob("*"))
+    with pytest.raises(InputError, match=r"latentgen serve needs Gradio, an optional extra"):
+        launch(spatial, block=False)
+    assert sorted(spatial.out_dir.rglob("*")) == before
 
 
 def test_serve_command_refuses_a_missing_pipeline_and_writes_nothing(tmp_path):

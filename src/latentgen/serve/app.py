@@ -398,6 +398,7 @@ def launch(
 ) -> Any:
     """Serve ``studio``'s page; Gradio's own files (uploads, its cache) go to
     ``<out>/.gradio`` so that nothing is written outside the output folder."""
+    _gradio()  # the missing extra is named before anything is written
     cache = studio.out_dir / ".gradio"
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read when the page and its routes are made
