@@ -304,7 +304,9 @@ def test_progress_and_cancel(page, server):
     done, total = (int(x) for x in _status(page).split(":")[1].split("/"))
     assert total == 128 * 128 and 0 < done < total
     _css(page, "#lg-cancel").click()
-    WebDriverWait(page, WAIT).until(lambda d: _status(d).startswith("Cancelled"))
+    WebDriverWait(page, WAIT).until(lambda d: _css(d, "#lg-cancel-note").text == "Cancelling...")
+    WebDriverWait(page, WAIT).until(lambda d: _status(d).startswith(("Cancelled", "Done")))
+    assert _status(page).startswith("Cancelled"), _status(page)
     assert len(list((server["root"] / "out").glob("run-*"))) == runs
     _set_number(page, "lg-height", 16)
     _set_number(page, "lg-width", 16)

@@ -244,6 +244,8 @@ def build_app(studio: Studio) -> Any:
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="lg-generate")
                     stop = gr.Button("Cancel", elem_id="lg-cancel")
+                # Cancel answers here, not in the status the running draw keeps writing to.
+                stop_note = gr.Markdown("", elem_id="lg-cancel-note")
             with gr.Column(scale=1):
                 status = gr.Markdown("Ready.", elem_id="lg-status")
                 gallery = gr.Gallery(
@@ -285,12 +287,12 @@ def build_app(studio: Studio) -> Any:
 
         def run(key: str, *values: Any) -> Any:
             """Generate in a worker thread; yield the codes drawn so far, then the gallery."""
-            event = cancels[key] = threading.Event()
             try:
                 req = _request(controls, list(values))
             except LatentgenError as e:
                 yield _error_text(e), None, None, ""
                 return
+            event = cancels[key] = threading.Event()
             updates: queue.Queue[tuple[int, int]] = queue.Queue()
             box: dict[str, Any] = {}
 
@@ -312,6 +314,8 @@ def build_app(studio: Studio) -> Any:
                     last = updates.get()
                 if last is not None:
                     yield f"Drawing codes: {last[0]} / {last[1]}", gr.skip(), gr.skip(), gr.skip()
+            if cancels.get(key) is event:
+                del cancels[key]  # nothing left to cancel
             error = box.get("error")
             if isinstance(error, Cancelled):
                 yield f"Cancelled: {html.escape(str(error))}", gr.skip(), gr.skip(), gr.skip()
@@ -337,7 +341,7 @@ def build_app(studio: Studio) -> Any:
 
         def cancel(key: str) -> str:
             event = cancels.get(key)
-            if event is None:
+            if event is None or event.is_set():
                 return "Nothing to cancel."
             event.set()
             return "Cancelling..."
@@ -362,7 +366,7 @@ def build_app(studio: Studio) -> Any:
             return text, str(res.reconstruction), str(res.code_grid), files_out
 
         go.click(run, [session, *inputs, *settings], [status, gallery, files, command])
-        stop.click(cancel, session, status, queue=False)
+        stop.click(cancel, session, stop_note, queue=False)
         tok_go.click(inspect, tok_in, [tok_status, tok_recon, tok_codes, tok_files])
     return page
 
