@@ -68,6 +68,8 @@ def test_bad_input_writes_nothing(tmp_path):
         generate_from_segmentation(_pipe(), ids, tmp_path / "big.png")
     with pytest.raises(InputError, match="no conditioner 'seg'"):
         generate_from_segmentation(_pipe(), shapes_scene(64), tmp_path / "big.png", name="seg")
+    with pytest.raises(InputError, match="window must be 'cached' or 'exact', got 'fast'"):
+        generate_from_segmentation(_pipe(), shapes_scene(64), tmp_path / "b.png", window="fast")
     with pytest.raises(InputError, match="must be a .png"):
         generate_from_segmentation(_pipe(), shapes_scene(64), tmp_path / "big.jpg")
     assert not list(tmp_path.iterdir())

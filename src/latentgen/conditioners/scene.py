@@ -104,6 +104,8 @@ def generate_from_segmentation(
             f"the pipeline has no conditioner {name!r} (it has {sorted(pipe.conditioners)}); "
             "pass name= the segmentation conditioner's name."
         )
+    if window not in ("cached", "exact"):
+        raise InputError(f"window must be 'cached' or 'exact', got {window!r}.")
     sampler = pipe.sampler.model_copy(update={"window": window})
     images = pipe(
         1,
