@@ -212,7 +212,7 @@ def run_nll(args: argparse.Namespace) -> dict[str, float]:
     train_s = time.perf_counter() - t0
     prior.eval()
     n_codes = held[0].numel()
-    out: dict[str, float] = {"train_loss": float(loss), "train_seconds": train_s}
+    out: dict[str, float] = {"train_loss": float(loss.detach()), "train_seconds": train_s}
     with torch.no_grad():
         crops = held[:, :side, :side]
         out["plain_16x16"] = float(-prior.log_prob(crops).mean() / crops[0].numel())
