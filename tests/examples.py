@@ -106,6 +106,9 @@ EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "fashion_mnist": {"type": "fashion_mnist"},
     },
+    "classifier": {
+        "cnn": {"type": "cnn", "num_classes": 3, "image_size": 16, "widths": [8, 16]},
+    },
 }
 
 

@@ -263,6 +263,23 @@ def test_hook_for_kind(kind, latentgen_plugin):
     assert registry.get(kind, "test.tiny").cls is cls
 
 
+def test_hook_register_classifiers(latentgen_plugin):
+    import torch
+
+    from latentgen.classifiers import ClassifierConfig, CNNClassifier
+
+    class Cfg(ClassifierConfig):
+        type: Literal["test.clf"] = "test.clf"  # type: ignore[assignment]
+
+    class Mine(CNNClassifier):
+        Config = Cfg
+
+    latentgen_plugin(_plugin(register_classifiers=lambda register: register(Mine)), name="c")
+    cfg = {"type": "test.clf", "num_classes": 2, "image_size": 8, "widths": [4]}
+    clf = registry.build("classifier", cfg)
+    assert isinstance(clf, Mine) and clf.probs(torch.zeros(1, 3, 8, 8)).shape == (1, 2)
+
+
 def test_hook_register_tokenizers(latentgen_plugin):
     from latentgen_toy.palette import PaletteTokenizer, PaletteTokenizerConfig
 

@@ -89,3 +89,15 @@ def register_datasets(register: RegisterFn) -> None:
         def register_datasets(register):
             register(MyDataset)
     """
+
+
+@hookspec
+def register_classifiers(register: RegisterFn) -> None:
+    """Register ``latentgen.classifiers.Classifier`` subclasses (measure samples' classes).
+
+    Example::
+
+        @latentgen.hookimpl
+        def register_classifiers(register):
+            register(MyClassifier)
+    """

@@ -61,6 +61,7 @@ BUILTIN_MODULES = (
     "latentgen.builtins.conditioners",
     "latentgen.builtins.attention",
     "latentgen.builtins.datasets",
+    "latentgen.builtins.classifiers",
 )
 
 
@@ -82,6 +83,7 @@ KINDS: dict[str, _Kind] = {
         "register_attention_backends", "latentgen.priors.attention.AttentionBackend"
     ),
     "dataset": _Kind("register_datasets", "latentgen.ImageDataset"),
+    "classifier": _Kind("register_classifiers", "latentgen.classifiers.Classifier"),
 }
 
 

@@ -120,10 +120,11 @@ class ShapesDataset(ImageDataset):
     """The built-in synthetic dataset (see the module docstring); no files, no download."""
 
     Config = ShapesConfig
-    classes = CLASSES
+    classes: tuple[str, ...] = CLASSES
 
     def __init__(self, config: ShapesConfig) -> None:
         super().__init__(config)
+        self.classes: tuple[str, ...] = CLASSES[: config.num_classes]  # labels it draws
 
     def __len__(self) -> int:
         return int(self.config.size)

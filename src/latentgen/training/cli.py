@@ -1,7 +1,8 @@
-"""Training and evaluation commands: ``latentgen train tokenizer|prior``, ``reconstruct``, ``eval``.
+"""Commands: ``latentgen train tokenizer|prior|classifier``, ``reconstruct``, ``eval``.
 
     latentgen train tokenizer --config vqgan.yaml            # stage 1 -> runs/NAME/final/
     latentgen train prior --config prior.yaml --resume       # stage 2 -> runs/NAME/final/ pipeline
+    latentgen train classifier --config clf.yaml             # reference classifier, held-out acc.
     latentgen eval tokenizer runs/vqgan --data data.yaml     # PSNR, SSIM, LPIPS, codebook usage
     latentgen eval prior runs/prior/final --data data.yaml   # NLL in bits per code
     latentgen reconstruct runs/vqgan a.png b.png -o recon/
@@ -168,7 +169,7 @@ def _run_options(config_help: str) -> Any:
 
 @click.group()
 def train() -> None:
-    """Train a tokenizer (stage 1) or a prior on its codes (stage 2)."""
+    """Train a tokenizer (stage 1), a prior on its codes (stage 2), or a classifier."""
 
 
 @train.command("tokenizer")
@@ -320,6 +321,31 @@ def _with_window(prior: Any, grid: tuple[int, int]) -> Any:
             f"set it to [{h}, {w}]."
         )
     return prior
+
+
+@train.command("classifier")
+@_run_options("YAML/JSON with `classifier`, `data` (labelled images), `held_out` and `trainer`.")
+def train_classifier_command(
+    config_path: Path, resume: bool, allow_change: str, run_dir: Path | None
+) -> None:
+    """Train a reference classifier; RUN_DIR/final/ records its held-out accuracy."""
+    from latentgen.classifiers import load_classifier
+    from latentgen.classifiers.training import ClassifierTrainConfig, train_classifier
+    from latentgen.training.config import load_train_config
+
+    cfg = load_train_config(config_path, ClassifierTrainConfig)
+    tcfg = _trainer_config(cfg.trainer, run_dir)
+    command = _command("classifier", config_path, run_dir)
+    result, _ = train_classifier(
+        cfg, tcfg, resume=resume, allow_change=_allowed(allow_change), command=command
+    )
+    _report(result)
+    final = tcfg.run_dir / "final"
+    if final.is_dir():
+        clf = load_classifier(final)
+        acc = clf.held_out_accuracy
+        shown = "not measured" if acc is None else f"{acc:.2%}"
+        click.echo(f"held-out accuracy: {shown} ({', '.join(clf.class_names)})")
 
 
 def _prior_train_config(config_path: Path) -> Any:
