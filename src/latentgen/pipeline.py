@@ -362,21 +362,27 @@ class Pipeline:
 
         ``size`` is the image size ``(H, W)``: each spatial condition must fit it and its grid
         is then the code grid. None: the size the spatial conditions imply, else the card's.
+        A condition the prior learned to do without (``cond_dropout_each``) may be left out
+        when another is given: it is passed as the prior's null condition.
         """
+        optional = set(getattr(self.prior.config, "optional_conditions", tuple)())
         unknown = sorted(set(raw) - set(self.conditioners))
-        missing = sorted(set(self.conditioners) - set(raw))
+        left_out = set(self.conditioners) - set(raw)
+        missing = sorted(left_out - optional) if raw else sorted(left_out)
         if unknown or missing:
             parts = ([f"unknown {unknown}"] if unknown else []) + (
                 [f"missing {missing}"] if missing else []
             )
+            may = f" ({', '.join(sorted(optional))} may be left out)" if optional else ""
             raise InputError(
                 f"conditions do not match this pipeline ({'; '.join(parts)}): it takes "
-                f"{', '.join(f'{n}=...' for n in self.conditioners) or 'no conditions'}."
+                f"{', '.join(f'{n}=...' for n in self.conditioners) or 'no conditions'}{may}."
             )
         device = self.device
         spatial = {n for n, c in self.conditioners.items() if isinstance(c, SpatialConditioner)}
         if not spatial or not raw:
-            return {n: self.conditioners[n].encode(v).to(device) for n, v in raw.items()}
+            out = {n: self.conditioners[n].encode(v).to(device) for n, v in raw.items()}
+            return self._null_conditions(out, left_out, None)
         hw = self._size(size, raw)
         grid = self.tokenizer.code_grid(hw)
         out = {}
@@ -389,6 +395,26 @@ class Pipeline:
                     f"has a {grid} code grid; give a {n} map for that size."
                 )
             out[n] = c.to(device)
+        return self._null_conditions(out, left_out, grid)
+
+    def _null_conditions(
+        self,
+        given: dict[str, Conditioning],
+        names: set[str],
+        grid: tuple[int, int] | None,
+    ) -> dict[str, Conditioning]:
+        """``given`` plus each of ``names`` as the prior's null condition, batched alike."""
+        if not names or not given:
+            return given
+        b = next(iter(given.values())).batch_size
+        out = dict(given)
+        for n in sorted(names):
+            slot = self.prior.config.conditions[n]
+            cond = self.conditioners[n]
+            g = grid if isinstance(cond, SpatialConditioner) else None
+            count = g[0] * g[1] if g is not None else slot.num_tokens
+            tokens = torch.zeros(b, count, dtype=torch.long, device=self.device)  # [B, n]
+            out[n] = Conditioning(tokens, cond.vocab_size, grid=g).null()
         return out
 
     def _size(self, size: tuple[int, int] | int | None, raw: Mapping[str, Any]) -> tuple[int, int]:

@@ -71,6 +71,13 @@ class PriorConfig(ComponentConfig):
         "prior's null condition (the input of the unconditional branch), so that "
         "classifier-free guidance works (arXiv 2207.12598). 0: no null is learned.",
     )
+    cond_dropout_each: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per condition: training probability of nulling that condition alone (a "
+        "draw of its own per sample, on top of cond_dropout), so one prior also samples with "
+        "that condition left out, e.g. {label: 0.3, segmentation: 0.3} for images from a label "
+        "alone, a map alone, or both. A pipeline accepts a call without such a condition.",
+    )
 
     @model_validator(mode="after")
     def _check_condition_names(self) -> PriorConfig:
@@ -80,7 +87,19 @@ class PriorConfig(ComponentConfig):
                     f"condition name {name!r} must be a Python identifier (it is passed as a "
                     "keyword, e.g. pipe(label=[3])); use letters, digits and underscores."
                 )
+        for name, p in self.cond_dropout_each.items():
+            if name not in self.conditions:
+                raise ValueError(
+                    f"cond_dropout_each names {name!r}, which is not one of the prior's "
+                    f"conditions ({', '.join(self.conditions) or 'none'}); use one of them."
+                )
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"cond_dropout_each.{name} = {p} must lie in [0, 1].")
         return self
+
+    def optional_conditions(self) -> tuple[str, ...]:
+        """Conditions the prior learned to do without (``cond_dropout_each`` above 0)."""
+        return tuple(n for n, p in self.cond_dropout_each.items() if p > 0)
 
 
 @dataclass(frozen=True)
@@ -640,16 +659,21 @@ class Prior(Component, nn.Module, ABC):
 
         One draw per sample for all conditions together, OR-ed into ``Conditioning.drop``: the
         unconditional branch of guidance drops them all at once, so that is what is trained.
+        ``cond_dropout_each`` adds one draw per sample and condition for that condition alone.
         Outside training, or with ``cond_dropout`` 0, ``conds`` come back unchanged.
         """
         p = float(getattr(self.config, "cond_dropout", 0.0) or 0.0)
-        if not self.training or p <= 0 or not conds:
+        each: dict[str, float] = dict(getattr(self.config, "cond_dropout_each", None) or {})
+        if not self.training or (p <= 0 and not any(each.values())) or not conds:
             return conds
         drop = torch.rand(batch, device=self.device) < p  # [B]
         out = {}
         for name, c in conds.items():
             if isinstance(c, Conditioning) and c.batch_size == batch:
-                d = drop.to(c.tokens.device)
+                d = drop
+                if each.get(name, 0.0) > 0:  # this condition alone, drawn independently
+                    d = d | (torch.rand(batch, device=self.device) < each[name])  # [B]
+                d = d.to(c.tokens.device)
                 c = c.with_drop(d if c.drop is None else c.drop.to(d.device) | d)
             out[name] = c  # a mismatched batch is left for check_conds to report
         return out

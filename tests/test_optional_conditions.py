@@ -1,0 +1,107 @@
+"""Per-condition dropout (``cond_dropout_each``): one prior samples from any subset of conditions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentgen import Pipeline
+from latentgen.conditioners.base import Conditioning
+from latentgen.data.shapes import ShapesConfig, ShapesDataset
+from latentgen.errors import InputError
+
+TOKENIZER = {
+    "type": "vqvae",
+    "ch": 8,
+    "ch_mult": [1, 2, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "z_channels": 8,
+    "resolution": 16,
+    "norm_groups": 4,
+    "quantizer": {"type": "vq", "codebook_size": 16, "dim": 4},
+}
+CONDITIONERS = {
+    "label": {"type": "class_label", "num_classes": 6},
+    "segmentation": {"type": "segmentation", "num_classes": 7},
+}
+SLOTS = {"label": {"vocab_size": 6}, "segmentation": {"vocab_size": 7, "num_tokens": 16}}
+
+
+def _pipe(**prior_kw) -> Pipeline:
+    prior = {
+        "type": "transformer",
+        "vocab_size": 16,
+        "block_size": 16,
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 16,
+        "conditions": SLOTS,
+        **prior_kw,
+    }
+    torch.manual_seed(0)
+    return Pipeline.from_spec(
+        {"tokenizer": TOKENIZER, "prior": prior, "conditioners": CONDITIONERS}
+    )
+
+
+def _seg(i: int = 0) -> torch.Tensor:
+    return ShapesDataset(ShapesConfig(size=4, image_size=16))[i]["segmentation"]
+
+
+def test_each_condition_is_dropped_on_its_own_draw() -> None:
+    pipe = _pipe(cond_dropout_each={"label": 0.5})
+    prior = pipe.prior.train()
+    conds = pipe.condition(label=[1] * 4000, segmentation=_seg().expand(4000, 16, 16))
+    torch.manual_seed(0)
+    out = prior.drop_conditions(conds, 4000)
+    assert out is not None
+    share = out["label"].drop.float().mean().item()
+    assert 0.45 < share < 0.55, share
+    assert out["segmentation"].drop is None or not out["segmentation"].drop.any()
+    prior.eval()
+    assert prior.drop_conditions(conds, 4000) is conds  # never outside training
+
+
+def test_a_left_out_condition_is_the_null_condition() -> None:
+    pipe = _pipe(cond_dropout_each={"segmentation": 0.3}, cond_dropout=0.1)
+    codes = pipe.sample_codes(
+        label=[2, 5], size=16, generator=torch.Generator().manual_seed(3)
+    )  # [2, 4, 4]
+    null_seg = Conditioning(torch.zeros(2, 16, dtype=torch.long), 7, grid=(4, 4)).null()
+    conds = {"label": pipe.conditioners["label"].encode([2, 5]), "segmentation": null_seg}
+    same = pipe.prior.eval().sample(
+        conds, grid=(4, 4), sampler=pipe.sampler, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(codes, same)
+    # and it differs from a draw with a real map in place of the null
+    with_map = pipe.sample_codes(
+        label=[2, 5],
+        segmentation=_seg().expand(2, 16, 16),
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert with_map.shape == codes.shape
+    # the map alone works too once both are optional
+    both = _pipe(cond_dropout_each={"segmentation": 0.3, "label": 0.3})
+    assert both(segmentation=_seg(), output_type="tensor").shape == (1, 3, 16, 16)
+
+
+def test_leaving_out_a_required_condition_names_what_may_be_left_out() -> None:
+    with pytest.raises(
+        InputError,
+        match=r"missing \['segmentation'\]\): it takes label=..., "
+        r"segmentation=...\.$",
+    ):
+        _pipe()(label=[1], size=16)
+    pipe = _pipe(cond_dropout_each={"segmentation": 0.2})
+    with pytest.raises(InputError, match=r"missing \['label'\].*\(segmentation may be left out\)"):
+        pipe(segmentation=_seg())
+    with pytest.raises(InputError, match=r"missing \['label', 'segmentation'\]"):
+        pipe.condition(size=16)  # at least one condition must be given
+
+
+def test_config_errors_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="cond_dropout_each names 'depth'.*label, segmentation"):
+        _pipe(cond_dropout_each={"depth": 0.5})
+    with pytest.raises(ValueError, match=r"cond_dropout_each.label = 1.5 must lie in \[0, 1\]"):
+        _pipe(cond_dropout_each={"label": 1.5})
