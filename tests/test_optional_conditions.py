@@ -1,4 +1,4 @@
-"""Per-condition dropout (``cond_dropout_each``): one prior samples from any subset of conditions."""
+"""Per-condition dropout (``cond_dropout_each``): one prior samples from any set of conditions."""
 
 from __future__ import annotations
 
