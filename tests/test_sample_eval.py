@@ -180,3 +180,9 @@ def test_spatial_pipeline_samples_per_held_out_condition(held_out):
     assert any("depth: no agreement measure" in n for n in row.notes)
     with pytest.raises(InputError, match="need 500 items, but the dataset has 120"):
         evaluate_samples(p, ColourClassifier(), held_out, num_samples=500, kid_subset_size=10)
+
+
+def test_held_out_images_of_another_size(pipe):
+    other = ShapesDataset(ShapesConfig(size=120, image_size=32))
+    with pytest.raises(InputError, match="held-out images are 32x32 but the samples are 16x16"):
+        evaluate_samples(pipe, ColourClassifier(), other, num_samples=20)

@@ -279,6 +279,7 @@ def evaluate_samples(
         pipe.device,
         wanted,
         incep,
+        hw,
     )
     modes: list[tuple[str, RejectionConfig | None]] = [("plain", None)]
     if rejection is not None:
@@ -345,6 +346,7 @@ def _real_features(
     device: torch.device,
     wanted: set[str],
     incep: Any,
+    hw: tuple[int, int],
 ) -> tuple[Tensor | None, Tensor | None]:
     if not wanted & {"kid", "fid"} and incep is None:
         return None, None
@@ -352,6 +354,11 @@ def _real_features(
     for start in range(0, n, batch_size):
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
         x = torch.stack([it["image"] for it in items]).to(device)  # [b, C, H, W]
+        if tuple(x.shape[-2:]) != tuple(hw):
+            raise InputError(
+                f"the held-out images are {x.shape[-2]}x{x.shape[-1]} but the samples are "
+                f"{hw[0]}x{hw[1]}: give held-out data of that size (e.g. image_size: {hw[0]})."
+            )
         if wanted & {"kid", "fid"}:
             feats.append(_features(clf, x))
         if incep is not None:
