@@ -120,7 +120,8 @@ def test_compare_cli(tokenizer_dir, tmp_path):
         ({"trainer": {"batch_size": 4, "lr": 0.001, "max_steps": 9}}, "give the length"),
         ({"trainer": {"batch_size": 4, "lr": -1}}, "lr"),
         ({"conditioners": {}}, "prior 'gpt' is built for conditions \\['label'\\]"),
-        ({"priors": {}}, "priors is empty"),
+        ({"priors": {}}, "give `priors` .* or `tokenizers` .*both are empty"),
+        ({"tokenizer_path": None}, "set tokenizer_path"),
     ],
 )
 def test_bad_configs(tokenizer_dir, tmp_path, changes, message):
@@ -133,3 +134,38 @@ def test_prior_of_another_vocabulary(tokenizer_dir, tmp_path):
     cfg["priors"]["gpt"]["vocab_size"] = 16
     with pytest.raises(SpecError, match="prior 'gpt' predicts 16 codes .* has 8.*vocab_size = 8"):
         run_compare(cfg)
+
+
+def test_tokenizers_at_equal_steps(tmp_path):
+    vqvae = {
+        "type": "vqvae",
+        "ch": 8,
+        "ch_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "z_channels": 4,
+        "resolution": 16,
+    }
+    cfg = {
+        "name": "toks",
+        "out_dir": str(tmp_path),
+        "data": {"type": "shapes", "size": 16, "image_size": 16},
+        "held_out": {"type": "shapes", "size": 8, "image_size": 16, "seed": 999},
+        "tokenizers": {
+            "k16": {**vqvae, "quantizer": {"type": "vq", "codebook_size": 16, "dim": 4}},
+            "k64": {**vqvae, "quantizer": {"type": "vq", "codebook_size": 64, "dim": 4}},
+        },
+        "budgets": [{"steps": 3}],
+        "trainer": {"batch_size": 4, "lr": 0.001},
+        "evaluation": {"held_out_images": 8},
+    }
+    result = run_compare(cfg)
+    assert [(r["tokenizer"], r["steps"]) for r in result.rows] == [("k16", 3), ("k64", 3)]
+    assert {r["codebook_size"] for r in result.rows} == {16, 64}
+    for r in result.rows:
+        assert r["psnr_db"] > 0 and 0 < r["codebook_usage"] <= 1
+    assert not (tmp_path / "toks" / "code_cache").exists()
+    with pytest.raises(SpecError, match="conditioners condition priors"):
+        load_compare_config(
+            {**cfg, "conditioners": {"label": {"type": "class_label", "num_classes": 6}}}
+        )

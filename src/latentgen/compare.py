@@ -18,6 +18,7 @@ in bits per code, sampling speed in codes per second, and, given a classifier, t
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Mapping
@@ -36,10 +37,12 @@ if TYPE_CHECKING:
 
     DatasetField = ComponentConfig
     PriorField = ComponentConfig
+    TokenizerField = ComponentConfig
     ConditionerField = ComponentConfig
 else:
     DatasetField = component_field("dataset")
     PriorField = component_field("prior")
+    TokenizerField = component_field("tokenizer")
     ConditionerField = component_field("conditioner")
 
 __all__ = [
@@ -102,7 +105,9 @@ class CompareConfig(BaseModel):
 
     name: str = Field("compare", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     out_dir: Path = Field(Path("runs/compare"), description="Runs, table, curves go here.")
-    tokenizer_path: Path = Field(description="Trained tokenizer whose codes all priors model.")
+    tokenizer_path: Path | None = Field(
+        None, description="Priors: the trained tokenizer whose codes they all model."
+    )
     data: DatasetField = Field(description="Training images (encoded once to a code cache).")
     held_out: DatasetField = Field(description="Held-out images for NLL and eval samples.")
     conditioners: dict[str, ConditionerField] = Field(
@@ -112,7 +117,12 @@ class CompareConfig(BaseModel):
         default_factory=dict, description="Dataset key of each conditioner (default: its name)."
     )
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    priors: dict[str, PriorField] = Field(description="The priors to compare, by name.")
+    priors: dict[str, PriorField] = Field(
+        default_factory=dict, description="Priors to compare, by name (on tokenizer_path's codes)."
+    )
+    tokenizers: dict[str, TokenizerField] = Field(
+        default_factory=dict, description="Or tokenizers to compare, by name (trained on data)."
+    )
     budgets: list[Budget] = Field(min_length=1, description="Each is a separate set of runs.")
     trainer: dict[str, Any] = Field(
         default_factory=dict,
@@ -126,8 +136,21 @@ class CompareConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> CompareConfig:
-        if not self.priors:
-            raise ValueError("priors is empty: name at least one prior to train.")
+        if bool(self.priors) == bool(self.tokenizers):
+            which = "both are given" if self.priors else "both are empty"
+            raise ValueError(
+                "give `priors` (trained on the codes of tokenizer_path) or `tokenizers` (trained "
+                f"on data), one kind per comparison; {which}."
+            )
+        if self.priors and self.tokenizer_path is None:
+            raise ValueError(
+                "priors are trained on a tokenizer's codes: set tokenizer_path to a trained "
+                "tokenizer (latentgen train tokenizer ...)."
+            )
+        if self.tokenizers and self.conditioners:
+            raise ValueError(
+                "conditioners condition priors; a tokenizer comparison takes none: remove them."
+            )
         reserved = sorted(set(self.trainer) & set(_RESERVED))
         if reserved:
             raise ValueError(
@@ -174,40 +197,56 @@ class CompareResult:
         return format_table(self.rows)
 
 
-def _curve(run_dir: Path, start: float) -> list[tuple[int, float, float]]:
-    """(step, seconds since start, training loss in bits per code) from ``metrics.jsonl``."""
-    import math
-
+def _curve(run_dir: Path, start: float, scale: float = 1.0) -> list[tuple[int, float, float]]:
+    """(step, seconds since start, training loss * scale) from the run's ``metrics.jsonl``."""
     out = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "loss" in rec:
-            out.append((int(rec["step"]), float(rec["time"]) - start, rec["loss"] / math.log(2)))
+            out.append((int(rec["step"]), float(rec["time"]) - start, rec["loss"] * scale))
     return out
 
 
 class _Runner:
-    """Trains and measures one prior of a compare config (shared code cache and tokenizer)."""
+    """Trains and measures the priors (on one code cache) or tokenizers of a compare config."""
 
-    def __init__(self, cfg: CompareConfig, tokenizer: Any, cache: Any, device: torch.device):
-        self.cfg, self.tokenizer, self.cache, self.device = cfg, tokenizer, cache, device
+    def __init__(self, cfg: CompareConfig, tokenizer: Any, data: Any, device: torch.device):
+        # data: the code cache (priors) or the image dataset (tokenizers)
+        self.cfg, self.tokenizer, self.data, self.device = cfg, tokenizer, data, device
         self.keys = {n: cfg.condition_keys.get(n, n) for n in cfg.conditioners}
+
+    def _task(self, name: str) -> Any:
+        from torch.utils.data import default_collate
+
+        from latentgen import registry
+        from latentgen.training.tasks import PriorTask, TokenizerTask
+
+        cfg = self.cfg
+        if cfg.tokenizers:
+            return TokenizerTask(registry.build("tokenizer", cfg.tokenizers[name]))
+        prior = registry.build("prior", cfg.priors[name])
+        conds = {n: registry.build("conditioner", c) for n, c in cfg.conditioners.items()}
+        n = min(8, len(self.data))
+        return PriorTask(
+            prior,
+            conds,
+            tokenizer=self.tokenizer,
+            condition_keys=self.keys,
+            grid_batch=default_collate([self.data[i] for i in range(n)]),
+            data_fingerprint=self.data.fingerprint,
+            sampler=cfg.sampler,
+        )
 
     def train(
         self, name: str, steps: int, run_name: str, progress: bool, log_every: int | None = None
     ) -> tuple[Any, float]:
-        from torch.utils.data import default_collate
-
-        from latentgen import registry
         from latentgen.training.config import TrainerConfig
         from latentgen.training.loop import Trainer
-        from latentgen.training.tasks import PriorTask
 
         cfg = self.cfg
         seed = int(cfg.trainer.get("seed", 0))
-        torch.manual_seed(seed)  # every prior starts from its config's seeded weights
-        prior = registry.build("prior", cfg.priors[name])
-        conds = {n: registry.build("conditioner", c) for n, c in cfg.conditioners.items()}
+        torch.manual_seed(seed)  # every model starts from its config's seeded weights
+        task = self._task(name)
         options = {
             "device": "cuda" if self.device.type == "cuda" else "cpu",
             "log_every": max(1, steps // 50),
@@ -222,22 +261,12 @@ class _Runner:
         )
         if tcfg.run_dir.exists():  # a finished or broken earlier run: compare trains afresh
             shutil.rmtree(tcfg.run_dir)
-        n = min(8, len(self.cache))
-        task = PriorTask(
-            prior,
-            conds,
-            tokenizer=self.tokenizer,
-            condition_keys=self.keys,
-            grid_batch=default_collate([self.cache[i] for i in range(n)]),
-            data_fingerprint=self.cache.fingerprint,
-            sampler=cfg.sampler,
-        )
         t0 = time.time()
-        result = Trainer(task, self.cache, tcfg).fit()
+        result = Trainer(task, self.data, tcfg).fit()
         return result, t0
 
     def seconds_per_step(self, name: str) -> float:
-        """Measured time per optimizer step of prior ``name`` (first steps excluded)."""
+        """Measured time per optimizer step of model ``name`` (first steps excluded)."""
         k = self.cfg.calibration_steps
         result, _ = self.train(name, k, f"calibrate-{name}", progress=False, log_every=1)
         times = [
@@ -248,6 +277,22 @@ class _Runner:
         first = next(r for r in times if r["step"] >= 5)
         last = times[-1]
         return (last["time"] - first["time"]) / max(1, last["step"] - first["step"])
+
+    def measure_tokenizer(self, path: Path) -> dict[str, Any]:
+        from latentgen.artifact import load_component
+        from latentgen.evaluation import evaluate_tokenizer
+
+        ev = self.cfg.evaluation
+        held = _dataset(self.cfg.held_out)
+        tok = load_component(path, "tokenizer").to(self.device).eval()
+        t0 = time.perf_counter()
+        scores = evaluate_tokenizer(
+            tok, held, limit=ev.held_out_images, lpips=False, device=self.device
+        )
+        out = scores.as_dict()
+        out.pop("images", None)
+        out["eval_images_per_s"] = scores.images / (time.perf_counter() - t0)
+        return out
 
     def measure(self, pipe: Any) -> dict[str, Any]:
         from latentgen.evaluation import evaluate_prior
@@ -305,11 +350,13 @@ def run_compare(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> CompareResult:
-    """Train every prior under every budget on the shared codes, measure each; write the files.
+    """Train every prior (or tokenizer) under every budget alike, measure each; write the files.
 
-    Writes ``out_dir/name/``: one run per budget and prior, ``results.jsonl`` (the rows) and
-    ``curves.png`` (training loss in bits per code against steps, or against seconds for time
-    budgets), each atomically.
+    Priors train on one code cache of ``tokenizer_path``'s codes and are measured by held-out
+    NLL, sampling speed and eval-samples figures; tokenizers train on ``data`` and are measured
+    by held-out PSNR, SSIM and codebook usage. Writes ``out_dir/name/``: one run per budget and
+    model, ``results.jsonl`` (the rows) and ``curves.png`` (training loss against steps, or
+    against seconds for time budgets), each atomically.
     """
     from latentgen.artifact import load_component
     from latentgen.data.code_cache import open_or_build_code_cache
@@ -318,32 +365,39 @@ def run_compare(
 
     cfg = config if isinstance(config, CompareConfig) else load_compare_config(config)
     dev = torch.device(device)
-    tokenizer = load_component(cfg.tokenizer_path, "tokenizer").to(dev).eval()
-    for name, prior in cfg.priors.items():
-        vocab = getattr(prior, "vocab_size", None)
-        if vocab is not None and vocab != tokenizer.vocab_size:
-            raise SpecError(
-                f"prior '{name}' predicts {vocab} codes but the tokenizer in "
-                f"{cfg.tokenizer_path} has {tokenizer.vocab_size}: set priors.{name}.vocab_size "
-                f"= {tokenizer.vocab_size}."
-            )
     root = cfg.out_dir / cfg.name
-    keys = {n: cfg.condition_keys.get(n, n) for n in cfg.conditioners}
-    cache = open_or_build_code_cache(
-        tokenizer,
-        _dataset(cfg.data),
-        root / "code_cache",
-        64,
-        sorted(set(keys.values())),
-        device=dev,
-    )
-    runner = _Runner(cfg, tokenizer, cache, dev)
+    kind = "tokenizer" if cfg.tokenizers else "prior"
+    tokenizer = None
+    if kind == "prior":
+        assert cfg.tokenizer_path is not None  # the config checks it
+        tokenizer = load_component(cfg.tokenizer_path, "tokenizer").to(dev).eval()
+        for name, prior in cfg.priors.items():
+            vocab = getattr(prior, "vocab_size", None)
+            if vocab is not None and vocab != tokenizer.vocab_size:
+                raise SpecError(
+                    f"prior '{name}' predicts {vocab} codes but the tokenizer in "
+                    f"{cfg.tokenizer_path} has {tokenizer.vocab_size}: set "
+                    f"priors.{name}.vocab_size = {tokenizer.vocab_size}."
+                )
+        keys = {n: cfg.condition_keys.get(n, n) for n in cfg.conditioners}
+        data = open_or_build_code_cache(
+            tokenizer,
+            _dataset(cfg.data),
+            root / "code_cache",
+            64,
+            sorted(set(keys.values())),
+            device=dev,
+        )
+    else:
+        data = _dataset(cfg.data)
+    runner = _Runner(cfg, tokenizer, data, dev)
     rows: list[dict[str, Any]] = []
     curves: dict[str, list[tuple[int, float, float]]] = {}
     panels = []
+    names = list(cfg.priors or cfg.tokenizers)
     for budget in cfg.budgets:
         series: dict[str, list[tuple[float, float]]] = {}
-        for name in cfg.priors:
+        for name in names:
             per_step = None
             if budget.seconds is not None:
                 per_step = runner.seconds_per_step(name)
@@ -353,26 +407,28 @@ def run_compare(
             run_name = f"{budget.label.replace('=', '-')}-{name}"
             result, start = runner.train(name, steps, run_name, progress)
             train_s = time.time() - start
-            pipe = Pipeline.from_pretrained(result.export).to(dev)
-            row: dict[str, Any] = {
-                "budget": budget.label,
-                "prior": name,
-                "params": sum(p.numel() for p in pipe.prior.parameters()),
-                "steps": result.step,
-                "train_s": train_s,
-                "s_per_step": per_step if per_step is not None else train_s / result.step,
-            }
-            row.update(runner.measure(pipe))
+            row: dict[str, Any] = {"budget": budget.label, kind: name}
+            if kind == "prior":
+                pipe = Pipeline.from_pretrained(result.export).to(dev)
+                row["params"] = sum(p.numel() for p in pipe.prior.parameters())
+            row["steps"] = result.step
+            row["train_s"] = train_s
+            row["s_per_step"] = per_step if per_step is not None else train_s / result.step
+            if kind == "prior":
+                row.update(runner.measure(pipe))
+            else:
+                row.update(runner.measure_tokenizer(result.export))
             rows.append(row)
-            curve = _curve(result.run_dir, start)
+            # a prior's loss is its NLL in nats per code: plotted in bits
+            curve = _curve(result.run_dir, start, 1 / math.log(2) if kind == "prior" else 1.0)
             curves[f"{budget.label} {name}"] = curve
             by_time = budget.seconds is not None
-            series[name] = [(t if by_time else s, bits) for s, t, bits in curve]
+            series[name] = [(t if by_time else s, y) for s, t, y in curve]
         panels.append(
             Panel(
                 f"{budget.label}: training loss",
                 "seconds" if budget.seconds is not None else "step",
-                "bits/code",
+                "bits/code" if kind == "prior" else "loss",
                 series,
             )
         )
