@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -186,3 +187,102 @@ def test_held_out_images_of_another_size(pipe):
     other = ShapesDataset(ShapesConfig(size=120, image_size=32))
     with pytest.raises(InputError, match="held-out images are 32x32 but the samples are 16x16"):
         evaluate_samples(pipe, ColourClassifier(), other, num_samples=20)
+
+
+@pytest.fixture
+def saved_classifier(tmp_path):
+    from latentgen import registry
+    from latentgen.artifact import save_component
+
+    clf = registry.build(
+        "classifier", {"type": "cnn", "num_classes": 6, "image_size": 16, "widths": [8, 16]}
+    )
+    return save_component(clf, "classifier", tmp_path / "clf")
+
+
+def test_cli_eval_samples_table_and_json_lines(pipe, saved_classifier, tmp_path):
+    from click.testing import CliRunner
+
+    from latentgen.cli import main
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    data = tmp_path / "held.yaml"
+    data.write_text("{type: shapes, size: 64, image_size: 16, seed: 777}")
+    args = [
+        "eval",
+        "samples",
+        str(tmp_path / "pipe"),
+        "--classifier",
+        str(saved_classifier),
+        "--data",
+        str(data),
+        "-n",
+        "5",
+        "--kid-subset-size",
+        "20",
+        "--kid-subsets",
+        "5",
+        "--reject",
+        "0.5",
+        "--jsonl",
+        str(tmp_path / "rows.jsonl"),
+    ]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    header = res.stdout.splitlines()[0].split()
+    assert header[:3] == ["name", "samples", "samples_per_s"] and "kid_std_error" in header
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["plain", "rejection@0.5"]
+    assert rows[1]["realised_rate"] == 0.5 and rows[0]["samples"] == 30
+    res = CliRunner().invoke(main, [*args, "--json"])
+    assert [json.loads(line)["name"] for line in res.stdout.splitlines()] == [
+        "plain",
+        "rejection@0.5",
+    ]
+    # fewer samples than the KID subset: the error names -n and --kid-subset-size
+    res = CliRunner().invoke(main, [*args[:-6], "--kid-subset-size", "100"])
+    assert res.exit_code == 1 and "--kid-subset-size 30" in res.output
+
+
+def test_cli_sample_with_rejection(pipe, saved_classifier, tmp_path):
+    from click.testing import CliRunner
+
+    from latentgen.cli import main
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "best.png"
+    res = CliRunner().invoke(
+        main,
+        [
+            "sample",
+            str(tmp_path / "pipe"),
+            "-c",
+            "label=[0,1]",
+            "-n",
+            "2",
+            "-o",
+            str(out),
+            "--reject",
+            str(saved_classifier),
+            "--acceptance",
+            "0.25",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "kept 2 of 8 candidates (realised rate 0.25, requested 0.25)" in res.output
+    assert out.is_file()
+    # a classifier of another image size is refused, naming both sizes
+    big = tmp_path / "big"
+    from latentgen import registry
+    from latentgen.artifact import save_component
+
+    save_component(
+        registry.build("classifier", {"type": "cnn", "num_classes": 6, "image_size": 32}),
+        "classifier",
+        big,
+    )
+    res = CliRunner().invoke(
+        main,
+        ["sample", str(tmp_path / "pipe"), "-c", "label=1", "-o", str(out), "--reject", str(big)],
+    )
+    assert res.exit_code == 1 and "takes 32x32 images but this pipeline" in res.output
