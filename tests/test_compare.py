@@ -169,3 +169,27 @@ def test_tokenizers_at_equal_steps(tmp_path):
         load_compare_config(
             {**cfg, "conditioners": {"label": {"type": "class_label", "num_classes": 6}}}
         )
+
+
+def test_eval_samples_figures_with_a_classifier(tokenizer_dir, tmp_path):
+    from latentgen.artifact import save_component as save
+
+    clf = registry.build(
+        "classifier", {"type": "cnn", "num_classes": 6, "image_size": 16, "widths": [8, 16]}
+    )
+    clf_dir = save(clf, "classifier", tmp_path / "clf")
+    evaluation = {
+        "held_out_images": 8,
+        "sample_batch": 2,
+        "classifier": str(clf_dir),
+        "num_samples": 2,
+        "kid_subset_size": 6,
+        "kid_subsets": 3,
+        "acceptance_rate": 0.5,
+    }
+    cfg = config(tokenizer_dir, tmp_path, budgets=[{"steps": 2}], evaluation=evaluation)
+    cfg["priors"].pop("snail")
+    (row,) = run_compare(cfg).rows
+    for key in ("class_accuracy", "kid", "kid_std_error", "fid"):
+        assert key in row and f"rejection@0.5_{key}" in row
+    assert 0 <= row["class_accuracy"] <= 1
