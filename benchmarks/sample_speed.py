@@ -277,6 +277,13 @@ def main() -> None:
                 print(f"{' '.join(map(str, row))}  failed: {res.stderr.strip()[-800:]}")
                 continue
             r = json.loads(res.stdout.strip().splitlines()[-1])
+            # Progress on stderr as rows finish (a full run takes long on a busy machine).
+            print(
+                f"  {' '.join(map(str, row))}: {r['ms_step']:.2f} ms/step, "
+                f"load {os.getloadavg()[0]:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
             if row not in best or r["seconds"] < best[row]["seconds"]:
                 best[row] = r
                 loads[row] = os.getloadavg()[0]
