@@ -430,3 +430,27 @@ def test_cached_step_logits_equal_the_cropped_forward(monkeypatch: pytest.Monkey
     assert len(lc) == len(lu) == 4 * 5 - 3
     for a, b in zip(lc, lu):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_sampling_runs_small_steps_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = sharp()
+    seen: list[int] = []
+    head = model.head.forward
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return head(x)
+
+    monkeypatch.setattr(model.head, "forward", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        model.sample(grid=(2, 2), num_samples=2)  # "auto": a step this small gets one thread
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        model.sample(grid=(2, 2), num_samples=2, threads=2)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(InputError, match=r"threads must be 'auto', None or a positive int"):
+        model.sample(grid=(2, 2), num_samples=1, threads=0)

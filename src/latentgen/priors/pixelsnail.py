@@ -32,6 +32,7 @@ from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
 from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
 from latentgen.priors.pixelsnail_cache import sample_cached
+from latentgen.priors.threads import decode_threads
 
 __all__ = ["PixelSNAILConfig", "PixelSNAILPrior"]
 
@@ -279,7 +280,7 @@ class PixelSNAILPrior(Prior):
     """
 
     Config = PixelSNAILConfig
-    sample_options = frozenset({"use_cache"})
+    sample_options = frozenset({"use_cache", "threads"})
 
     def __init__(self, config: PixelSNAILConfig) -> None:
         super().__init__(config)
@@ -382,13 +383,20 @@ class PixelSNAILPrior(Prior):
         """Draw codes ``[B, h, w]`` in raster order.
 
         By default with cached activations (``latentgen.priors.pixelsnail_cache``: each code
-        costs one position's work); the option ``use_cache=False`` runs one cropped forward
-        per position instead, the reference the cache is tested against. ``Prior.sample``
+        costs one position's work), on one thread where steps are small (option ``threads``,
+        as for the transformer: ``latentgen.priors.threads``); the option ``use_cache=False``
+        runs one cropped forward per position instead, the reference the cache is tested
+        against. ``Prior.sample``
         checks the inputs and runs this in eval mode (no dropout); with guidance the
         conditional and null branches run as one batch of ``2B`` rows.
         """
         if request.options.get("use_cache", True):
-            return sample_cached(self, request)
+            cfg = self.config
+            k = cfg.kernel_size
+            # A step's largest op: one vertical-row convolution (rows x w positions).
+            flop = request.rows * request.grid[1] * cfg.channel * cfg.res_channel * k * k
+            with decode_threads(request.options.get("threads", "auto"), flop, self.device):
+                return sample_cached(self, request)
         b, (h, w) = request.batch, request.grid
         device = self.embed.weight.device
         if request.prefix is None:

@@ -14,9 +14,8 @@ the whole sequence, and the last condition token (or a start token) predicts the
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, Protocol, cast
 
 import torch
@@ -28,6 +27,7 @@ from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
 from latentgen.priors.attention import AttentionBackend, get_backend
 from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
+from latentgen.priors.threads import decode_threads
 from latentgen.priors.window import WindowDecoder
 from latentgen.specs import ComponentConfig, parse_component
 
@@ -558,7 +558,7 @@ class TransformerPrior(Prior):
           CPU, CUDA graphs on CUDA). Compiling costs tens of seconds once per model, batch and
           grid, so it pays off for long sampling runs only (benchmarks/sample_speed.py);
         - ``threads`` (default ``"auto"``): torch threads during the decode loop; ``"auto"``
-          uses one thread on CPU where a step is too small to split (see ``_decode_threads``),
+          uses one thread on CPU where a step is too small to split (``priors.threads``),
           an int sets the count, None leaves torch's setting alone.
         """
         gh, gw = request.grid
@@ -574,7 +574,9 @@ class TransformerPrior(Prior):
             self._check_static_backend()
         x0 = self._prefix(request.conds, request.rows)  # [rows, n_ctx, C]
         copies = 2 if request.guided else 1
-        with self._decode_threads(opts.get("threads", "auto"), request.rows, x0.device):
+        c = self.config.n_embd
+        step_flop = request.rows * c * 4 * c * 2  # the MLP's first matmul, a step's largest
+        with decode_threads(opts.get("threads", "auto"), step_flop, x0.device):
             if not use_cache:
                 out = self._decode_uncached(x0, gh * gw, request.pick, copies)
             elif static:
@@ -582,34 +584,6 @@ class TransformerPrior(Prior):
             else:
                 out = self._decode_cached(x0, gh * gw, request.pick, copies)
         return out.view(request.batch, gh, gw)
-
-    @contextlib.contextmanager
-    def _decode_threads(self, threads: Any, rows: int, device: torch.device) -> Iterator[None]:
-        """Run the block with the decode loop's torch thread count (the ``threads`` option)."""
-        valid_int = isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1
-        if threads is not None and threads != "auto" and not valid_int:
-            raise InputError(f"threads must be 'auto', None or a positive int, got {threads!r}.")
-        before = torch.get_num_threads()
-        want = before
-        if isinstance(threads, int):
-            want = threads
-        elif threads == "auto" and device.type == "cpu":
-            # The largest GEMM of a step is rows x C x 4C. Below ~64 MFLOP the intra-op split
-            # costs more than it saves (waking threads, and on a busy machine spinning while
-            # waiting for a core): on a 2-core EPYC, 8 x 256 x 1024 ran 45 us on one thread
-            # and 0.6-2 ms on two; 8 x 512 x 2048 ran the same on one or two when idle, and
-            # under load two threads made whole decode steps 30x slower.
-            c = self.config.n_embd
-            if rows * c * 4 * c * 2 < 64e6:
-                want = 1
-        if want == before:
-            yield
-            return
-        torch.set_num_threads(want)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
 
     # -- sampling internals -----------------------------------------------------------------
     def _decode_cached(
