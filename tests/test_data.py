@@ -49,6 +49,31 @@ def test_shapes_any_resolution_with_paired_conditions(size):
             assert item["depth"][0][fg].mean() < item["depth"][0][seg == 0].mean()
 
 
+def test_squares_sit_on_a_side_and_diamonds_on_a_corner():
+    # A freely turned square would be a diamond; these two classes stay near upright. The pose
+    # corners (-1,-1) and (1,-1) of the bounding square give the turn.
+    import math
+
+    ds = ShapesDataset(ShapesConfig(size=120, image_size=32, max_distractors=0))
+    seen = {CLASSES.index("square"): 0, CLASSES.index("diamond"): 0}
+    for i in range(len(ds)):
+        item = ds[i]
+        if item["label"] in seen and item["pose"][1:3, 2].all():
+            (x1, y1, _), (x2, y2, _) = item["pose"][1].tolist(), item["pose"][2].tolist()
+            assert abs(math.degrees(math.atan2(y2 - y1, x2 - x1))) <= 10.01, (i, item["label"])
+            seen[item["label"]] += 1
+    assert min(seen.values()) >= 5, seen
+    # and the other classes still turn freely
+    turns = [
+        math.degrees(
+            math.atan2(it["pose"][2][1] - it["pose"][1][1], it["pose"][2][0] - it["pose"][1][0])
+        )
+        for it in (ds[i] for i in range(len(ds)))
+        if CLASSES[it["label"]] in ("triangle", "cross") and it["pose"][1:3, 2].all()
+    ]
+    assert max(abs(t) for t in turns) > 45
+
+
 def test_shapes_num_classes_bounds():
     with pytest.raises(ValueError):
         ShapesConfig(num_classes=len(CLASSES) + 1)

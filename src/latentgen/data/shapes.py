@@ -5,7 +5,8 @@ order, on any machine, at any resolution, and no download is needed. Each image 
 shape (its class is the label) in front of up to two smaller distractors, on a gradient
 background. The paired conditions are exact by construction:
 
-- ``label``: class of the main shape (``CLASSES``);
+- ``label``: class of the main shape (``CLASSES``); shapes turn freely except squares and
+  diamonds, which stay within 10 degrees of upright (a diamond is a square on its corner);
 - ``segmentation``: ``[H, W]`` long, 0 = background, ``c + 1`` = a pixel of a class-``c`` shape;
 - ``depth``: ``[1, H, W]`` in [-1, 1] (-1 near, 1 far), background a tilted far plane;
 - ``pose``: ``[5, 3]`` keypoints (x, y in [0, 1], visibility) of the main shape: centre and the
@@ -27,6 +28,7 @@ from latentgen.specs import ComponentConfig
 __all__ = ["CLASSES", "ShapesConfig", "ShapesDataset", "render_shapes"]
 
 CLASSES = ("circle", "square", "triangle", "diamond", "cross", "ring")
+_UPRIGHT = ("square", "diamond")  # classes drawn near upright (see render_shapes)
 NUM_KEYPOINTS = 5
 
 
@@ -87,6 +89,11 @@ def render_shapes(index: int, config: ShapesConfig) -> dict[str, Any]:
         radius = rng.uniform(0.22, 0.32) if main else rng.uniform(0.08, 0.16)
         cx, cy = rng.uniform(radius, 1 - radius, 2)
         rot = rng.uniform(0, 2 * math.pi)
+        if CLASSES[cls] in _UPRIGHT:
+            # A square turned by 45 degrees is a diamond: these two keep within +-10 degrees of
+            # upright (a square sits on a side, a diamond on a corner), or no one could tell
+            # them apart. Same draw as the others, so every other item renders unchanged.
+            rot = (rot % (math.pi / 2)) / 4.5 - math.pi / 18  # in [-10, 10) degrees
         cos, sin = math.cos(rot), math.sin(rot)
         dx, dy = (xx - cx) / radius, (yy - cy) / radius
         u, v = cos * dx + sin * dy, -sin * dx + cos * dy
