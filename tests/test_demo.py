@@ -2,38 +2,97 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 import yaml
 from PIL import Image
 
 import latentgen.demo as demo
-from latentgen import Pipeline
+from latentgen import Pipeline, registry
+from latentgen.artifact import save_component
+from latentgen.data.shapes import CLASSES
 
 
-def test_demo_trains_both_stages_and_writes_grids(tmp_path, monkeypatch):
+def _tiny_configs(monkeypatch) -> None:
     shipped = demo.demo_configs
 
     def tiny(out: Path) -> tuple[Path, Path]:
         paths = shipped(out)
-        for path, steps in zip(paths, (4, 4)):
+        for path in paths:
             cfg = yaml.safe_load(path.read_text())
             cfg["data"]["size"] = 64
             t = cfg["trainer"]
-            t.update(max_steps=steps, batch_size=4, checkpoint_every=steps, grid_every=steps)
-            if "warmup_steps" in t:
-                t["warmup_steps"] = 1
+            t.update(max_steps=4, batch_size=4, checkpoint_every=4, grid_every=4, warmup_steps=1)
+            if "disc_start" in cfg.get("tokenizer", {}):
+                cfg["tokenizer"]["disc_start"] = 2  # both halves of the VQGAN step run
+                cfg["tokenizer"]["disc_warmup_steps"] = 1
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return paths
 
     monkeypatch.setattr(demo, "demo_configs", tiny)
-    written = demo.run_demo(tmp_path / "demo", seed=0)
-    assert (tmp_path / "demo" / "samples.png").is_file()
-    assert (tmp_path / "demo" / "reconstructions.png").is_file()
-    grid = Image.open(tmp_path / "demo" / "samples.png")
-    assert grid.width > 32 and grid.height > 32, grid.size
+
+
+def test_demo_trains_one_pipeline_measures_it_and_ends_with_a_large_image(
+    tmp_path, monkeypatch, capsys
+):
+    _tiny_configs(monkeypatch)
+    clf = registry.build("classifier", {"type": "cnn", "num_classes": 6, "widths": [4, 8]})
+    save_component(clf, "classifier", tmp_path / "clf")
+    out = tmp_path / "demo"
+    written = demo.run_demo(out, classifier=tmp_path / "clf", samples_per_class=2, large_size=64)
+
+    for name in ("samples", "reconstructions", "large", "segmentation_map", "metrics"):
+        assert written[name].is_file() and written[name].parent == out, name
+    grid = Image.open(written["samples"])
+    assert grid.size == (2 * 34 + 2, 6 * 34 + 2)  # six rows (classes) of two 32px samples
+
+    metrics = json.loads(written["metrics"].read_text())
+    assert metrics["samples"] == 12
+    assert set(metrics["class_accuracy_per_class"]) == set(CLASSES)
+    assert 0.0 <= metrics["class_accuracy"] <= 1.0
+    assert metrics["kid"]["subset_size"] == 12 and metrics["kid"]["std_error"] >= 0
+    assert 0 < metrics["reconstruction_psnr_db"] < 100
+    assert metrics["large_image"]["size"] == [64, 64] and metrics["large_image"]["codes"] == 256
+    assert metrics["large_image"]["window"] == "cached"
+    assert metrics["seconds"]["total"] > 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert f"class accuracy {metrics['class_accuracy']:.1%} of 12 samples" in line
+    assert f"reconstruction PSNR {metrics['reconstruction_psnr_db']:.2f} dB" in line
+
+    # the map beside the image is the scene it was drawn from
+    from latentgen.conditioners.scene import colour_segmentation, shapes_scene
+
+    ids = shapes_scene(64, cell=32, seed=2 * 10**6)
+    assert written["segmentation_map"].name == "large-64-map.png"
+    got = np.array(Image.open(written["segmentation_map"]).convert("RGB"))
+    assert np.array_equal(got, np.array(colour_segmentation(ids)))
+    assert Image.open(written["large"]).size == (64, 64)
+
+    # one pipeline draws from a label alone, a map alone, or both
     pipe = Pipeline.from_pretrained(written["pipeline"])
-    assert pipe.prior.condition_names == ("label",)
+    assert set(pipe.conditioners) == {"label", "segmentation"}
     assert pipe.card["image_size"] == [32, 32]  # trained size, so sampling needs no --size
-    assert pipe(label=[1], generator=torch.Generator().manual_seed(0))[0].size == (32, 32)
+    g = torch.Generator().manual_seed(0)
+    assert pipe(label=[1], generator=g)[0].size == (32, 32)
+    assert pipe(segmentation=ids, size=64)[0].size == (64, 64)
+    both = pipe(label=[2], segmentation=ids[:32, :32], generator=g)
+    assert both[0].size == (32, 32)
+
+
+def test_shipped_classifier_is_above_98_percent_on_fresh_held_out_shapes():
+    path = demo.shapes_classifier_path()
+    if not (path / "component.json").is_file():
+        pytest.fail(f"the shipped shapes classifier is missing at {path}")
+    from latentgen.classifiers import load_classifier
+    from latentgen.classifiers.training import LabelledImages, accuracy
+
+    clf = load_classifier(path)
+    assert clf.class_names == CLASSES and clf.image_size == 32
+    assert clf.held_out_accuracy is not None and clf.held_out_accuracy > 0.98
+    # shapes it never saw, from seeds beyond both its training and its held-out data
+    fresh = demo.ShapesDataset(demo.ShapesConfig(size=400, image_size=32, seed=5 * 10**6))
+    assert accuracy(clf, LabelledImages(fresh, range(400), 6, "fresh")) > 0.97

@@ -242,14 +242,20 @@ def sample(
     is_flag=True,
     help="Use the latentgen-toy plugin's counting models instead (seconds, not minutes).",
 )
-def demo(out: Path, seed: int, toy: bool) -> None:
-    """Train a VQGAN and a transformer prior on the built-in shapes data; write image grids."""
+@click.option(
+    "--classifier",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Classifier that scores the samples (default: the shipped shapes classifier).",
+)
+def demo(out: Path, seed: int, toy: bool, classifier: Path | None) -> None:
+    """Train a VQGAN and one prior on the built-in shapes data; measure it; write images."""
     from latentgen.demo import run_demo, run_toy_demo
 
     if toy:
         run_toy_demo(out, seed=seed)
     else:
-        run_demo(out, seed=seed)
+        run_demo(out, seed=seed, classifier=classifier)
 
 
 @main.command()

@@ -1,14 +1,26 @@
-"""The README's main job: train both stages on the built-in shapes data and write image grids.
+"""The README's main job: train both stages on the built-in shapes data, measure, write images.
 
-``run_demo`` trains a small VQGAN (stage 1) and a class-conditional transformer prior (stage 2)
-with the shipped configs (``latentgen/configs/*.yaml``) on a CPU in a few minutes, then samples
-one row per class. ``run_toy_demo`` does the same in seconds with the outside plugin
-``latentgen-toy`` (a k-means palette tokenizer and a counting n-gram prior).
+``run_demo`` trains a small VQGAN (stage 1) and one transformer prior (stage 2) with the
+shipped configs (``latentgen/configs/shapes-*.yaml``) on a CPU in a few minutes. The prior is
+conditioned on a class label and on a segmentation map (the zero-training segmentation stage),
+each dropped on its own in training (``cond_dropout_each``), so the one pipeline draws:
+
+- class-conditional samples (label alone): ``samples.png``, one row per class, scored by the
+  shipped shapes classifier (class accuracy, KID in its feature space);
+- held-out originals over their reconstructions (``reconstructions.png``, PSNR);
+- a 512x512 image from a 512x512 segmentation map (map alone) with the KV-cached sliding
+  window, far beyond the 32x32 images it was trained on (``large-512.png``, the map beside it
+  in ``large-512-map.png``).
+
+The figures go to ``metrics.json`` beside the PNGs. ``run_toy_demo`` does a smaller job in
+seconds with the outside plugin ``latentgen-toy`` (a k-means palette tokenizer and a counting
+n-gram prior).
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,7 +33,25 @@ from latentgen.data.shapes import CLASSES, ShapesConfig, ShapesDataset
 from latentgen.pipeline import Pipeline
 from latentgen.utils import image_grid
 
-__all__ = ["demo_configs", "run_demo", "run_toy_demo"]
+__all__ = [
+    "demo_configs",
+    "run_demo",
+    "run_toy_demo",
+    "shapes_classifier_path",
+]
+
+#: Held-out items are rendered from seeds far from the training data's.
+HELD_OUT_SEED = 10**6
+
+
+def shapes_classifier_path() -> Path:
+    """The shipped reference classifier of the shapes data (> 98% held-out accuracy).
+
+    Trained by ``latentgen train classifier --config
+    src/latentgen/configs/shapes-classifier.yaml``; shipped so that every run is measured
+    with the same instrument, and the demo does not spend minutes training it.
+    """
+    return Path(str(resources.files("latentgen") / "weights" / "shapes-classifier"))
 
 
 def demo_configs(out: Path) -> tuple[Path, Path]:
@@ -39,22 +69,160 @@ def demo_configs(out: Path) -> tuple[Path, Path]:
     return paths
 
 
-def run_demo(out: str | Path = "out/demo", seed: int = 0) -> dict[str, Path]:
-    """Train the VQGAN, then the prior on its codes, then sample; returns the paths written."""
+def run_demo(
+    out: str | Path = "out/demo",
+    seed: int = 0,
+    classifier: str | Path | None = None,
+    samples_per_class: int = 20,
+    large_size: int = 512,
+) -> dict[str, Path]:
+    """Train the VQGAN, then the prior on its codes; sample, measure and write the images.
+
+    ``classifier`` defaults to the shipped shapes classifier; ``large_size`` is the side of
+    the image drawn from a segmentation map with the sliding window. Returns the paths written.
+    """
+    from latentgen.classifiers import load_classifier
+    from latentgen.files import atomic_write_json
     from latentgen.training.cli import train_prior, train_tokenizer
 
+    start = time.perf_counter()
     out = Path(out)
+    clf = load_classifier(classifier if classifier is not None else shapes_classifier_path())
     shutil.rmtree(out / "runs", ignore_errors=True)  # the demo's own runs start afresh
     out.mkdir(parents=True, exist_ok=True)
     tok_cfg, prior_cfg = demo_configs(out)
     # Through click's own parsing, so every option the commands gain keeps its default here.
-    print(f"stage 1: training a VQGAN ({tok_cfg})")
+    print(f"stage 1: training a VQGAN ({tok_cfg})", flush=True)
     train_tokenizer.main(["--config", str(tok_cfg)], standalone_mode=False)
-    print(f"stage 2: training a transformer prior on its codes ({prior_cfg})")
+    trained_1 = time.perf_counter()
+    print(f"stage 2: training a transformer prior on its codes ({prior_cfg})", flush=True)
     train_prior.main(["--config", str(prior_cfg)], standalone_mode=False)
+    trained_2 = time.perf_counter()
     final = out / "runs" / yaml.safe_load(prior_cfg.read_text())["trainer"]["run_name"] / "final"
     pipe = Pipeline.from_pretrained(final)
-    return _write_grids(pipe, out, image_size=32, seed=seed) | {"pipeline": final}
+    image_size = int(pipe.card.get("image_size", [32])[0])
+
+    paths: dict[str, Path] = {"pipeline": final}
+    metrics: dict[str, Any] = {}
+    paths |= _class_samples(pipe, clf, out, image_size, seed, samples_per_class, metrics)
+    paths |= _reconstructions(pipe, out, image_size, seed, metrics)
+    sampled = time.perf_counter()
+    paths |= _large_from_segmentation(pipe, out, image_size, large_size, seed, metrics)
+    done = time.perf_counter()
+    metrics["seconds"] = {
+        "tokenizer_training": round(trained_1 - start, 1),
+        "prior_training": round(trained_2 - trained_1, 1),
+        "samples_and_measures": round(sampled - trained_2, 1),
+        "large_image": round(done - sampled, 1),
+        "total": round(done - start, 1),
+        "threads": torch.get_num_threads(),
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    paths["metrics"] = out / "metrics.json"
+    acc, kid, rec = metrics["class_accuracy"], metrics["kid"], metrics["reconstruction_psnr_db"]
+    own = metrics["classifier_held_out_accuracy"]
+    own_text = "not measured" if own is None else f"{own:.1%}"
+    print(
+        f"class accuracy {acc:.1%} of {metrics['samples']} samples (classifier: {own_text} on "
+        f"held-out shapes) | KID "
+        f"{kid['value']:.4f} +- {kid['std_error']:.4f} | reconstruction PSNR "
+        f"{rec:.2f} dB | {done - start:.0f} s -> {paths['metrics']}"
+    )
+    return paths
+
+
+def _class_samples(
+    pipe: Pipeline,
+    clf: Any,
+    out: Path,
+    image_size: int,
+    seed: int,
+    per_class: int,
+    metrics: dict[str, Any],
+) -> dict[str, Path]:
+    """Samples from the label alone: a grid (one row per class), class accuracy and KID."""
+    from latentgen.metrics.kid import kernel_inception_distance
+
+    k = len(CLASSES)
+    labels = [c for c in range(k) for _ in range(per_class)]  # class-major
+    images = pipe(
+        label=labels,
+        size=image_size,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="tensor",
+    )  # [k * per_class, 3, S, S]
+    shown = min(per_class, 8)
+    rows = images.view(k, per_class, *images.shape[1:])[:, :shown].flatten(0, 1)
+    image_grid(to_pil(rows), nrow=shown).save(out / "samples.png")  # row r holds class r
+    with torch.no_grad():
+        fake = clf.features(images)  # [N, D]
+        pred = clf.logits(images).argmax(-1)  # [N]
+        held = ShapesDataset(
+            ShapesConfig(size=len(labels), image_size=image_size, seed=seed + HELD_OUT_SEED)
+        )
+        real_images = torch.stack([held[i]["image"] for i in range(len(held))])
+        real = clf.features(real_images)  # [N, D]
+    want = torch.tensor(labels)
+    per = {CLASSES[c]: float((pred[want == c] == c).float().mean()) for c in range(k)}
+    kid = kernel_inception_distance(real, fake, subset_size=min(100, len(labels)), seed=seed)
+    metrics.update(
+        class_accuracy=float((pred == want).float().mean()),
+        class_accuracy_per_class=per,
+        samples=len(labels),
+        kid={"value": kid.value, "std_error": kid.std_error, "subset_size": kid.subset_size},
+        classifier_held_out_accuracy=clf.held_out_accuracy,
+    )
+    print(f"samples   -> {out / 'samples.png'} (one row per class: {', '.join(CLASSES)})")
+    return {"samples": out / "samples.png"}
+
+
+def _reconstructions(
+    pipe: Pipeline, out: Path, image_size: int, seed: int, metrics: dict[str, Any]
+) -> dict[str, Path]:
+    """Held-out originals over their reconstructions, and the PSNR over 256 held-out images."""
+    from latentgen.metrics.image import psnr
+
+    held = ShapesDataset(ShapesConfig(size=256, image_size=image_size, seed=seed + HELD_OUT_SEED))
+    test = torch.stack([held[i]["image"] for i in range(len(held))])  # [256, 3, S, S]
+    recon = pipe.reconstruct(test).clamp(-1, 1)
+    metrics["reconstruction_psnr_db"] = float(psnr(recon, test).mean())
+    metrics["reconstruction_images"] = len(held)
+    pairs = torch.cat([test[:8], recon[:8]])
+    image_grid(to_pil(pairs), nrow=8).save(out / "reconstructions.png")
+    print(f"originals over reconstructions -> {out / 'reconstructions.png'}")
+    return {"reconstructions": out / "reconstructions.png"}
+
+
+def _large_from_segmentation(
+    pipe: Pipeline, out: Path, image_size: int, size: int, seed: int, metrics: dict[str, Any]
+) -> dict[str, Path]:
+    """A ``size`` x ``size`` image from a segmentation map alone, with the cached window."""
+    from latentgen.conditioners.scene import generate_from_segmentation, shapes_scene
+
+    # a mosaic of held-out shapes maps, one per training-sized cell
+    ids = shapes_scene(size, cell=image_size, seed=seed + 2 * HELD_OUT_SEED)  # [size, size]
+    began = time.perf_counter()
+    image_path, map_path = generate_from_segmentation(
+        pipe,
+        ids,
+        out / f"large-{size}.png",
+        window="cached",
+        generator=torch.Generator().manual_seed(seed),
+    )  # the label is left out: the prior's null takes its place
+    seconds = time.perf_counter() - began
+    h, w = pipe.tokenizer.code_grid((size, size))
+    metrics["large_image"] = {
+        "size": [size, size],
+        "codes": h * w,
+        "window": "cached",
+        "seconds": round(seconds, 1),
+        "codes_per_s": round(h * w / seconds, 1),
+    }
+    print(
+        f"{size}x{size} from a segmentation map ({h * w} codes, cached sliding window, "
+        f"{seconds:.0f} s) -> {image_path} (map: {map_path})"
+    )
+    return {"large": image_path, "segmentation_map": map_path}
 
 
 def _write_grids(pipe: Pipeline, out: Path, image_size: int, seed: int) -> dict[str, Path]:
