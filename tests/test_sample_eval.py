@@ -61,8 +61,6 @@ def test_rows_without_and_with_rejection(pipe, held_out):
     assert rejected.acceptance_rate == 0.25 and rejected.realised_rate == pytest.approx(0.25)
     assert 0 <= plain.class_accuracy <= 1 and rejected.class_accuracy > plain.class_accuracy
     assert plain.kid is not None and plain.kid_std_error > 0 and plain.fid >= 0
-    # rejection costs about 1 / rate more draws
-    assert plain.samples_per_s > rejected.samples_per_s
     d = plain.as_dict()
     assert {"class_accuracy", "kid", "kid_std_error", "fid", "samples_per_s"} <= set(d)
     table = format_table([r.as_dict() for r in rows])
