@@ -296,10 +296,13 @@ def test_training_learns_a_class_conditional_pattern():
 
 
 # -- bad input ---------------------------------------------------------------------------------
-def test_steps_out_of_range_name_the_fix():
+def test_steps_out_of_range_name_the_fix(monkeypatch):
     prior = _prior()
     with pytest.raises(InputError, match=r"steps=17 for a 4x4 grid of 16 codes.*1 <= steps <= 16"):
         prior.sample(grid=(4, 4), sampler=SamplerConfig(steps=17))
+    passes = _Passes(prior, monkeypatch)
+    prior.sample(grid=(2, 2))  # the config's 12 on a 4-code grid: one pass per code
+    assert len(passes.masked) == 4
     with pytest.raises(ValidationError, match="use steps >= 1"):
         SamplerConfig(steps=0)
     with pytest.raises(ValidationError, match="steps <= 16"):

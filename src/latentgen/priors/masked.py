@@ -236,9 +236,12 @@ class MaskedPrior(Prior):
         return None
 
     def num_steps(self, sampler_steps: int | None, grid: tuple[int, int]) -> int:
-        """The number of sampling passes T for ``grid``: the sampler's, else the config's."""
-        t = self.config.steps if sampler_steps is None else int(sampler_steps)
+        """The number of sampling passes T for ``grid``: the sampler's, else the config's (at
+        most one per code on a grid smaller than the config's steps)."""
         n = grid[0] * grid[1]
+        if sampler_steps is None:
+            return min(int(self.config.steps), n)  # a default, not something the user asked
+        t = int(sampler_steps)
         if t < 1 or t > n:
             raise InputError(
                 f"steps={t} for a {grid[0]}x{grid[1]} grid of {n} codes: each pass fills at "
