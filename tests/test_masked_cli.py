@@ -143,3 +143,47 @@ def test_compare_puts_the_masked_bound_beside_the_gpt_nll(tmp_path):
     shipped = load_compare_config(CONFIGS / "compare-shapes-masked.yaml")
     assert {p.type for p in shipped.priors.values()} == {"transformer", "masked"}
     assert shipped.sampler.steps == 12
+
+
+def test_eval_samples_and_rejection_take_the_masked_prior_in_place_of_another():
+    """Swap the masked prior into a pipeline (`Pipeline.replace`), train it briefly, and measure
+    it with `evaluate_samples` (plain and with rejection sampling) like any prior."""
+    from latentgen.sample_eval import evaluate_samples
+    from test_rejection import SPEC, ColourClassifier
+
+    ds = ShapesDataset(ShapesConfig(size=64, image_size=16))
+    images = torch.stack([ds[i]["image"] for i in range(64)])
+    labels = [ds[i]["label"] for i in range(64)]
+    base = Pipeline.from_spec(SPEC)
+    base.tokenizer.fit(images)
+    torch.manual_seed(0)
+    masked = registry.build(
+        "prior",
+        {"type": "masked", "vocab_size": 8, "block_size": 16, "n_layer": 1, "n_head": 2,
+         "n_embd": 16, "conditions": {"label": {"vocab_size": 6}}, "cond_dropout": 0.1,
+         "steps": 4},
+    )  # fmt: skip
+    pipe = base.replace(prior=masked, sampler={"top_k": 4, "steps": 4})
+    pipe.card["image_size"] = 16
+    codes, conds = pipe.encode(images), pipe.condition(label=labels)
+    opt = torch.optim.AdamW(masked.parameters(), lr=3e-3)
+    masked.train()
+    for _ in range(20):
+        opt.zero_grad()
+        masked.loss(codes, conds).backward()
+        opt.step()
+    masked.eval()
+    held = ShapesDataset(ShapesConfig(size=60, image_size=16, seed=5000))
+    plain, rejected = evaluate_samples(
+        pipe,
+        ColourClassifier(),
+        held,
+        num_samples=5,
+        rejection=0.5,
+        kid_subset_size=20,
+        kid_subsets=5,
+        batch_size=15,
+    )
+    assert plain.samples == rejected.samples == 30
+    assert 0 <= plain.class_accuracy <= 1 and plain.kid is not None and plain.samples_per_s > 0
+    assert rejected.realised_rate == pytest.approx(0.5)
