@@ -12,7 +12,13 @@ from pathlib import Path
 
 import click
 
-from latentgen.training.cli import _CONFIG, _dataset_from_file, _device, eval_group
+from latentgen.training.cli import (
+    _CONFIG,
+    _dataset_from_file,
+    _device,
+    condition_key_map,
+    eval_group,
+)
 
 __all__ = ["add_commands"]
 
@@ -123,15 +129,7 @@ def eval_samples(
     if acceptance is not None:
         RejectionConfig(classifier=lambda x: x, acceptance_rate=acceptance)  # checks the rate
     pipe = Pipeline.from_pretrained(pipeline_dir).to(_device(device))
-    mapping = {}
-    for item in keys:
-        name, sep, key = item.partition("=")
-        if not sep or name not in pipe.conditioners:
-            raise click.BadParameter(
-                f"{item!r}: use NAME=KEY with NAME one of {sorted(pipe.conditioners) or 'none'}.",
-                param_hint="--key",
-            )
-        mapping[name] = key
+    mapping = condition_key_map(pipe.conditioners, keys)
     rows = evaluate_samples(
         pipe,
         classifier_dir,

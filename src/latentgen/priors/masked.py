@@ -45,7 +45,7 @@ from latentgen.errors import InputError
 from latentgen.priors.attention import AttentionBackend, get_backend
 from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
 from latentgen.priors.sampling import filter_logits
-from latentgen.priors.transformer import AttentionSpec, _Block
+from latentgen.priors.transformer import AttentionSpec, _Block, init_gpt_weights
 
 __all__ = ["MASK_SCHEDULES", "MaskedPrior", "MaskedPriorConfig", "mask_ratio"]
 
@@ -194,19 +194,8 @@ class MaskedPrior(Prior):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        std = 0.02
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                # GPT-2's scaled residual projections, as in the transformer prior.
-                scale = name.endswith(("attn.proj", "mlp.proj"))
-                nn.init.normal_(
-                    module.weight, 0.0, std / math.sqrt(2 * self.config.n_layer) if scale else std
-                )
-                bias = getattr(module, "bias", None)
-                if bias is not None:
-                    nn.init.zeros_(bias)
-        for p in (self.pos_emb, *self.cond_null.values(), *self.cond_pos.values()):
-            nn.init.normal_(p, 0.0, std)
+        free = (self.pos_emb, *self.cond_null.values(), *self.cond_pos.values())
+        init_gpt_weights(self, self.config.n_layer, free)  # as the transformer prior
 
     # -- properties and checks -------------------------------------------------------------
     @property

@@ -15,7 +15,7 @@ the whole sequence, and the last condition token (or a start token) predicts the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Literal, Protocol, cast
 
 import torch
@@ -174,6 +174,27 @@ class _MLP(nn.Module):
         self.fc = nn.Linear(c, 4 * c, bias=bias)
         self.proj = nn.Linear(4 * c, c, bias=bias)
 
+
+
+def init_gpt_weights(
+    model: nn.Module, n_layer: int, free: Iterable[Tensor | None], std: float = 0.02
+) -> None:
+    """GPT-2 initialisation of ``model``'s Linear/Embedding weights and free parameters ``free``.
+
+    Residual projections (``attn.proj``, ``mlp.proj``) are scaled by 1/sqrt(2 L) so the residual
+    stream's variance does not grow with depth; biases start at zero; the free-standing
+    parameters (positions, start and null embeddings) are drawn like the embeddings.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            scale = name.endswith(("attn.proj", "mlp.proj"))
+            nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * n_layer) if scale else std)
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                nn.init.zeros_(bias)
+    for p in free:
+        if p is not None:
+            nn.init.normal_(p, 0.0, std)
 
 class BlockShape(Protocol):
     """The config fields a block is built from (the GPT and masked priors' configs have them)."""
@@ -378,27 +399,14 @@ class TransformerPrior(Prior):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        std = 0.02
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                # GPT-2: residual projections scaled by 1/sqrt(2 L) so the residual stream's
-                # variance does not grow with depth.
-                scale = name.endswith(("attn.proj", "mlp.proj"))
-                nn.init.normal_(
-                    module.weight, 0.0, std / math.sqrt(2 * self.config.n_layer) if scale else std
-                )
-                bias = getattr(module, "bias", None)
-                if bias is not None:
-                    nn.init.zeros_(bias)
         # Free-standing parameters (positions, SOS, null embeddings); LayerNorms keep 1 / 0.
-        for p in (
+        free = (
             self.sos,
             self.pos_emb,
             *self.cond_null.values(),
             *(self.cond_pos.values() if hasattr(self, "cond_pos") else ()),
-        ):
-            if p is not None:
-                nn.init.normal_(p, 0.0, std)
+        )
+        init_gpt_weights(self, self.config.n_layer, free)
 
     # -- properties ------------------------------------------------------------------------
     @property

@@ -87,6 +87,20 @@ def _trainer_config(cfg: Any, run_dir: Path | None) -> Any:
     return TrainerConfig.model_validate(data)
 
 
+def condition_key_map(conditioners: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, str]:
+    """``--key NAME=KEY`` options as ``{condition: dataset key}``, checked against a pipeline."""
+    mapping = {}
+    for item in keys:
+        name, sep, key = item.partition("=")
+        if not sep or name not in conditioners:
+            raise click.BadParameter(
+                f"{item!r}: use NAME=KEY with NAME one of {sorted(conditioners) or 'none'}.",
+                param_hint="--key",
+            )
+        mapping[name] = key
+    return mapping
+
+
 def _seed(seed: int) -> None:
     # Model weights are drawn before the trainer seeds its own streams: seed them too, so a
     # config file rebuilds the same initial model (rank 0's is broadcast to the others anyway).
@@ -565,15 +579,7 @@ def eval_prior(
     from latentgen.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(pipeline_dir)
-    mapping = {}
-    for item in keys:
-        name, sep, key = item.partition("=")
-        if not sep or name not in pipe.conditioners:
-            raise click.BadParameter(
-                f"{item!r}: use NAME=KEY with NAME one of {sorted(pipe.conditioners) or 'none'}.",
-                param_hint="--key",
-            )
-        mapping[name] = key
+    mapping = condition_key_map(pipe.conditioners, keys)
     result = evaluate_prior(
         pipe,
         _dataset_from_file(data_path),
