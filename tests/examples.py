@@ -143,3 +143,33 @@ def swept(kind: str) -> list[str]:
         for e in registry.entries(kind)
         if _dist_key(e.plugin) in ours or e.type in EXAMPLES.get(kind, {})
     ]
+
+
+#: A pipeline small enough to build in milliseconds: toy palette tokenizer, one-layer
+#: class-conditional transformer (3 classes, 4x4 codes). Shared by tests that need any pipeline.
+TINY_LABEL_SPEC: dict[str, Any] = {
+    "tokenizer": {"type": "toy.palette", "vocab_size": 8, "downsample": 4},
+    "prior": {
+        "type": "transformer",
+        "vocab_size": 8,
+        "block_size": 16,
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 16,
+        "conditions": {"label": {"vocab_size": 3}},
+    },
+    "conditioners": {"label": {"type": "class_label", "num_classes": 3}},
+}
+
+#: A trainable vqvae for 16x16 images (4x4 codes from 16), the smallest the conditioning tests use.
+TINY_VQVAE_16: dict[str, Any] = {
+    "type": "vqvae",
+    "ch": 8,
+    "ch_mult": [1, 2, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "z_channels": 8,
+    "resolution": 16,
+    "norm_groups": 4,
+    "quantizer": {"type": "vq", "codebook_size": 16, "dim": 4},
+}

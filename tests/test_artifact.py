@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from examples import TINY_LABEL_SPEC
 from latentgen import Pipeline, registry
 from latentgen.artifact import (
     COMPONENT_FILE,
@@ -29,19 +30,7 @@ LEGACY_PIPELINE = FIXTURES / "legacy-0.1.0-pipeline"
 LEGACY_TOKENIZER = FIXTURES / "legacy-0.1.0-tokenizer"
 EXPECT = json.loads((FIXTURES / "legacy-0.1.0.json").read_text())
 
-SPEC = {
-    "tokenizer": {"type": "toy.palette", "vocab_size": 8, "downsample": 4},
-    "prior": {
-        "type": "transformer",
-        "vocab_size": 8,
-        "block_size": 16,
-        "n_layer": 1,
-        "n_head": 2,
-        "n_embd": 16,
-        "conditions": {"label": {"vocab_size": 3}},
-    },
-    "conditioners": {"label": {"type": "class_label", "num_classes": 3}},
-}
+SPEC = TINY_LABEL_SPEC  # the spec the legacy fixtures were written with
 
 
 def legacy_images() -> torch.Tensor:

@@ -5,22 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from examples import TINY_VQVAE_16
 from latentgen import Pipeline
 from latentgen.conditioners.base import Conditioning
 from latentgen.data.shapes import ShapesConfig, ShapesDataset
 from latentgen.errors import InputError
 
-TOKENIZER = {
-    "type": "vqvae",
-    "ch": 8,
-    "ch_mult": [1, 2, 2],
-    "num_res_blocks": 1,
-    "attn_resolutions": [],
-    "z_channels": 8,
-    "resolution": 16,
-    "norm_groups": 4,
-    "quantizer": {"type": "vq", "codebook_size": 16, "dim": 4},
-}
+TOKENIZER = TINY_VQVAE_16
 CONDITIONERS = {
     "label": {"type": "class_label", "num_classes": 6},
     "segmentation": {"type": "segmentation", "num_classes": 7},

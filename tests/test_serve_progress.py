@@ -5,21 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from examples import TINY_LABEL_SPEC
 from latentgen import Pipeline
 
-SPEC = {
-    "tokenizer": {"type": "toy.palette", "vocab_size": 8, "downsample": 4},
-    "prior": {
-        "type": "transformer",
-        "vocab_size": 8,
-        "block_size": 16,
-        "n_layer": 1,
-        "n_head": 2,
-        "n_embd": 16,
-        "conditions": {"label": {"vocab_size": 3}},
-    },
-    "conditioners": {"label": {"type": "class_label", "num_classes": 3}},
-}
+SPEC = TINY_LABEL_SPEC
 
 
 class Stop(Exception):

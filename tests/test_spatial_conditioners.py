@@ -9,23 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
+from examples import TINY_VQVAE_16
 from latentgen import Pipeline, registry
 from latentgen.conditioners.pose import heatmaps
 from latentgen.conditioners.spatial import sobel_edges
 from latentgen.data.shapes import ShapesConfig, ShapesDataset
 from latentgen.errors import DataError, InputError, SpecError
 
-TOKENIZER = {
-    "type": "vqvae",
-    "ch": 8,
-    "ch_mult": [1, 2, 2],
-    "num_res_blocks": 1,
-    "attn_resolutions": [],
-    "z_channels": 8,
-    "resolution": 16,
-    "norm_groups": 4,
-    "quantizer": {"type": "vq", "codebook_size": 16, "dim": 4},
-}
+TOKENIZER = TINY_VQVAE_16
 
 
 def _item(i: int = 0):

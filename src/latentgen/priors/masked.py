@@ -45,7 +45,17 @@ from latentgen.errors import InputError
 from latentgen.priors.attention import AttentionBackend, get_backend
 from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
 from latentgen.priors.sampling import filter_logits
-from latentgen.priors.transformer import AttentionSpec, _Block, init_gpt_weights
+from latentgen.priors.transformer import (
+    AttentionSpec,
+    AttnDropout,
+    EmbdDropout,
+    NEmbd,
+    NHead,
+    NLayer,
+    ResidDropout,
+    _Block,
+    init_gpt_weights,
+)
 
 __all__ = ["MASK_SCHEDULES", "MaskedPrior", "MaskedPriorConfig", "mask_ratio"]
 
@@ -82,14 +92,12 @@ class MaskedPriorConfig(PriorConfig):
         description="Code positions the model has (h*w of the largest grid it reads; positions "
         "are raster order). There is no sliding window: a larger grid is an error.",
     )
-    n_layer: int = Field(8, ge=1, description="Number of transformer blocks.")
-    n_head: int = Field(8, ge=1, description="Attention heads per block; must divide n_embd.")
-    n_embd: int = Field(512, ge=1, description="Width of the residual stream.")
-    embd_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the input embeddings.")
-    attn_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention weights.")
-    resid_dropout: float = Field(
-        0.0, ge=0, lt=1, description="Dropout on each block's attention and MLP outputs."
-    )
+    n_layer: NLayer = 8
+    n_head: NHead = 8
+    n_embd: NEmbd = 512
+    embd_dropout: EmbdDropout = 0.0
+    attn_dropout: AttnDropout = 0.0
+    resid_dropout: ResidDropout = 0.0
     bias: bool = Field(True, description="Biases in the linear layers and LayerNorms.")
     layer_norm_eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon.")
     attention: AttentionSpec = Field(

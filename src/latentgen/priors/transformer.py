@@ -46,6 +46,18 @@ def _attention_spec(value: Any) -> Any:
 AttentionSpec = Annotated[str | SerializeAsAny[ComponentConfig], BeforeValidator(_attention_spec)]
 
 
+# The shape and dropout of a stack of `_Block`s, one definition for every prior built from them
+# (the transformer and masked priors).
+NLayer = Annotated[int, Field(ge=1, description="Number of transformer blocks.")]
+NHead = Annotated[int, Field(ge=1, description="Attention heads per block; must divide n_embd.")]
+NEmbd = Annotated[int, Field(ge=1, description="Width of the residual stream.")]
+EmbdDropout = Annotated[float, Field(ge=0, lt=1, description="Dropout on the input embeddings.")]
+AttnDropout = Annotated[float, Field(ge=0, lt=1, description="Dropout on attention weights.")]
+ResidDropout = Annotated[
+    float, Field(ge=0, lt=1, description="Dropout on each block's attention and MLP outputs.")
+]
+
+
 class TransformerPriorConfig(PriorConfig):
     """Config of the GPT prior (Radford et al. 2019; as used in arXiv 2012.09841)."""
 
@@ -62,14 +74,12 @@ class TransformerPriorConfig(PriorConfig):
         "draws larger grids (wh*ww <= block_size). None: the square of side sqrt(block_size) "
         "when block_size is a square number (16x16 for 256).",
     )
-    n_layer: int = Field(8, ge=1, description="Number of transformer blocks.")
-    n_head: int = Field(8, ge=1, description="Attention heads per block; must divide n_embd.")
-    n_embd: int = Field(512, ge=1, description="Width of the residual stream.")
-    embd_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the input embeddings.")
-    attn_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention weights.")
-    resid_dropout: float = Field(
-        0.0, ge=0, lt=1, description="Dropout on each block's attention and MLP outputs."
-    )
+    n_layer: NLayer = 8
+    n_head: NHead = 8
+    n_embd: NEmbd = 512
+    embd_dropout: EmbdDropout = 0.0
+    attn_dropout: AttnDropout = 0.0
+    resid_dropout: ResidDropout = 0.0
     positions: Literal["learned", "rope"] = Field(
         "learned",
         description="'learned': a learned position table (GPT-2); 'rope': rotary embeddings on "
@@ -175,7 +185,6 @@ class _MLP(nn.Module):
         self.proj = nn.Linear(4 * c, c, bias=bias)
 
 
-
 def init_gpt_weights(
     model: nn.Module, n_layer: int, free: Iterable[Tensor | None], std: float = 0.02
 ) -> None:
@@ -195,6 +204,7 @@ def init_gpt_weights(
     for p in free:
         if p is not None:
             nn.init.normal_(p, 0.0, std)
+
 
 class BlockShape(Protocol):
     """The config fields a block is built from (the GPT and masked priors' configs have them)."""
