@@ -38,10 +38,10 @@ class _Passes:
         self.rows: list[int] = []
         inner = prior._logits
 
-        def logits(tokens, conds):
+        def logits(tokens, conds, positions=None):
             self.masked.append((tokens == prior.mask_id).sum(-1).tolist())
             self.rows.append(int(tokens.shape[0]))
-            return inner(tokens, conds)
+            return inner(tokens, conds, positions)
 
         monkeypatch.setattr(prior, "_logits", logits)
 
@@ -154,7 +154,7 @@ def test_guidance_mixes_the_conditional_and_null_rows_of_one_pass(monkeypatch):
     prior = _prior(conditions={"label": {"vocab_size": 3}}, cond_dropout=0.1)
     rows = []
 
-    def logits(tokens, conds):
+    def logits(tokens, conds, positions):
         c = conds["label"]
         rows.append(int(tokens.shape[0]))
         out = torch.zeros(*tokens.shape, 8)
@@ -162,7 +162,7 @@ def test_guidance_mixes_the_conditional_and_null_rows_of_one_pass(monkeypatch):
             torch.where(c.drop, 1, c.tokens[:, 0] * 3) if c.drop is not None else c.tokens[:, 0] * 3
         )
         out[torch.arange(len(want)), :, want] = 20.0
-        return out
+        return out[positions]  # [M, K]: only the masked positions, as the prior's own
 
     monkeypatch.setattr(prior, "_logits", logits)
     labels = _labels(1, 2)
@@ -269,6 +269,51 @@ def test_loss_is_the_masked_objective_in_training_and_the_bound_in_eval():
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert all(p.grad is not None for p in prior.blocks.parameters())
     assert prior.tok_emb.weight.grad[prior.mask_id].abs().sum() > 0  # the mask token is learned
+
+
+def test_the_head_reads_only_the_masked_positions(monkeypatch):
+    """Sampling, training and the bound put only the masked positions through ln_f and the
+    head, and those logits are the full pass's logits at the same positions."""
+    prior = _prior(conditions={"label": {"vocab_size": 3}}, cond_dropout=0.1)
+    tokens = torch.randint(8, (3, 16), generator=torch.Generator().manual_seed(1))
+    positions = torch.rand(3, 16, generator=torch.Generator().manual_seed(2)) < 0.4
+    tokens = tokens.masked_fill(positions, prior.mask_id)
+    conds = _labels(0, 1, 2)
+    with torch.no_grad():
+        full = prior._logits(tokens, conds)  # [3, 16, 8]
+        part = prior._logits(tokens, conds, positions)  # [M, 8]
+    assert part.shape == (int(positions.sum()), 8)
+    torch.testing.assert_close(part, full[positions])
+
+    head_rows: list[int] = []
+    prior.head.register_forward_hook(lambda m, i, o: head_rows.append(int(i[0].shape[0])))
+    passes = _Passes(prior, monkeypatch)
+    prefix = torch.full((2, 4, 4), -1)
+    prefix[:, :2] = 5  # half the grid given
+    sampler = SamplerConfig(steps=4, guidance_scale=2.0)
+    prior.sample(_labels(0, 1), grid=(4, 4), prefix=prefix, sampler=sampler)
+    # 2B rows per pass (guidance); the head gets exactly the masked codes of those rows
+    assert head_rows == [sum(m) for m in passes.masked]
+    assert head_rows[0] == 2 * 2 * 8 and head_rows[-1] < head_rows[0]
+
+    seen = {}
+    inner = prior._logits
+
+    def spy(tokens, conds, positions=None):
+        seen.update(tokens=tokens, conds=conds, positions=positions)
+        return inner(tokens, conds, positions)
+
+    monkeypatch.setattr(prior, "_logits", spy)
+    prior.train()
+    codes = torch.randint(8, (4, 4, 4), generator=torch.Generator().manual_seed(3))
+    loss = prior.loss(codes, _labels(0, 1, 2, 0))
+    mask = seen["positions"]
+    assert mask is not None and bool(mask.any()) and not bool(mask.all())
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(
+            inner(seen["tokens"], seen["conds"])[mask], codes.reshape(4, 16)[mask]
+        )
+    torch.testing.assert_close(loss.detach(), want)
 
 
 def test_training_learns_a_class_conditional_pattern():

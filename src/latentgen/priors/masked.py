@@ -44,7 +44,7 @@ from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
 from latentgen.priors.attention import AttentionBackend, get_backend
 from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
-from latentgen.priors.sampling import filter_logits
+from latentgen.priors.sampling import filter_logits, guide
 from latentgen.priors.transformer import (
     AttentionSpec,
     AttnDropout,
@@ -175,6 +175,7 @@ class MaskedPrior(Prior):
 
     Config = MaskedPriorConfig
     log_prob_is_bound = True
+    decodes_in_passes = True
 
     def __init__(self, config: MaskedPriorConfig) -> None:
         super().__init__(config)
@@ -271,8 +272,11 @@ class MaskedPrior(Prior):
             return None
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
-    def _logits(self, tokens: Tensor, conds: dict[str, Conditioning]) -> Tensor:
-        """Logits ``[B, N, K]`` of every position of ``tokens [B, N]`` (``mask_id`` = masked)."""
+    def _logits(
+        self, tokens: Tensor, conds: dict[str, Conditioning], positions: Tensor | None = None
+    ) -> Tensor:
+        """Logits ``[B, N, K]`` of every position of ``tokens [B, N]`` (``mask_id`` = masked),
+        or ``[M, K]`` of only the M True entries of ``positions [B, N]`` (row-major order)."""
         cfg = self.config
         b, n = tokens.shape
         train = self.training
@@ -288,8 +292,12 @@ class MaskedPrior(Prior):
         for block in self.blocks:
             x = block(x, backend, None, None, 0, attn_p, resid_p, causal=False)
         h = x[:, self.n_ctx :]  # [B, N, C]
+        if positions is not None:
+            # Only the positions asked for go through the final norm and the head: in sampling
+            # and training these are the masked codes, a fraction of the grid.
+            h = h[positions]  # [M, C]
         h = F.layer_norm(h, (h.shape[-1],), self.ln_f.weight, self.ln_f.bias, cfg.layer_norm_eps)
-        return self.head(h)  # [B, N, K]
+        return self.head(h)  # [B, N, K] or [M, K]
 
     # -- training and likelihood -------------------------------------------------------------
     def loss(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
@@ -305,8 +313,8 @@ class MaskedPrior(Prior):
         # At least one masked code per grid, so every sample contributes to the loss.
         n_mask = (mask_ratio(self.config.mask_schedule, u) * n).ceil().clamp(1, n)  # [B]
         mask = _first_by_random_rank(b, n, n_mask, flat.device)  # [B, N] bool
-        logits = self._logits(flat.masked_fill(mask, self.mask_id), got)  # [B, N, K]
-        return F.cross_entropy(logits[mask].float(), flat[mask])
+        logits = self._logits(flat.masked_fill(mask, self.mask_id), got, mask)  # [M, K]
+        return F.cross_entropy(logits.float(), flat[mask])
 
     def log_prob(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
         """A lower bound ``[B]`` in nats on each code grid's log-likelihood (the ELBO).
@@ -330,8 +338,9 @@ class MaskedPrior(Prior):
             mask = torch.zeros(n, dtype=torch.bool)
             mask[order[j, : int(m[j])]] = True
             mask = mask.to(flat.device)
-            logits = self._logits(flat.masked_fill(mask, self.mask_id), got)  # [B, N, K]
-            lp = logits[:, mask].float().log_softmax(-1)  # [B, m, K]
+            rows = mask.expand(b, n)  # the same m codes masked in every grid
+            logits = self._logits(flat.masked_fill(mask, self.mask_id), got, rows)  # [B*m, K]
+            lp = logits.view(b, -1, logits.shape[-1]).float().log_softmax(-1)  # [B, m, K]
             lp = lp.gather(-1, flat[:, mask, None]).squeeze(-1).sum(-1)  # [B]
             # Unbiased for the sum over m = 1..N of the mean over masked codes.
             total = total + lp * (n / int(m[j]))
@@ -369,15 +378,24 @@ class MaskedPrior(Prior):
                 if not bool(masked.any()):
                     break  # a prefix left fewer free codes than passes
                 tokens = codes.masked_fill(masked, self.mask_id)
-                logits = request.mix(self._logits(request.expand(tokens), request.conds))
-                logits = filter_logits(logits, request.sampler)  # [B, N, K], -inf removed
+                # The head and the draw see only the M masked positions; with guidance the
+                # conditional rows' M come first, then the null rows' same M.
+                logits = self._logits(request.expand(tokens), request.conds, request.expand(masked))
+                if request.guided:
+                    m = logits.shape[0] // 2
+                    logits = guide(logits[:m], logits[m:], request.sampler.guidance_scale)
+                logits = filter_logits(logits, request.sampler)  # [M, K], -inf removed
                 logp = logits.log_softmax(-1)
-                probs = logp.exp().view(b * n, -1)  # [B*N, K]
-                drawn = torch.multinomial(probs, 1, generator=gen).view(b, n)  # [B, N]
-                conf = logp.gather(-1, drawn[..., None]).squeeze(-1)  # [B, N]
+                picked = torch.multinomial(logp.exp(), 1, generator=gen)  # [M, 1]
+                conf_m = logp.gather(-1, picked).squeeze(-1)  # [M]
                 noise_scale = self.config.choice_temperature * (1 - (t + 1) / steps)
                 if noise_scale > 0:
-                    conf = conf + noise_scale * _gumbel((b, n), gen, device)
+                    conf_m = conf_m + noise_scale * _gumbel(conf_m.shape, gen, device)
+                drawn = codes.masked_scatter(masked, picked.squeeze(-1))  # [B, N]
+                # given codes rank first
+                conf = torch.full((b, n), float("inf"), device=device).masked_scatter(
+                    masked, conf_m
+                )
                 # Codes still masked after this pass: gamma((t+1)/T) of the free ones, at least
                 # one fewer than now (every pass fills a code), none after the last pass.
                 left = masked.sum(-1)  # [B]
@@ -387,7 +405,6 @@ class MaskedPrior(Prior):
                 if t == steps - 1:
                     keep_masked = torch.zeros_like(keep_masked)
                 # Fill the (left - keep_masked) most confident masked codes of each row.
-                conf = conf.masked_fill(~masked, float("inf"))  # given codes rank first
                 order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
                 rank = order.argsort(-1)  # [B, N]: 0 = most confident
                 fill = masked & (rank < (n - keep_masked)[:, None])
@@ -399,7 +416,7 @@ class MaskedPrior(Prior):
 
 
 def _gumbel(
-    shape: tuple[int, int], generator: torch.Generator | None, device: torch.device
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> Tensor:
     """Standard Gumbel noise ``-log(-log U)`` drawn with ``generator``."""
     u = torch.rand(shape, generator=generator, device=device)
