@@ -122,11 +122,27 @@ def test_compare_cli(tokenizer_dir, tmp_path):
         ({"conditioners": {}}, "prior 'gpt' is built for conditions \\['label'\\]"),
         ({"priors": {}}, "give `priors` .* or `tokenizers` .*both are empty"),
         ({"tokenizer_path": None}, "set tokenizer_path"),
+        (
+            {"evaluation": {"classifier": "latentgen:nope"}},
+            "no weights latentgen:nope ship with latentgen; the shipped ones are "
+            "latentgen:shapes-classifier",
+        ),
+        ({"evaluation": {"steps": [8, 0]}}, "steps \\[0\\]: a sampling pass count is at least 1"),
     ],
 )
 def test_bad_configs(tokenizer_dir, tmp_path, changes, message):
     with pytest.raises(SpecError, match=message):
         load_compare_config(config(tokenizer_dir, tmp_path, **changes))
+
+
+def test_a_shipped_classifier_by_name(tokenizer_dir, tmp_path):
+    """`latentgen:shapes-classifier` in a config is the classifier shipped with latentgen."""
+    from latentgen.demo import shapes_classifier_path
+
+    evaluation = {"classifier": "latentgen:shapes-classifier"}
+    cfg = load_compare_config(config(tokenizer_dir, tmp_path, evaluation=evaluation))
+    assert cfg.evaluation.classifier == shapes_classifier_path()
+    assert (cfg.evaluation.classifier / "component.json").is_file()
 
 
 def test_prior_of_another_vocabulary(tokenizer_dir, tmp_path):

@@ -104,10 +104,26 @@ def test_segmentation_masked_prior_trains_and_samples_from_a_map(tokenizers):
     assert "wrote 2 images" in res.output and out.stat().st_size > 0
 
 
-def test_compare_puts_the_masked_bound_beside_the_gpt_nll(tmp_path):
-    """`compare` trains both on one code cache and marks the masked prior's NLL as a bound;
-    the shipped GPT-vs-masked config validates."""
+def test_compare_puts_the_masked_bound_beside_the_gpt_nll(tmp_path, monkeypatch):
+    """`compare` trains both on one code cache, marks the masked prior's NLL as a bound and
+    measures the masked prior once per T of `evaluation.steps` (the GPT prior once); the
+    shipped GPT-vs-masked config names the shipped classifier and T = 8, 12, 16."""
     from latentgen.compare import load_compare_config, run_compare
+    from latentgen.demo import shapes_classifier_path
+    from latentgen.priors.masked import MaskedPrior
+
+    passes = []
+    generate = MaskedPrior.generate
+
+    def spy(self, request):
+        passes.append(self.num_steps(request.sampler.steps, request.grid))
+        return generate(self, request)
+
+    monkeypatch.setattr(MaskedPrior, "generate", spy)
+    clf = registry.build(
+        "classifier", {"type": "cnn", "num_classes": 6, "image_size": 16, "widths": [8, 16]}
+    )
+    clf_dir = save_component(clf, "classifier", tmp_path / "clf")
 
     tok = registry.build("tokenizer", {"type": "toy.palette", "vocab_size": 8, "downsample": 4})
     ds = ShapesDataset(ShapesConfig(size=32, image_size=16))
@@ -130,19 +146,40 @@ def test_compare_puts_the_masked_bound_beside_the_gpt_nll(tmp_path):
             },
             "budgets": [{"steps": 3}],
             "trainer": {"batch_size": 4, "lr": 0.001},
-            "evaluation": {"held_out_images": 8, "sample_batch": 2},
+            "evaluation": {
+                "held_out_images": 8,
+                "sample_batch": 2,
+                "classifier": str(clf_dir),
+                "num_samples": 2,
+                "kid_subset_size": 6,
+                "kid_subsets": 2,
+                "steps": [2, 5],
+            },
         }
     )
-    rows = {r["prior"]: r for r in result.rows}
-    assert rows["gpt"]["nll_is_upper_bound"] is False
-    assert rows["masked"]["nll_is_upper_bound"] is True
-    assert 0 < rows["masked"]["held_out_bits_per_code"] < 10
-    assert rows["masked"]["sample_codes_per_s"] > 0
-    assert "nll_is_upper_bound" in result.table().splitlines()[0]
+    assert [(r["prior"], r["sample_steps"]) for r in result.rows] == [
+        ("gpt", None),
+        ("masked", 2),
+        ("masked", 5),
+    ]
+    gpt, masked2, masked5 = result.rows
+    assert gpt["nll_is_upper_bound"] is False
+    assert masked2["nll_is_upper_bound"] is True
+    assert 0 < masked2["held_out_bits_per_code"] < 10
+    assert masked2["held_out_bits_per_code"] == masked5["held_out_bits_per_code"]  # one model
+    for row in result.rows:
+        assert row["sample_codes_per_s"] > 0 and 0 <= row["class_accuracy"] <= 1
+        assert row["kid"] is not None
+    # every draw of the T=2 row (timing, then eval samples) ran 2 passes, of the T=5 row 5
+    assert passes[0] == 2 and passes[-1] == 5 and sorted(set(passes)) == [2, 5]
+    assert passes == sorted(passes)
+    header = result.table().splitlines()[0]
+    assert "nll_is_upper_bound" in header and "sample_steps" in header
 
     shipped = load_compare_config(CONFIGS / "compare-shapes-masked.yaml")
     assert {p.type for p in shipped.priors.values()} == {"transformer", "masked"}
-    assert shipped.sampler.steps == 12
+    assert shipped.evaluation.classifier == shapes_classifier_path()
+    assert shipped.evaluation.steps == [8, 12, 16]
 
 
 def test_eval_samples_and_rejection_take_the_masked_prior_in_place_of_another():

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from latentgen.errors import SpecError
 from latentgen.specs import SamplerConfig, component_field, load_model, spec_error
@@ -46,12 +53,33 @@ else:
     ConditionerField = component_field("conditioner")
 
 __all__ = [
+    "SHIPPED",
     "Budget",
     "CompareConfig",
     "CompareResult",
     "load_compare_config",
     "run_compare",
+    "shipped_weights",
 ]
+
+#: Prefix of a shipped weights name in a config (``latentgen:shapes-classifier``).
+SHIPPED = "latentgen:"
+
+
+def shipped_weights(name: str) -> Path:
+    """The directory of the weights named ``name`` shipped in ``latentgen/weights``."""
+    from importlib import resources
+
+    root = Path(str(resources.files("latentgen") / "weights"))
+    path = root / name
+    if not name or "/" in name or not (path / "component.json").is_file():
+        known = sorted(p.name for p in root.iterdir() if (p / "component.json").is_file())
+        raise ValueError(
+            f"no weights {SHIPPED}{name} ship with latentgen; the shipped ones are "
+            f"{', '.join(SHIPPED + k for k in known)} (or give the path of a saved classifier)."
+        )
+    return path
+
 
 # Trainer options a compare config may not set per se: the budget and the run's place are its own.
 _RESERVED = ("run_name", "runs_dir", "max_steps")
@@ -88,7 +116,10 @@ class Evaluation(BaseModel):
     held_out_images: int = Field(256, ge=1, description="Held-out images scored for the NLL.")
     sample_batch: int = Field(16, ge=1, description="Samples drawn at once to time sampling.")
     classifier: Path | None = Field(
-        None, description="Saved classifier: adds eval-samples figures (accuracy, KID, FID)."
+        None,
+        description="Saved classifier: adds eval-samples figures (accuracy, KID, FID). "
+        "`latentgen:NAME` names one shipped with latentgen (latentgen:shapes-classifier, the "
+        "reference for the shapes data).",
     )
     num_samples: int = Field(20, ge=1, description="eval samples: samples per class (or in all).")
     kid_subset_size: int = Field(50, ge=2, description="eval samples: KID subset size.")
@@ -96,6 +127,30 @@ class Evaluation(BaseModel):
     acceptance_rate: float | None = Field(
         None, gt=0, le=1, description="eval samples: also with rejection sampling at this rate."
     )
+    steps: list[int] = Field(
+        default_factory=list,
+        description="Sampling passes T to measure one by one for a prior that decodes in passes "
+        "(the masked prior): one row per T, each with its own codes/s and eval-samples figures. "
+        "Empty: the sampler's steps only. Autoregressive priors get one row.",
+    )
+
+    @field_validator("classifier", mode="before")
+    @classmethod
+    def _shipped(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(SHIPPED):
+            return shipped_weights(value[len(SHIPPED) :])
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        bad = [t for t in value if t < 1]
+        if bad:
+            raise ValueError(
+                f"steps {bad}: a sampling pass count is at least 1; list values such as "
+                "[8, 12, 16]."
+            )
+        return value
 
 
 class CompareConfig(BaseModel):
@@ -294,7 +349,9 @@ class _Runner:
         out["eval_images_per_s"] = scores.images / (time.perf_counter() - t0)
         return out
 
-    def measure(self, pipe: Any) -> dict[str, Any]:
+    def measure(self, pipe: Any) -> list[dict[str, Any]]:
+        """Held-out NLL, then sampling figures: one row, or one per T of ``evaluation.steps``
+        for a prior that decodes in passes."""
         from latentgen.evaluation import evaluate_prior
 
         cfg, ev = self.cfg, self.cfg.evaluation
@@ -305,6 +362,19 @@ class _Runner:
         row: dict[str, Any] = {"held_out_bits_per_code": nll.bits_per_code}
         # A masked prior's figure is its ELBO: an upper bound on the NLL, not the exact NLL.
         row["nll_is_upper_bound"] = nll.nll_is_upper_bound
+        if not (ev.steps and pipe.prior.decodes_in_passes):
+            steps = cfg.sampler.steps if pipe.prior.decodes_in_passes else None
+            return [row | {"sample_steps": steps} | self.measure_samples(pipe, cfg.sampler, held)]
+        rows = []
+        for t in ev.steps:
+            sampler = cfg.sampler.model_copy(update={"steps": t})
+            rows.append(row | {"sample_steps": t} | self.measure_samples(pipe, sampler, held))
+        return rows
+
+    def measure_samples(self, pipe: Any, sampler: Any, held: Any) -> dict[str, Any]:
+        """Sampling speed in codes/s and, given a classifier, the eval-samples figures."""
+        ev = self.cfg.evaluation
+        row: dict[str, Any] = {}
         raw = {}
         if pipe.conditioners:
             from torch.utils.data import default_collate
@@ -314,7 +384,7 @@ class _Runner:
         gen = torch.Generator(self.device).manual_seed(0)
         n = None if raw else ev.sample_batch
         t0 = time.perf_counter()
-        codes = pipe.sample_codes(n, generator=gen, **raw)
+        codes = pipe.sample_codes(n, generator=gen, sampler=sampler, **raw)
         row["sample_codes_per_s"] = codes.numel() / (time.perf_counter() - t0)
         if ev.classifier is not None:
             from latentgen.sample_eval import evaluate_samples
@@ -327,6 +397,7 @@ class _Runner:
                 rejection=ev.acceptance_rate,
                 kid_subset_size=ev.kid_subset_size,
                 kid_subsets=ev.kid_subsets,
+                sampler=sampler,
                 condition_keys=self.keys,
             )
             for r in results:
@@ -415,10 +486,9 @@ def run_compare(
             row["train_s"] = train_s
             row["s_per_step"] = per_step if per_step is not None else train_s / result.step
             if kind == "prior":
-                row.update(runner.measure(pipe))
+                rows.extend(row | measured for measured in runner.measure(pipe))
             else:
-                row.update(runner.measure_tokenizer(result.export))
-            rows.append(row)
+                rows.append(row | runner.measure_tokenizer(result.export))
             # a prior's loss is its NLL in nats per code: plotted in bits
             curve = _curve(result.run_dir, start, 1 / math.log(2) if kind == "prior" else 1.0)
             curves[f"{budget.label} {name}"] = curve

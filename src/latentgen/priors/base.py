@@ -225,6 +225,9 @@ class Prior(Component, nn.Module, ABC):
     sample_options: ClassVar[frozenset[str]] = frozenset()
     #: True when ``log_prob`` is a lower bound (an ELBO, e.g. the masked prior's), not exact.
     log_prob_is_bound: ClassVar[bool] = False
+    #: True when ``sample`` runs ``SamplerConfig.steps`` passes (e.g. the masked prior), so the
+    #: number of passes is worth measuring; autoregressive priors ignore ``steps``.
+    decodes_in_passes: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         nn.Module.__init__(self)
