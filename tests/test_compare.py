@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +144,9 @@ def test_a_shipped_classifier_by_name(tokenizer_dir, tmp_path):
     cfg = load_compare_config(config(tokenizer_dir, tmp_path, evaluation=evaluation))
     assert cfg.evaluation.classifier == shapes_classifier_path()
     assert (cfg.evaluation.classifier / "component.json").is_file()
+    configs = Path(__file__).resolve().parents[1] / "src" / "latentgen" / "configs"
+    for shipped in sorted(configs.glob("compare-*.yaml")):  # each names the shipped one
+        assert load_compare_config(shipped).evaluation.classifier == shapes_classifier_path()
 
 
 def test_prior_of_another_vocabulary(tokenizer_dir, tmp_path):
