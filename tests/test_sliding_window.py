@@ -12,6 +12,7 @@ from latentgen.priors.window import (
     FullForwardDecoder,
     crop_conditions,
     generation_order,
+    plan_wavefront,
     plan_windows,
     sample_windowed,
     window_origin,
@@ -22,7 +23,7 @@ from latentgen.specs import SamplerConfig
 K = 16
 
 
-def _prior(**conditions) -> TransformerPrior:
+def _prior(positions: str = "learned", layout: str = "prefix", **conditions) -> TransformerPrior:
     torch.manual_seed(0)
     cfg = TransformerPriorConfig(
         vocab_size=K,
@@ -32,6 +33,8 @@ def _prior(**conditions) -> TransformerPrior:
         n_embd=32,
         conditions=conditions,
         cond_dropout=0.1 if conditions else 0.0,
+        positions=positions,
+        layout=layout,
     )
     prior = TransformerPrior(cfg).eval()
     # Sharper than the initialisation, so that samples depend on their context.
@@ -96,6 +99,49 @@ def test_cached_tiles_move_in_strides_centred_across():
     assert order[:8] == [(4, j) for j in range(8)]
 
 
+@pytest.mark.parametrize(
+    ("grid", "size", "stride"),
+    [((9, 13), (4, 4), None), ((16, 24), (4, 4), (2, 3)), ((32, 32), (8, 8), None)],
+)
+def test_the_wavefront_draws_each_code_after_its_window_context(grid, size, stride):
+    (h, w), (wh, ww) = grid, size
+    placements = plan_windows(grid, size, "cached", stride)
+    waves, slot = plan_wavefront(placements, grid, size)
+    drawn = torch.zeros(grid, dtype=torch.bool)
+    pos: dict[int, int] = {}
+
+    def cell(k: int, q: int) -> tuple[int, int]:
+        return placements[k].top + q // ww, placements[k].left + q % ww
+
+    def context_drawn(k: int, q: int) -> bool:
+        p = placements[k]
+        return bool(drawn[p.top : p.top + wh, p.left : p.left + ww].flatten()[:q].all())
+
+    for wave in waves:
+        for k in wave.start:
+            i, j = placements[k].targets[0]
+            pos[k] = (i - placements[k].top) * ww + j - placements[k].left
+            assert context_drawn(k, pos[k])  # started once everything before its code is drawn
+        active = [slot[k] for k in pos]
+        assert len(set(active)) == len(active)  # a slot holds one window at a time
+        for k in wave.draw:
+            assert cell(k, pos[k]) in placements[k].targets and not drawn[cell(k, pos[k])]
+            assert context_drawn(k, pos[k])
+        for k in wave.draw:
+            drawn[cell(k, pos[k])] = True
+        for k in wave.feed:
+            assert drawn[cell(k, pos[k])]  # only drawn codes are fed
+            pos[k] += 1
+        for k in [k for k in pos if k not in wave.feed and drawn[cell(k, pos[k])]]:
+            del pos[k]  # finished: its last code is drawn
+    assert drawn.all() and not pos
+    # Several tiles move per step: the steps are near the bound of h * ww (a first-column code
+    # sees the whole row above it in its window, drawn code after code), far below h * w.
+    assert h * ww <= len(waves) <= h * ww + w
+    assert sum(len(wave.draw) for wave in waves) == h * w
+    assert max(len(wave.feed) for wave in waves) >= 3
+
+
 # -- sampling -----------------------------------------------------------------------------------
 SAMPLERS = [
     SamplerConfig(),
@@ -131,14 +177,27 @@ def test_cached_equals_exact_while_the_window_stands_still():
     assert not torch.equal(exact, cached)  # afterwards the windows differ
 
 
-@pytest.mark.parametrize("stride", [None, (2, 3), (1, 1)])
-def test_cached_draws_what_teacher_forced_windows_draw(stride, monkeypatch):
-    # The KV caches of a band's tiles, fed as neighbours draw, give the logits that one full
-    # forward of each window gives: the same codes from the same seed.
-    prior = _prior(label={"vocab_size": 3})
+@pytest.mark.parametrize(
+    ("stride", "positions", "layout"),
+    [
+        (None, "learned", "prefix"),
+        ((2, 3), "learned", "prefix"),
+        ((1, 1), "learned", "prefix"),
+        (None, "rope", "prefix"),
+        ((2, 3), "learned", "taming"),
+    ],
+)
+def test_cached_draws_what_teacher_forced_windows_draw(stride, positions, layout, monkeypatch):
+    # The tiles' KV cache slots, stepped together with a position per row as neighbours draw,
+    # give the logits that one full forward of each window gives: the same codes, same seed.
+    prior = _prior(positions, layout, label={"vocab_size": 3})
     sampler = SamplerConfig(window="cached", window_stride=stride, guidance_scale=1.5)
     cached = prior.sample(_label(), grid=(9, 13), sampler=sampler, generator=_gen(4))
-    monkeypatch.setattr(prior, "window_decoder", lambda rows, size: FullForwardDecoder(prior, size))
+    monkeypatch.setattr(
+        prior,
+        "window_decoder",
+        lambda rows, size, slots=1: FullForwardDecoder(prior, rows, size, slots),
+    )
     forward = prior.sample(_label(), grid=(9, 13), sampler=sampler, generator=_gen(4))
     assert torch.equal(cached, forward)
 
@@ -205,16 +264,16 @@ def test_a_condition_that_does_not_fit_the_grid_is_refused():
 def test_sampling_crops_the_spatial_condition_to_each_window(mode, monkeypatch):
     prior = _prior(seg={"vocab_size": 5, "num_tokens": 16})
     seg = _map(8, 8, b=2)
-    seen: list[torch.Tensor] = []
+    seen: list[tuple[int, int, torch.Tensor]] = []
     make = prior.window_decoder
 
-    def spy(rows, size):
-        decoder = make(rows, size)
+    def spy(rows, size, slots=1):
+        decoder = make(rows, size, slots)
         start = decoder.start
 
-        def start_and_record(conds):
-            seen.append(conds["seg"].tokens.clone())
-            start(conds)
+        def start_and_record(slot, conds, top, left):
+            seen.append((top, left, conds["seg"].tokens.clone()))
+            start(slot, conds, top, left)
 
         decoder.start = start_and_record  # type: ignore[method-assign]
         return decoder
@@ -225,10 +284,11 @@ def test_sampling_crops_the_spatial_condition_to_each_window(mode, monkeypatch):
     )
     assert out.shape == (2, 8, 8)
     placements = plan_windows((8, 8), (4, 4), mode)
-    assert len(seen) == len(placements)
+    # every window started once, with the condition cropped to its own corner
+    assert sorted(t[:2] for t in seen) == sorted((p.top, p.left) for p in placements)
     full = seg.tokens.view(2, 8, 8)
-    for tokens, p in zip(seen, placements, strict=True):
-        want = full[:, p.top : p.top + 4, p.left : p.left + 4].reshape(2, 16)
+    for top, left, tokens in seen:
+        want = full[:, top : top + 4, left : left + 4].reshape(2, 16)
         assert torch.equal(tokens, want)
 
 

@@ -302,10 +302,11 @@ class Prior(Component, nn.Module, ABC):
         flat = codes.reshape(codes.shape[0], -1).to(logits.device, torch.long)  # [B, n]
         return logits.log_softmax(-1).gather(-1, flat[..., None]).squeeze(-1)
 
-    def window_decoder(self, rows: int, size: tuple[int, int]) -> WindowDecoder:
-        """The logits of one ``size`` window at a time for ``rows`` rows; the default runs one
-        ``code_logits`` forward per code, a prior with a KV cache returns a cached decoder."""
-        return FullForwardDecoder(self, size)
+    def window_decoder(self, rows: int, size: tuple[int, int], slots: int = 1) -> WindowDecoder:
+        """The logits of ``slots`` windows of ``size`` at once for ``rows`` rows each; the
+        default runs one ``code_logits`` forward per window and code, a prior with a KV cache
+        returns a cached decoder that steps every asked window in one batch."""
+        return FullForwardDecoder(self, rows, size, slots)
 
     def resolve_window(
         self, grid: tuple[int, int], size: tuple[int, int] | None, force: bool = False

@@ -15,7 +15,7 @@ the whole sequence, and the last condition token (or a start token) predicts the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal, Protocol, cast
 
 import torch
@@ -335,6 +335,42 @@ class _Block(nn.Module):
         h = F.gelu(F.linear(h, self.mlp.fc.weight, self.mlp.fc.bias))  # [B, 4C]
         return x + F.linear(h, self.mlp.proj.weight, self.mlp.proj.bias)
 
+    def step_rows(
+        self,
+        x: Tensor,
+        kv: Tensor,
+        pos: Tensor,
+        keep: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """``step`` where every row has its own position: ``x [B, C]``, ``pos [B]`` long (the
+        rows' key/value go to ``kv [2, B, H, T_max, Dh]`` at ``pos``), ``keep [B, T]`` True for
+        the keys a row sees (``T <= T_max``); ``rope`` per row ``[B, 1, Dh]``. Plain attention
+        (inference only); the cache must hold finite values where ``keep`` is False."""
+        b, c = x.shape
+        nh = self.n_head
+        h = F.layer_norm(x, (c,), self.ln1.weight, self.ln1.bias, self.eps)
+        qkv = F.linear(h, self.attn.qkv.weight, self.attn.qkv.bias).view(b, 3, nh, c // nh)
+        q = qkv[:, 0]  # [B, H, Dh]
+        if rope is None:
+            new = qkv[:, 1:]  # [B, 2, H, Dh]
+        else:
+            q = _rotate(q, *rope)
+            new = torch.stack((_rotate(qkv[:, 1], *rope), qkv[:, 2]), dim=1)
+        # Two advanced indices split by a slice: the indexed view is [B, 2, H, Dh].
+        kv[:, torch.arange(b, device=x.device), :, pos] = new
+        t, dh = keep.shape[1], c // nh
+        k, v = kv.narrow(3, 0, t).unbind(0)  # [B, H, T, Dh] each
+        # Two bmm and a masked softmax: SDPA with a mask takes its slow path on CPU here.
+        q1 = (q * (1.0 / math.sqrt(dh))).reshape(b * nh, 1, dh)
+        att = torch.bmm(q1, k.reshape(b * nh, t, dh).transpose(1, 2)).view(b, nh, t)
+        att = att.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)  # [B, H, T]
+        y = torch.bmm(att.view(b * nh, 1, t), v.reshape(b * nh, t, dh))  # [B*H, 1, Dh]
+        x = x + F.linear(y.reshape(b, c), self.attn.proj.weight, self.attn.proj.bias)
+        h = F.layer_norm(x, (c,), self.ln2.weight, self.ln2.bias, self.eps)
+        h = F.gelu(F.linear(h, self.mlp.fc.weight, self.mlp.fc.bias))  # [B, 4C]
+        return x + F.linear(h, self.mlp.proj.weight, self.mlp.proj.bias)
+
 
 # -- the prior ---------------------------------------------------------------------------------
 class TransformerPrior(Prior):
@@ -455,9 +491,10 @@ class TransformerPrior(Prior):
                 )
             )
 
-    def window_decoder(self, rows: int, size: tuple[int, int]) -> WindowDecoder:
-        """A KV-cached decoder: while the window stands still, each code costs one step."""
-        return _CachedWindowDecoder(self, rows, size)
+    def window_decoder(self, rows: int, size: tuple[int, int], slots: int = 1) -> WindowDecoder:
+        """A KV-cached decoder: while a window stands still, each of its codes costs one row
+        of a decode step shared by every window that moves at the same time."""
+        return _CachedWindowDecoder(self, rows, size, slots)
 
     def _backend(self, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
         key = (device, dtype)
@@ -654,6 +691,42 @@ class TransformerPrior(Prior):
 
         return step
 
+    def _rows_step_fn(
+        self, device: torch.device, dtype: torch.dtype
+    ) -> Callable[[Tensor, Tensor, Tensor, list[Tensor]], Tensor]:
+        """The decode step with a position per row ``(codes [R], code index [R], sequence
+        position [R], kv) -> h [R, C]`` (the sliding window's tiles, each at its own place)."""
+        blocks = cast(list[_Block], list(self.blocks))
+        emb, pos_emb = self.tok_emb.weight, self.pos_emb
+        pos0 = self._code_pos0
+        ln_w, ln_b, eps = self.ln_f.weight, self.ln_f.bias, self.config.layer_norm_eps
+        rope_cos: Tensor | None = getattr(self, "rope_cos", None)
+        rope_sin: Tensor | None = getattr(self, "rope_sin", None)
+
+        def step(codes: Tensor, index: Tensor, pos: Tensor, kv: list[Tensor]) -> Tensor:
+            x = F.embedding(codes, emb)  # [R, C]
+            rope = None
+            if pos_emb is not None:
+                x = x + pos_emb[pos0 + index]
+            elif rope_cos is not None and rope_sin is not None:
+                rope = (rope_cos[pos][:, None], rope_sin[pos][:, None])  # [R, 1, Dh] each
+            keep = torch.arange(int(pos.max()) + 1, device=pos.device) <= pos[:, None]  # [R, T]
+            for block, layer_kv in zip(blocks, kv):
+                x = block.step_rows(x, layer_kv, pos, keep, rope)
+            return F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+
+        return step
+
+    def _plain_attention(self) -> bool:
+        """Whether the attention backend computes plain causal attention (``auto``, ``sdpa``,
+        ``math``), which the decode steps that compute attention themselves reproduce."""
+        att = self._attention
+        if isinstance(att, str):
+            return att in ("auto", "sdpa", "math")
+        options = att.config.model_dump(exclude={"type"})
+        options.pop("kernel", None)  # a forced SDPA kernel computes the same attention
+        return att.type_name() in ("auto", "sdpa", "math") and not options
+
     def _check_static_backend(self) -> None:
         """The static step computes attention itself (masked, over the whole cache), which is
         what ``sdpa`` and ``math`` compute; a backend with its own pattern would differ."""
@@ -757,34 +830,93 @@ class TransformerPrior(Prior):
 
 
 class _CachedWindowDecoder(WindowDecoder):
-    """Window logits from a static KV cache ``[L, 2, rows, H, T, Dh]`` made once: ``start``
-    rewinds it, the first ``logits`` call of a window runs the prefix and the codes before the
-    asked position in one forward, later calls feed only the codes since the last call."""
+    """Window logits from one zeroed KV cache ``[L, 2, slots * rows, H, T + 1, Dh]`` made once;
+    slot ``s`` owns rows ``s * rows .. (s + 1) * rows``. A slot's first call after ``start``
+    runs its prefix and codes up to the asked position in one forward; slots asked one position
+    further go through one batched decode step over the range of slots they span, each row at
+    its own position (rows of slots not asked feed a dummy token into the spare column ``T``)."""
 
-    def __init__(self, prior: TransformerPrior, rows: int, size: tuple[int, int]) -> None:
+    def __init__(
+        self, prior: TransformerPrior, rows: int, size: tuple[int, int], slots: int
+    ) -> None:
         cfg = prior.config
         w = prior.tok_emb.weight
-        t_max = prior.n_ctx + size[0] * size[1] - 1  # the last code is never fed back
-        cache = w.new_empty(cfg.n_layer, 2, rows, cfg.n_head, t_max, cfg.n_embd // cfg.n_head)
+        self.t_max = prior.n_ctx + size[0] * size[1] - 1  # the last code is never fed back
+        # Zeroed: masked keys of a row must be finite (a zero attention weight times NaN is NaN).
+        cache = w.new_zeros(
+            cfg.n_layer, 2, slots * rows, cfg.n_head, self.t_max + 1, cfg.n_embd // cfg.n_head
+        )
         self.kv = list(cache.unbind(0))  # per-layer views, made once
-        self.prior, self.rows = prior, rows
-        self.conds: dict[str, Conditioning] = {}
-        self.fed: int | None = None  # codes already in the cache; None: not even the prefix
+        self.prior, self.rows, self.size = prior, rows, size
+        self.windows: list[tuple[dict[str, Conditioning], int, int]] = [({}, 0, 0)] * slots
+        self.fed: list[int | None] = [None] * slots  # codes in a slot's cache; None: none yet
+        # The batched step computes plain attention with a per-row key mask; a backend with
+        # its own pattern (a sliding band) goes through the per-slot forward instead.
+        self.batched = prior._plain_attention()
+        self.step = prior._rows_step_fn(w.device, w.dtype) if self.batched else None
 
-    def start(self, conds: dict[str, Conditioning]) -> None:
-        self.conds, self.fed = conds, None
+    def start(self, slot: int, conds: dict[str, Conditioning], top: int, left: int) -> None:
+        self.windows[slot], self.fed[slot] = (conds, top, left), None
 
-    def logits(self, codes: Tensor, position: int) -> Tensor:
-        prior = self.prior
-        if self.fed is None:
-            x = prior._prefix(self.conds, self.rows)  # [rows, n_ctx, C]
+    def _window(self, slot: int, codes: Tensor) -> Tensor:
+        """The slot's window ``[rows, wh * ww]`` as drawn so far."""
+        (wh, ww), (_, top, left) = self.size, self.windows[slot]
+        win = codes[:, top : top + wh, left : left + ww].reshape(codes.shape[0], wh * ww)
+        return win.repeat(self.rows // codes.shape[0], 1)
+
+    def _forward(self, slot: int, position: int, codes: Tensor) -> Tensor:
+        """Feed the slot everything before ``position`` it lacks in one forward -> ``[rows, K]``."""
+        prior, fed = self.prior, self.fed[slot]
+        kv = [k.narrow(1, slot * self.rows, self.rows) for k in self.kv]
+        win = self._window(slot, codes)
+        if fed is None:
+            x = prior._prefix(self.windows[slot][0], self.rows)  # [rows, n_ctx, C]
             if position:
-                x = torch.cat((x, prior._embed_codes(codes[:, :position], 0)), dim=1)
-            h = prior._run(x, 0, self.kv)[:, -1]  # [rows, C]
+                x = torch.cat((x, prior._embed_codes(win[:, :position], 0)), dim=1)
+            h = prior._run(x, 0, kv)[:, -1]  # [rows, C]
         else:
-            if position <= self.fed:
-                raise ValueError(f"positions must increase: {position} after {self.fed}")
-            x = prior._embed_codes(codes[:, self.fed : position], self.fed)  # [rows, T, C]
-            h = prior._run(x, prior.n_ctx + self.fed, self.kv)[:, -1]
-        self.fed = position
+            if position <= fed:
+                raise ValueError(f"positions must increase: {position} after {fed}")
+            x = prior._embed_codes(win[:, fed:position], fed)  # [rows, T, C]
+            h = prior._run(x, prior.n_ctx + fed, kv)[:, -1]
+        self.fed[slot] = position
         return prior._head(h)  # [rows, K]
+
+    def logits(self, slots: Sequence[int], positions: Sequence[int], codes: Tensor) -> Tensor:
+        out: list[Tensor | None] = [None] * len(slots)
+        stepping = []
+        for n, (slot, position) in enumerate(zip(slots, positions, strict=True)):
+            fed = self.fed[slot]
+            if self.batched and fed is not None and position == fed + 1:
+                stepping.append(n)
+            else:
+                out[n] = self._forward(slot, position, codes)
+        if stepping:
+            for n, h in zip(stepping, self._step([slots[n] for n in stepping], codes), strict=True):
+                out[n] = h
+        return torch.stack(cast(list[Tensor], out))  # [n, rows, K]
+
+    def _step(self, slots: list[int], codes: Tensor) -> Tensor:
+        """One batched step feeding each slot's next code -> logits ``[n, rows, K]``."""
+        assert self.step is not None
+        prior, rows, ww = self.prior, self.rows, self.size[1]
+        lo, hi = min(slots), max(slots) + 1
+        span = hi - lo
+        device = codes.device
+        fed = torch.tensor([self.fed[s] for s in slots], device=device)  # [n] window positions
+        at = torch.tensor(slots, device=device) - lo
+        corner = torch.tensor([self.windows[s][1:] for s in slots], device=device)  # [n, 2]
+        tok = codes[:, corner[:, 0] + fed // ww, corner[:, 1] + fed % ww].t()  # [n, B]
+        tokens = codes.new_zeros(span, rows)
+        tokens[at] = tok.repeat(1, rows // codes.shape[0])
+        index = torch.zeros(span, dtype=torch.long, device=device)  # code index (positions)
+        index[at] = fed
+        seq = torch.full((span,), self.t_max, dtype=torch.long, device=device)  # spare column
+        seq[at] = prior.n_ctx + fed
+        kv = [k.narrow(1, lo * rows, span * rows) for k in self.kv]
+        h = self.step(
+            tokens.view(-1), index.repeat_interleave(rows), seq.repeat_interleave(rows), kv
+        )  # [span * rows, C]
+        for s in slots:
+            self.fed[s] = cast(int, self.fed[s]) + 1
+        return prior._head(h.view(span, rows, -1)[at])  # [n, rows, K]

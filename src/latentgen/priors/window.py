@@ -10,12 +10,16 @@ its full size; each spatial condition is cropped to the same window. Two modes:
 - ``cached``: the window moves in strides. The grid is cut into bands of ``th`` rows and each
   band into tiles of ``tw`` columns; a tile's window has its bottom row on the band's bottom
   row (every row above the band is drawn) and is centred on the tile across, so a code sees
-  about ``(ww - tw) / 2`` columns on either side in the rows above it. Each tile of a band
-  keeps its own KV cache, and the band is drawn row by row across all its tiles: when a tile
-  draws row ``r``, its neighbours have drawn the rest of row ``r - 1`` and the columns of row
-  ``r`` to its left, so everything in its window before the code is drawn. Each code then
-  costs one cached step (the first code of a tile row also feeds the few codes its
-  neighbours drew since), and each tile one forward of the rows above the band.
+  about ``(ww - tw) / 2`` columns on either side in the rows above it. Each tile keeps its own
+  KV cache (a slot of one shared cache) and walks its window in raster order, one position per
+  step, as soon as the code at that position is drawn, by itself or by a neighbour: a tile runs
+  as far behind its left neighbour, and the tiles of the row above as far ahead of it, as its
+  window's reach needs (``plan_wavefront``), so the tiles of a band and the first tiles of the
+  next band move as a diagonal wavefront, all in one batched decode step whose rows each have
+  their own position. Each code costs a row of such a step (and so does each code of a window
+  drawn by a neighbour), each tile one forward of the rows above its band. The number of steps
+  is bounded below by ``h * ww``: a code in the first column sees the whole row above within
+  its window, and that row is drawn code after code.
 
 ``windowed_log_prob`` scores code grids with the same windows per mode, so the likelihood of
 each mode can be compared on held-out large grids.
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
@@ -35,6 +39,8 @@ from tqdm.auto import tqdm
 
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
+from latentgen.priors.sampling import draw_fast
+from latentgen.specs import SamplerConfig
 
 
 # What this module uses of ``Prior`` and ``SampleRequest`` (latentgen.priors.base imports this
@@ -51,7 +57,7 @@ class Prior(Protocol):
         self, codes: Tensor, conds: Mapping[str, Conditioning] | None = None
     ) -> Tensor: ...
 
-    def window_decoder(self, rows: int, size: tuple[int, int]) -> WindowDecoder: ...
+    def window_decoder(self, rows: int, size: tuple[int, int], slots: int = 1) -> WindowDecoder: ...
 
 
 class SampleRequest(Protocol):
@@ -70,6 +76,17 @@ class SampleRequest(Protocol):
     @property
     def rows(self) -> int: ...
 
+    @property
+    def sampler(self) -> SamplerConfig: ...
+
+    @property
+    def generator(self) -> torch.Generator | None: ...
+
+    @property
+    def on_code(self) -> Callable[[int], None] | None: ...
+
+    def mix(self, logits: Tensor) -> Tensor: ...
+
     def expand(self, x: Tensor) -> Tensor: ...
 
     def pick(self, logits: Tensor, position: int) -> Tensor: ...
@@ -77,10 +94,12 @@ class SampleRequest(Protocol):
 
 __all__ = [
     "Placement",
+    "Wave",
     "WindowDecoder",
     "WindowMode",
     "crop_conditions",
     "generation_order",
+    "plan_wavefront",
     "plan_windows",
     "sample_windowed",
     "window_origin",
@@ -276,36 +295,173 @@ def crop_conditions(
 
 # -- the prior side ----------------------------------------------------------------------------
 class WindowDecoder(ABC):
-    """A prior's logits for one window at a time: ``start`` a window, then ``logits`` at
-    increasing positions of it. A decoder with a KV cache feeds only what is new since the
-    last call; ``start`` forgets the window."""
+    """A prior's logits for several windows at once, each in its own ``slot``: ``start`` a
+    window in a slot, then ``logits`` of the slots at increasing positions of their windows.
+    A decoder with a KV cache feeds only what is new since a slot's last call (one token per
+    slot, for every slot asked, in one batched step); ``start`` forgets the slot's window."""
 
     @abstractmethod
-    def start(self, conds: dict[str, Conditioning]) -> None:
-        """Begin a window whose (cropped) conditions are ``conds`` (``rows`` rows each)."""
+    def start(self, slot: int, conds: dict[str, Conditioning], top: int, left: int) -> None:
+        """Begin the window at ``(top, left)`` in ``slot``; ``conds`` are cropped to it."""
 
     @abstractmethod
-    def logits(self, codes: Tensor, position: int) -> Tensor:
-        """Logits ``[rows, K]`` of window position ``position`` (raster order in the window).
+    def logits(self, slots: Sequence[int], positions: Sequence[int], codes: Tensor) -> Tensor:
+        """Logits ``[n, rows, K]`` of each slot's window at its position (window raster order).
 
-        ``codes [rows, wh * ww]`` holds the window's codes in raster order; those at and after
-        ``position`` are ignored. Within one window, positions only increase.
+        ``codes [B, h, w]`` is the grid as drawn so far; a slot reads the codes of its window
+        before its position (the ``rows // B`` copies of a window read the same codes). Within
+        one window, positions only increase.
         """
 
 
 class FullForwardDecoder(WindowDecoder):
-    """The decoder of a prior without a cache: one teacher-forced forward per call."""
+    """The decoder of a prior without a cache: one teacher-forced forward per slot and call."""
 
-    def __init__(self, prior: Prior, size: tuple[int, int]) -> None:
-        self.prior, self.size = prior, size
-        self.conds: dict[str, Conditioning] = {}
+    def __init__(self, prior: Prior, rows: int, size: tuple[int, int], slots: int = 1) -> None:
+        self.prior, self.rows, self.size = prior, rows, size
+        self.windows: list[tuple[dict[str, Conditioning], int, int]] = [({}, 0, 0)] * slots
 
-    def start(self, conds: dict[str, Conditioning]) -> None:
-        self.conds = conds
+    def start(self, slot: int, conds: dict[str, Conditioning], top: int, left: int) -> None:
+        self.windows[slot] = (conds, top, left)
 
-    def logits(self, codes: Tensor, position: int) -> Tensor:
-        grid = codes.view(codes.shape[0], *self.size)
-        return self.prior.code_logits(grid, self.conds)[:, position]  # [rows, K]
+    def logits(self, slots: Sequence[int], positions: Sequence[int], codes: Tensor) -> Tensor:
+        (wh, ww), copies = self.size, self.rows // codes.shape[0]
+        out = []
+        for slot, position in zip(slots, positions, strict=True):
+            conds, top, left = self.windows[slot]
+            win = codes[:, top : top + wh, left : left + ww].repeat(copies, 1, 1)
+            out.append(self.prior.code_logits(win, conds)[:, position])  # [rows, K]
+        return torch.stack(out)  # [n, rows, K]
+
+
+# -- the cached wavefront ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Wave:
+    """One step of the cached wavefront: placements that ``start`` (their window is run up to
+    their first code), that ``draw`` the code at their position, and that ``feed`` it (their
+    position moves one on). Every placement holds one decoder ``slot`` while it is active."""
+
+    start: tuple[int, ...]
+    draw: tuple[int, ...]
+    feed: tuple[int, ...]
+
+
+def plan_wavefront(
+    placements: list[Placement], grid: tuple[int, int], size: tuple[int, int]
+) -> tuple[list[Wave], list[int]]:
+    """The cached placements drawn side by side: ``(waves, slot of each placement)``.
+
+    A placement walks its window in raster order from its first code to its last, one position
+    per wave, as soon as the code at its position is drawn (by itself or by a neighbour); it
+    starts once every code of its window before its first code is drawn. So a tile runs as far
+    behind its left neighbour and the tiles of the row above as its window's reach needs, and
+    all tiles that can move move in one batched step. Greedy and value-independent: the plan
+    depends on the grid, window and strides only.
+    """
+    (h, w), ww = grid, size[1]
+    drawn = [[False] * w for _ in range(h)]
+    first, last, own = [], [], []
+    for p in placements:
+        local = sorted((i - p.top) * ww + (j - p.left) for i, j in p.targets)
+        first.append(local[0])
+        last.append(local[-1])
+        own.append(set(local))
+
+    def ready(k: int, q: int) -> bool:
+        p = placements[k]
+        return drawn[p.top + q // ww][p.left + q % ww]
+
+    pending = list(range(len(placements)))
+    checked = [0] * len(placements)  # window positions before the first code known drawn
+    pos: dict[int, int] = {}  # active placement -> its position
+    free: list[int] = []
+    slot = [-1] * len(placements)
+    n_slots = 0
+    waves: list[Wave] = []
+    while pending or pos:
+        start = []
+        for k in pending:
+            while checked[k] < first[k] and ready(k, checked[k]):
+                checked[k] += 1
+            if checked[k] == first[k]:
+                start.append(k)
+        for k in start:
+            pending.remove(k)
+            pos[k] = first[k]
+            if free:
+                slot[k] = free.pop()
+            else:
+                slot[k], n_slots = n_slots, n_slots + 1
+        draw = [k for k, q in pos.items() if q in own[k] and not ready(k, q)]
+        for k in draw:
+            p, q = placements[k], pos[k]
+            drawn[p.top + q // ww][p.left + q % ww] = True
+        feed = []
+        for k, q in list(pos.items()):
+            if not ready(k, q):
+                continue
+            if q == last[k]:
+                del pos[k]
+                free.append(slot[k])
+                free.sort(reverse=True)  # lowest slot first: active slots stay close together
+            else:
+                feed.append(k)
+                pos[k] = q + 1
+        if not (start or draw or feed):
+            raise RuntimeError(f"the wavefront stalled with {len(pending)} windows waiting")
+        waves.append(Wave(tuple(start), tuple(draw), tuple(feed)))
+    return waves, slot
+
+
+def _pick_many(request: SampleRequest, logits: Tensor, positions: Tensor) -> Tensor:
+    """Codes ``[B, n]`` from ``logits [n, rows, K]`` at raster ``positions [n]``: guide, draw
+    (one batched draw), keep the prefix's given codes."""
+    mixed = request.mix(logits.transpose(0, 1))  # [B, n, K]
+    b, n, k = mixed.shape
+    codes = draw_fast(mixed.reshape(b * n, k), request.sampler, request.generator).view(b, n)
+    if request.prefix is not None:
+        given = request.prefix.view(b, -1)[:, positions]  # [B, n]
+        codes = torch.where(given >= 0, given, codes)
+    if request.on_code is not None:
+        request.on_code(b * n)
+    return codes
+
+
+def _sample_wavefront(
+    prior: Prior,
+    request: SampleRequest,
+    size: tuple[int, int],
+    placements: list[Placement],
+    out: Tensor,
+    bar: tqdm,
+) -> None:
+    """Draw ``out [B, h, w]`` in place along ``plan_wavefront``'s waves."""
+    w, ww = request.grid[1], size[1]
+    waves, slot = plan_wavefront(placements, request.grid, size)
+    decoder = prior.window_decoder(request.rows, size, max(slot) + 1)
+    held: dict[int, Tensor] = {}  # placement -> logits [rows, K] of its position
+    pos: dict[int, int] = {}
+    for wave in waves:
+        if wave.start:
+            for k in wave.start:
+                p = placements[k]
+                conds = crop_conditions(request.conds, request.grid, p.top, p.left, size)
+                decoder.start(slot[k], conds, p.top, p.left)
+                (i, j) = p.targets[0]
+                pos[k] = (i - p.top) * ww + j - p.left
+            got = decoder.logits([slot[k] for k in wave.start], [pos[k] for k in wave.start], out)
+            held.update(zip(wave.start, got.unbind(0)))
+        if wave.draw:
+            it = torch.tensor([placements[k].top + pos[k] // ww for k in wave.draw])
+            jt = torch.tensor([placements[k].left + pos[k] % ww for k in wave.draw])
+            logits = torch.stack([held.pop(k) for k in wave.draw])  # [n, rows, K]
+            out[:, it, jt] = _pick_many(request, logits, it * w + jt)
+            bar.update(len(wave.draw))
+        if wave.feed:
+            for k in wave.feed:
+                pos[k] += 1
+            got = decoder.logits([slot[k] for k in wave.feed], [pos[k] for k in wave.feed], out)
+            held.update(zip(wave.feed, got.unbind(0)))
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -319,36 +475,30 @@ def sample_windowed(
 ) -> Tensor:
     """Draw codes ``[B, h, w]`` for a checked ``request`` with a sliding ``size`` window.
 
-    Every placement being drawn holds a ``WindowDecoder`` (the tiles of a band at once in
-    ``cached`` mode, one at a time in ``exact``); a finished placement's decoder is reused.
+    ``exact``: one placement at a time in one decoder slot. ``cached``: the tiles of
+    ``plan_windows`` move together along ``plan_wavefront``, one batched step per wave.
     """
-    (h, w), (wh, ww) = request.grid, size
+    (h, w), ww = request.grid, size[1]
     device = prior.device
-    b, rows = request.batch, request.rows
+    b = request.batch
     align = condition_alignment(request.conds, request.grid, size)
     placements = plan_windows(request.grid, size, mode, stride, align)
-    order = generation_order(placements)
-    last = {k: n for n, (k, _, _) in enumerate(order)}  # where each placement is done
     out = torch.zeros(b, h, w, dtype=torch.long, device=device)
     if request.prefix is not None:
         out = torch.where(request.prefix >= 0, request.prefix, out)
-    active: dict[int, WindowDecoder] = {}
-    idle: list[WindowDecoder] = []
     bar = tqdm(total=h * w, desc=f"sampling ({mode} window)", unit="code", disable=not progress)
     with bar:
-        for n, (k, i, j) in enumerate(order):
-            p = placements[k]
-            decoder = active.get(k)
-            if decoder is None:
-                decoder = idle.pop() if idle else prior.window_decoder(rows, size)
-                decoder.start(crop_conditions(request.conds, request.grid, p.top, p.left, size))
-                active[k] = decoder
-            # the window as drawn so far (neighbouring tiles write into it between calls)
-            win = out[:, p.top : p.top + wh, p.left : p.left + ww].reshape(b, wh * ww)
+        if mode == "cached":
+            _sample_wavefront(prior, request, size, placements, out, bar)
+            return out
+        decoder = prior.window_decoder(request.rows, size, 1)
+        for p in placements:
+            ((i, j),) = p.targets
+            conds = crop_conditions(request.conds, request.grid, p.top, p.left, size)
+            decoder.start(0, conds, p.top, p.left)
             local = (i - p.top) * ww + (j - p.left)
-            out[:, i, j] = request.pick(decoder.logits(request.expand(win), local), i * w + j)
-            if last[k] == n:
-                idle.append(active.pop(k))
+            logits = decoder.logits([0], [local], out)[0]  # [rows, K]
+            out[:, i, j] = request.pick(logits, i * w + j)
             bar.update(1)
     return out
 
