@@ -180,3 +180,93 @@ def test_bad_tile_settings_name_the_fix(tile, overlap, match):
     tok = LocalTokenizer()
     with pytest.raises(InputError, match=match):
         decode_tiled(tok, torch.zeros(1, 20, 20, dtype=torch.long), tile, overlap)
+
+
+# -- exact mode: whole-image GroupNorm statistics and halos --------------------------------------
+def _vqgan(attn_resolutions: list[int], ch_mult: list[int]) -> Tokenizer:
+    torch.manual_seed(0)
+    tok = registry.build(
+        "tokenizer",
+        {
+            "type": "vqgan",
+            "ch": 8,
+            "ch_mult": ch_mult,
+            "num_res_blocks": 1,
+            "attn_resolutions": attn_resolutions,
+            "z_channels": 8,
+            "resolution": 32,
+            "quantizer": {"type": "vq", "codebook_size": 16, "dim": 4},
+            "perceptual_weight": 0.0,
+        },
+    ).eval()
+    with torch.no_grad():  # away from the initialisation, so statistics differ across the image
+        for p in tok.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return tok
+
+
+@pytest.mark.parametrize(
+    ("attn", "ch_mult", "tile"),
+    [
+        ([], [1, 2, 2], 8),  # f=4, attention in the middle block only
+        ([8], [1, 2, 2], (6, 9)),  # attention at code resolution too, uneven tiles
+        ([16], [1, 2, 2], 8),  # attention one level up: that level runs whole as well
+    ],
+)
+def test_exact_tiles_decode_what_the_whole_decode_does(attn, ch_mult, tile):
+    tok = _vqgan(attn, ch_mult)
+    codes = torch.randint(0, 16, (2, 20, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = tok.decode(codes)
+        exact = decode_tiled(tok, codes, tile=tile, mode="exact")
+        blend = decode_tiled(tok, codes, tile=tile, overlap=2)
+    assert exact.shape == whole.shape == (2, 3, 80, 68)
+    torch.testing.assert_close(exact, whole, atol=1e-4, rtol=1e-4)
+    assert (blend - whole).abs().max() > 1e-2  # per-tile statistics: what exact mode removes
+    assert tiled_difference(tok, codes, tile=tile, mode="exact") < 1e-4
+
+
+def test_exact_tiles_need_both_the_halo_and_the_shared_statistics(monkeypatch):
+    from latentgen.tokenizers import tiling
+
+    tok = _vqgan([], [1, 2, 2])
+    codes = torch.randint(0, 16, (1, 20, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = tok.decode(codes)
+        sizes: list[tuple[int, int]] = []
+        tail = tiling._tail
+
+        def spy(decoder, h, first, norm):  # type: ignore[no-untyped-def]
+            sizes.append((int(h.shape[-2]), int(h.shape[-1])))
+            return tail(decoder, h, first, norm)
+
+        monkeypatch.setattr(tiling, "_tail", spy)
+        decode_tiled(tok, codes, tile=8, mode="exact")
+        halo = tiling._halo(tok.decoder, tiling._first_tiled_level(tok.decoder))  # type: ignore[arg-type]
+        assert halo >= 1 and sizes  # memory: no tile runs more than its codes and two halos
+        assert max(max(s) for s in sizes) <= 8 + 2 * halo
+        monkeypatch.setattr(tiling, "_halo", lambda decoder, first: 0)
+        no_halo = decode_tiled(tok, codes, tile=8, mode="exact")
+    assert (no_halo - whole).abs().max() > 1e-3  # zero padding at the tile edges shows
+
+
+def test_exact_tiling_needs_a_convolutional_decoder():
+    with pytest.raises(InputError, match="exact tiled decoding needs the convolutional decoder"):
+        decode_tiled(LocalTokenizer(), torch.zeros(1, 20, 20, dtype=torch.long), 8, mode="exact")
+    with pytest.raises(InputError, match="'blend' or 'exact'"):
+        decode_tiled(LocalTokenizer(), torch.zeros(1, 20, 20, dtype=torch.long), 8, mode="x")  # type: ignore[arg-type]
+
+
+def test_pipeline_decodes_exactly_in_tiles_when_asked():
+    from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
+
+    tok = _vqgan([], [1, 2, 2])
+    prior = TransformerPrior(
+        TransformerPriorConfig(vocab_size=16, block_size=16, n_layer=1, n_head=1, n_embd=8)
+    )
+    pipe = Pipeline(tok, prior)
+    codes = torch.randint(0, 16, (1, 36, 20), generator=torch.Generator().manual_seed(3))
+    whole = pipe.decode(codes, tiled=False)
+    exact = pipe.decode(codes, tile=16, tile_mode="exact")  # 36 > 16: tiled
+    torch.testing.assert_close(exact, whole, atol=1e-4, rtol=1e-4)
+    assert (pipe.decode(codes, tile=16, overlap=4) - whole).abs().max() > 1e-2

@@ -39,7 +39,13 @@ from latentgen.priors.base import Prior
 from latentgen.rejection import RejectionConfig, RejectionReport
 from latentgen.specs import ComponentConfig, PipelineSpec, SamplerConfig, load_spec, spec_error
 from latentgen.tokenizers.base import Tokenizer
-from latentgen.tokenizers.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, decode_tiled, needs_tiling
+from latentgen.tokenizers.tiling import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    TileMode,
+    decode_tiled,
+    needs_tiling,
+)
 from latentgen.version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PIPELINE_FILE", "Pipeline"]
@@ -651,19 +657,22 @@ class Pipeline:
         tiled: bool | None = None,
         tile: int | tuple[int, int] = DEFAULT_TILE,
         overlap: int = DEFAULT_OVERLAP,
+        tile_mode: TileMode = "blend",
     ) -> Tensor:
         """Codes ``[B, h, w]`` -> images ``[B, C, H, W]``.
 
-        A grid larger than ``tile`` codes on a side is decoded in overlapping tiles
+        A grid larger than ``tile`` codes on a side is decoded in tiles
         (``latentgen.tokenizers.tiling``), so memory follows the tile, not the image;
-        ``tiled=False`` always decodes whole, ``tiled=True`` always tiles.
+        ``tiled=False`` always decodes whole, ``tiled=True`` always tiles. ``tile_mode``:
+        ``"blend"`` (overlapping tiles cross-faded, one decode's work) or ``"exact"`` (the
+        whole decode's result, for VQ-VAE / VQGAN decoders, at several decodes' work).
         """
         self.tokenizer.check_codes(codes)
         grid = (int(codes.shape[1]), int(codes.shape[2]))
         with self._eval():
             codes = codes.to(self.device)
             if tiled or (tiled is None and needs_tiling(grid, tile)):
-                return decode_tiled(self.tokenizer, codes, tile, overlap)
+                return decode_tiled(self.tokenizer, codes, tile, overlap, tile_mode)
             return self.tokenizer.decode(codes)
 
     def reconstruct(self, images: Tensor) -> Tensor:
