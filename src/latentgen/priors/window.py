@@ -423,7 +423,8 @@ def _pick_many(request: SampleRequest, logits: Tensor, positions: Tensor) -> Ten
         given = request.prefix.view(b, -1)[:, positions]  # [B, n]
         codes = torch.where(given >= 0, given, codes)
     if request.on_code is not None:
-        request.on_code(b * n)
+        for _ in range(n):  # one report per drawn position, as when drawn one at a time
+            request.on_code(b)
     return codes
 
 
