@@ -458,3 +458,28 @@ def test_cli_samples_beyond_the_block_with_either_window(saved_pipeline, tmp_pat
     assert res.exit_code != 0 and "N or HxW, e.g. 512 or 1024x768" in res.output
     res = CliRunner().invoke(main, ["sample", str(saved_pipeline), "--window", "fast"])
     assert res.exit_code != 0 and "'exact', 'cached'" in res.output
+
+
+def test_the_cached_window_runs_its_small_steps_on_the_threads_asked(monkeypatch):
+    from latentgen.priors import transformer
+
+    prior = _prior()
+    seen: list[int] = []
+    logits = transformer._CachedWindowDecoder.logits
+
+    def spy(self, slots, positions, codes):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return logits(self, slots, positions, codes)
+
+    monkeypatch.setattr(transformer._CachedWindowDecoder, "logits", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        prior.sample(grid=(8, 8), generator=_gen(0))  # "auto": tiny steps run on one thread
+        assert seen and set(seen) == {1}
+        seen.clear()
+        prior.sample(grid=(8, 8), generator=_gen(0), threads=2)
+        assert set(seen) == {2}
+        assert torch.get_num_threads() == 2  # restored after the draw
+    finally:
+        torch.set_num_threads(before)

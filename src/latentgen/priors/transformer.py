@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Annotated, Any, Literal, Protocol, cast
 
 import torch
@@ -857,6 +858,15 @@ class _CachedWindowDecoder(WindowDecoder):
 
     def start(self, slot: int, conds: dict[str, Conditioning], top: int, left: int) -> None:
         self.windows[slot], self.fed[slot] = (conds, top, left), None
+
+    def running(self, options: Mapping[str, Any]) -> AbstractContextManager[None]:
+        """The prior's ``threads`` option, sized by this decoder's calls: a batched step of
+        every slot (several slots) or a forward of one window (one slot, ``exact``)."""
+        c = self.prior.config.n_embd
+        slots = len(self.fed)
+        tokens = self.rows * (slots if slots > 1 else self.size[0] * self.size[1])
+        flop = tokens * c * 4 * c * 2  # the MLP's first matmul
+        return decode_threads(options.get("threads", "auto"), flop, self.kv[0].device)
 
     def _window(self, slot: int, codes: Tensor) -> Tensor:
         """The slot's window ``[rows, wh * ww]`` as drawn so far."""

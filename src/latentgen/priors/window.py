@@ -27,11 +27,13 @@ each mode can be compared on held-out large grids.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -84,6 +86,9 @@ class SampleRequest(Protocol):
 
     @property
     def on_code(self) -> Callable[[int], None] | None: ...
+
+    @property
+    def options(self) -> Mapping[str, Any]: ...
 
     def mix(self, logits: Tensor) -> Tensor: ...
 
@@ -304,6 +309,11 @@ class WindowDecoder(ABC):
     def start(self, slot: int, conds: dict[str, Conditioning], top: int, left: int) -> None:
         """Begin the window at ``(top, left)`` in ``slot``; ``conds`` are cropped to it."""
 
+    def running(self, options: Mapping[str, Any]) -> AbstractContextManager[None]:
+        """Context the whole draw runs in, given the prior's sampling ``options`` (a cached
+        decoder sets the thread count of its small steps); default: nothing."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     def logits(self, slots: Sequence[int], positions: Sequence[int], codes: Tensor) -> Tensor:
         """Logits ``[n, rows, K]`` of each slot's window at its position (window raster order).
@@ -428,18 +438,19 @@ def _pick_many(request: SampleRequest, logits: Tensor, positions: Tensor) -> Ten
     return codes
 
 
-def _sample_wavefront(
-    prior: Prior,
+def _run_waves(
     request: SampleRequest,
     size: tuple[int, int],
     placements: list[Placement],
+    waves: list[Wave],
+    slot: list[int],
+    decoder: WindowDecoder,
     out: Tensor,
     bar: tqdm,
 ) -> None:
-    """Draw ``out [B, h, w]`` in place along ``plan_wavefront``'s waves."""
+    """Draw ``out [B, h, w]`` in place along ``waves``: starts (a forward each), batched draws,
+    batched feeds."""
     w, ww = request.grid[1], size[1]
-    waves, slot = plan_wavefront(placements, request.grid, size)
-    decoder = prior.window_decoder(request.rows, size, max(slot) + 1)
     held: dict[int, Tensor] = {}  # placement -> logits [rows, K] of its position
     pos: dict[int, int] = {}
     for wave in waves:
@@ -479,7 +490,7 @@ def sample_windowed(
     ``exact``: one placement at a time in one decoder slot. ``cached``: the tiles of
     ``plan_windows`` move together along ``plan_wavefront``, one batched step per wave.
     """
-    (h, w), ww = request.grid, size[1]
+    h, w = request.grid
     device = prior.device
     b = request.batch
     align = condition_alignment(request.conds, request.grid, size)
@@ -490,18 +501,35 @@ def sample_windowed(
     bar = tqdm(total=h * w, desc=f"sampling ({mode} window)", unit="code", disable=not progress)
     with bar:
         if mode == "cached":
-            _sample_wavefront(prior, request, size, placements, out, bar)
-            return out
-        decoder = prior.window_decoder(request.rows, size, 1)
-        for p in placements:
-            ((i, j),) = p.targets
-            conds = crop_conditions(request.conds, request.grid, p.top, p.left, size)
-            decoder.start(0, conds, p.top, p.left)
-            local = (i - p.top) * ww + (j - p.left)
-            logits = decoder.logits([0], [local], out)[0]  # [rows, K]
-            out[:, i, j] = request.pick(logits, i * w + j)
-            bar.update(1)
+            waves, slot = plan_wavefront(placements, request.grid, size)
+            decoder = prior.window_decoder(request.rows, size, max(slot) + 1)
+            with decoder.running(request.options):
+                _run_waves(request, size, placements, waves, slot, decoder, out, bar)
+        else:
+            decoder = prior.window_decoder(request.rows, size, 1)
+            with decoder.running(request.options):
+                _run_exact(request, size, placements, decoder, out, bar)
     return out
+
+
+def _run_exact(
+    request: SampleRequest,
+    size: tuple[int, int],
+    placements: list[Placement],
+    decoder: WindowDecoder,
+    out: Tensor,
+    bar: tqdm,
+) -> None:
+    """One window per code, in raster order, in decoder slot 0."""
+    w, ww = request.grid[1], size[1]
+    for p in placements:
+        ((i, j),) = p.targets
+        conds = crop_conditions(request.conds, request.grid, p.top, p.left, size)
+        decoder.start(0, conds, p.top, p.left)
+        local = (i - p.top) * ww + (j - p.left)
+        logits = decoder.logits([0], [local], out)[0]  # [rows, K]
+        out[:, i, j] = request.pick(logits, i * w + j)
+        bar.update(1)
 
 
 # -- scoring -----------------------------------------------------------------------------------
