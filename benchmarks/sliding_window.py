@@ -12,8 +12,12 @@ not depend on them.
 
 Whole generation: a 64x64 code grid drawn through ``Pipeline`` (prior s, ``cached``) and decoded
 by the decoder of taming's f=16 VQGAN (1024x1024 pixels), in a fresh process, tiled (the
-default) and, with ``--whole-decode``, whole; the peak is the process's maximum resident size.
-Then the largest difference between the tiled and the whole decode of a 40x40 grid.
+default ``blend`` mode), with ``--exact-decode`` also tiled in ``exact`` mode, and with
+``--whole-decode`` whole; the peak is the process's maximum resident size. Then the largest and
+mean difference between the tiled (both modes) and the whole decode of random codes: a
+``--diff-grid`` grid (default 24) with ``--diff-tile`` tiles (default 12) for the taming-sized
+decoder, and, with ``--vqgan DIR`` (a trained tokenizer component, e.g. the demo's
+``out/demo/runs/shapes-vqgan/final``), a 64x64 grid in 16-code tiles of that tokenizer.
 
 NLL: the same window modes score held-out large grids made from rendered images. The
 ``shapes`` data at 256x256 pixels is tokenized by the zero-training ``toy.palette`` tokenizer
@@ -25,7 +29,9 @@ grids, then ``Prior.window_log_prob`` scores held-out 64x64 grids in each mode (
     OMP_NUM_THREADS=2 python benchmarks/sliding_window.py
     python benchmarks/sliding_window.py --configs s --skip-nll
     python benchmarks/sliding_window.py --skip-speed --train-steps 600
-    python benchmarks/sliding_window.py --skip-speed --skip-nll --whole-decode
+    python benchmarks/sliding_window.py --skip-speed --skip-nll --whole-decode --exact-decode
+    python benchmarks/sliding_window.py --skip-speed --skip-nll --skip-generate \
+        --vqgan out/demo/runs/shapes-vqgan/final
 """
 
 from __future__ import annotations
@@ -114,8 +120,9 @@ TAMING_F16 = {
 }
 
 
-def run_generate(args: argparse.Namespace, tiled: bool) -> dict[str, float]:
-    """One whole ``grid x grid`` generation through ``Pipeline``: cached window + decoding."""
+def run_generate(args: argparse.Namespace, decode: str) -> dict[str, float]:
+    """One whole ``grid x grid`` generation through ``Pipeline``: cached window + decoding
+    (``decode``: ``blend`` or ``exact`` tiles, or ``whole``)."""
     import torch
 
     from latentgen import Pipeline, registry
@@ -135,7 +142,10 @@ def run_generate(args: argparse.Namespace, tiled: bool) -> dict[str, float]:
     codes = pipe.sample_codes(1, size=px, generator=gen)
     t1 = time.perf_counter()
     after_sampling = _maxrss_mib()
-    image = pipe.decode(codes, tiled=tiled)
+    if decode == "whole":
+        image = pipe.decode(codes, tiled=False)
+    else:
+        image = pipe.decode(codes, tiled=True, tile_mode=decode)  # type: ignore[arg-type]
     t2 = time.perf_counter()
     assert image.shape == (1, 3, px, px)
     return {
@@ -148,27 +158,36 @@ def run_generate(args: argparse.Namespace, tiled: bool) -> dict[str, float]:
     }
 
 
-def run_tile_difference(args: argparse.Namespace) -> dict[str, float]:
-    """Max and mean |tiled - whole| of the taming-sized decoder on random codes."""
+def run_tile_difference(args: argparse.Namespace, which: str) -> dict[str, float]:
+    """Max and mean |tiled - whole| per tile mode, and the time of each decode, on random codes:
+    ``which`` is ``taming`` (the untrained f=16 decoder) or ``vqgan`` (``--vqgan DIR``)."""
     import torch
 
     from latentgen import registry
-    from latentgen.tokenizers.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, decode_tiled
+    from latentgen.artifact import load_component
+    from latentgen.tokenizers.tiling import decode_tiled
 
     torch.manual_seed(0)
-    tok = registry.build("tokenizer", TAMING_F16).eval()
-    codes = torch.randint(0, 1024, (1, args.diff_grid, args.diff_grid))
+    if which == "vqgan":
+        tok = load_component(args.vqgan, kind="tokenizer").eval()
+        grid, tile = 64, 16
+    else:
+        tok = registry.build("tokenizer", TAMING_F16).eval()
+        grid, tile = args.diff_grid, args.diff_tile
+    codes = torch.randint(0, tok.vocab_size, (1, grid, grid))
+    out: dict[str, float] = {"grid": grid, "tile": tile}
     with torch.no_grad():
+        t0 = time.process_time()
         whole = tok.decode(codes)
-        diff = (decode_tiled(tok, codes) - whole).abs()
-    return {
-        "grid": args.diff_grid,
-        "tile": DEFAULT_TILE,
-        "overlap": DEFAULT_OVERLAP,
-        "max": float(diff.max()),
-        "mean": float(diff.mean()),
-        "whole_std": float(whole.std()),
-    }
+        out["whole_cpu_s"] = time.process_time() - t0
+        out["whole_std"] = float(whole.std())
+        for mode in ("blend", "exact"):
+            t0 = time.process_time()
+            tiled = decode_tiled(tok, codes, tile, overlap=tile // 4, mode=mode)  # type: ignore[arg-type]
+            out[f"{mode}_cpu_s"] = time.process_time() - t0
+            diff = (tiled - whole).abs()
+            out[f"{mode}_max"], out[f"{mode}_mean"] = float(diff.max()), float(diff.mean())
+    return out
 
 
 def run_nll(args: argparse.Namespace) -> dict[str, float]:
@@ -227,7 +246,7 @@ def run_nll(args: argparse.Namespace) -> dict[str, float]:
 def _child(args: argparse.Namespace, one: str) -> dict[str, float] | None:
     """Run ``--one ONE`` in a fresh process (its own peak memory); None when it failed."""
     cmd = [sys.executable, __file__, "--one", one]
-    for opt in ("device", "grid", "window", "exact_every", "diff_grid"):
+    for opt in ("device", "grid", "window", "exact_every", "diff_grid", "diff_tile", "vqgan"):
         cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
@@ -255,8 +274,13 @@ def main() -> None:
         "--whole-decode", action="store_true", help="also run the generation with a whole decode"
     )
     p.add_argument(
-        "--diff-grid", type=int, default=40, help="code grid of the tiled-vs-whole check"
+        "--exact-decode", action="store_true", help="also run the generation with exact tiles"
     )
+    p.add_argument(
+        "--diff-grid", type=int, default=24, help="code grid of the taming tiled-vs-whole check"
+    )
+    p.add_argument("--diff-tile", type=int, default=12, help="tile of that check")
+    p.add_argument("--vqgan", default="", help="a trained tokenizer dir for the check too")
     p.add_argument("--train-images", type=int, default=48)
     p.add_argument("--held-out", type=int, default=2)
     p.add_argument("--train-steps", type=int, default=300)
@@ -267,9 +291,9 @@ def main() -> None:
     if args.one:
         name, mode = args.one.split(",")
         if name == "generate":
-            print(json.dumps(run_generate(args, tiled=mode == "tiled")))
+            print(json.dumps(run_generate(args, mode)))
         elif name == "difference":
-            print(json.dumps(run_tile_difference(args)))
+            print(json.dumps(run_tile_difference(args, mode)))
         else:
             print(json.dumps(run_speed(args, name, mode)))
         return
@@ -316,7 +340,8 @@ def main() -> None:
             f"{args.grid * 16}x{args.grid * 16} px: prior s, cached window, taming f=16 VQGAN "
             "decoder (untrained), batch 1, each in a fresh process (peak = max RSS)"
         )
-        for decode in ("tiled", "whole") if args.whole_decode else ("tiled",):
+        decodes = ["blend"] + ["exact"] * args.exact_decode + ["whole"] * args.whole_decode
+        for decode in decodes:
             r = _child(args, f"generate,{decode}")
             if r is None:
                 continue
@@ -325,12 +350,21 @@ def main() -> None:
                 f"{r['decode_s']:.1f}s; peak {r['peak_mib']:.0f} MiB (after start-up and "
                 f"weights {r['startup_mib']:.0f} MiB, after sampling {r['sampling_peak_mib']:.0f})"
             )
-        r = _child(args, "difference,-")
-        if r is not None:
+    for which in ["taming"] + ["vqgan"] * bool(args.vqgan):
+        if args.skip_generate and which == "taming":
+            continue
+        r = _child(args, f"difference,{which}")
+        if r is None:
+            continue
+        name = "taming f=16 decoder (untrained)" if which == "taming" else args.vqgan
+        print(
+            f"  tiled vs whole decode, {name}, {r['grid']}x{r['grid']} random codes, tile "
+            f"{r['tile']} (whole decode's std {r['whole_std']:.3f}, {r['whole_cpu_s']:.1f} CPU s):"
+        )
+        for mode in ("blend", "exact"):
             print(
-                f"  tiled vs whole decode ({r['grid']}x{r['grid']} random codes, tile "
-                f"{r['tile']}, overlap {r['overlap']}): max |diff| {r['max']:.3f}, mean "
-                f"{r['mean']:.4f} (whole decode's std {r['whole_std']:.3f})"
+                f"    {mode:>5}: max |diff| {r[f'{mode}_max']:.2e}, mean {r[f'{mode}_mean']:.2e}, "
+                f"{r[f'{mode}_cpu_s']:.1f} CPU s"
             )
     if not args.skip_nll:
         r = run_nll(args)

@@ -270,3 +270,55 @@ def test_pipeline_decodes_exactly_in_tiles_when_asked():
     exact = pipe.decode(codes, tile=16, tile_mode="exact")  # 36 > 16: tiled
     torch.testing.assert_close(exact, whole, atol=1e-4, rtol=1e-4)
     assert (pipe.decode(codes, tile=16, overlap=4) - whole).abs().max() > 1e-2
+
+
+def test_cli_samples_with_exact_tiles_and_refuses_them_without_a_conv_decoder(tmp_path):
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from latentgen.cli import main
+    from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
+    from latentgen.utils import image_grid
+
+    prior = TransformerPrior(
+        TransformerPriorConfig(vocab_size=16, block_size=16, n_layer=1, n_head=1, n_embd=8)
+    )
+    Pipeline(_vqgan([], [1, 2, 2]), prior).save_pretrained(tmp_path / "vq", card={"image_size": 16})
+    out = tmp_path / "exact.png"
+    args = ["sample", str(tmp_path / "vq"), "-n", "1", "--size", "160x96", "--seed", "3"]
+    res = CliRunner().invoke(main, [*args, "--tile-mode", "exact", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    pipe = Pipeline.from_pretrained(tmp_path / "vq")  # 40x24 codes: more than a 32-code tile
+    codes = pipe.sample_codes(1, size=(160, 96), generator=torch.Generator().manual_seed(3))
+    from latentgen.data.base import to_pil
+
+    whole = image_grid(to_pil(pipe.decode(codes, tiled=False)))
+    got = torch.from_numpy(np.asarray(Image.open(out), dtype=np.float32))
+    want = torch.from_numpy(np.asarray(whole, dtype=np.float32))
+    assert got.shape == want.shape and (got - want).abs().max() <= 1  # 8-bit rounding only
+
+    palette = Pipeline.from_spec(
+        {
+            "tokenizer": {"type": "toy.palette", "vocab_size": 16, "downsample": 4},
+            "prior": {
+                "type": "transformer",
+                "vocab_size": 16,
+                "block_size": 16,
+                "n_layer": 1,
+                "n_head": 1,
+                "n_embd": 8,
+            },
+        }
+    )
+    palette.tokenizer.fit(torch.rand(4, 3, 16, 16) * 2 - 1)
+    palette.save_pretrained(tmp_path / "pal", card={"image_size": 16})
+    bad = tmp_path / "bad.png"
+    args = ["sample", str(tmp_path / "pal"), "--size", "160x96", "--tile-mode", "exact"]
+    res = CliRunner().invoke(main, [*args, "-o", str(bad)])
+    assert res.exit_code != 0 and "exact tiled decoding needs the convolutional decoder" in (
+        res.output + str(res.exception)
+    )
+    assert "--tile-mode blend" in res.output
+    assert "sampling" not in res.output  # refused before the draw
+    assert not bad.exists()

@@ -137,6 +137,15 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
     "code (the reference).",
 )
 @click.option(
+    "--tile-mode",
+    default="blend",
+    show_default=True,
+    type=click.Choice(["blend", "exact"]),
+    help="Decoding of an image larger than a tile (32x32 codes): 'blend' cross-fades tiles "
+    "decoded alone; 'exact' gives the whole decode's result (VQ-VAE / VQGAN tokenizers) at "
+    "several decodes' time, memory still bounded by the tile.",
+)
+@click.option(
     "--steps",
     default=None,
     type=int,
@@ -170,6 +179,7 @@ def sample(
     top_p: float | None,
     guidance: float | None,
     window: str | None,
+    tile_mode: str,
     steps: int | None,
     nrow: int | None,
     reject_dir: Path | None,
@@ -220,6 +230,7 @@ def sample(
         sampler=sampler,
         generator=torch.Generator().manual_seed(seed),
         progress=True,
+        tile_mode="exact" if tile_mode == "exact" else "blend",
         **conditions,
     )
     image_grid(images, nrow=nrow).save(_png_path(out))

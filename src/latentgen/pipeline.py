@@ -44,6 +44,8 @@ from latentgen.tokenizers.tiling import (
     DEFAULT_TILE,
     TileMode,
     decode_tiled,
+    exact_tiling_error,
+    exact_tiling_supported,
     needs_tiling,
 )
 from latentgen.version import __version__
@@ -606,6 +608,7 @@ class Pipeline:
         prefix: Tensor | None = None,
         progress: bool = False,
         on_code: Callable[[int, int], None] | None = None,
+        tile_mode: TileMode = "blend",
         **conditions: Any,
     ) -> Any:
         """Generate images.
@@ -624,8 +627,12 @@ class Pipeline:
             progress: show a progress bar over the codes of a sliding-window draw.
             on_code: called as ``on_code(done, total)`` as codes are drawn (``Prior.sample``);
                 raising in it stops the draw (a UI's cancel button).
+            tile_mode: how a grid larger than a tile is decoded (``decode``): ``"blend"``
+                (cross-faded tiles) or ``"exact"`` (the whole decode's result, slower).
             **conditions: raw conditions by conditioner name, e.g. ``label=[3, 7]``.
         """
+        if tile_mode == "exact" and not exact_tiling_supported(self.tokenizer):
+            raise InputError(exact_tiling_error(self.tokenizer))  # before the draw, not after
         codes = self.sample_codes(
             num_images,
             size=size,
@@ -636,7 +643,7 @@ class Pipeline:
             on_code=on_code,
             **conditions,
         )
-        images = self.decode(codes)
+        images = self.decode(codes, tile_mode=tile_mode)
         if output_type == "tensor":
             return images
         if output_type != "pil":

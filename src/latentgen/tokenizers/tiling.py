@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_TILE",
     "TileMode",
     "decode_tiled",
+    "exact_tiling_error",
     "exact_tiling_supported",
     "needs_tiling",
     "tile_starts",
@@ -196,6 +197,15 @@ def exact_tiling_supported(tokenizer: Tokenizer) -> bool:
     return _conv_decoder(tokenizer) is not None
 
 
+def exact_tiling_error(tokenizer: Tokenizer) -> str:
+    """The message for ``mode="exact"`` on a tokenizer it cannot tile."""
+    return (
+        f"exact tiled decoding needs the convolutional decoder of a VQ-VAE / VQGAN tokenizer; "
+        f"{type(tokenizer).__name__} has none. Use tile_mode='blend' (CLI: --tile-mode blend), "
+        "which cross-fades the seams, or decode whole (tiled=False)."
+    )
+
+
 class _Reached(Exception):
     """Raised by the pass that stops at the GroupNorm whose input statistics it gathers."""
 
@@ -286,11 +296,7 @@ def _decode_exact(tokenizer: Tokenizer, codes: Tensor, th: int, tw: int) -> Tens
     """The whole decode of ``codes``, computed tile by tile (module docstring)."""
     decoder = _conv_decoder(tokenizer)
     if decoder is None:
-        raise InputError(
-            f"exact tiled decoding needs the convolutional decoder of a VQ-VAE / VQGAN "
-            f"tokenizer; {type(tokenizer).__name__} has none. Use mode='blend' (seams "
-            "cross-faded) or decode whole (tiled=False)."
-        )
+        raise InputError(exact_tiling_error(tokenizer))
     _, h, w = codes.shape
     first = _first_tiled_level(decoder)
     halo = _halo(decoder, first)
