@@ -163,6 +163,153 @@ ROWS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[..., Any]]] = {
 }
 
 
+# -- side by side with taming-transformers' own KV-cached minGPT ---------------------------------
+TAMING_PIP = (
+    "pip install --no-deps --target DIR taming-transformers-rom1504==0.0.6  "
+    "(then --taming-path DIR)"
+)
+
+
+def _top_k_top_p_filtering(
+    logits: Any,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    filter_value: float = -float("inf"),
+    min_tokens_to_keep: int = 1,
+) -> Any:
+    """Stand-in for ``transformers.top_k_top_p_filtering`` (transformers 4.3, which taming pins),
+    written after its documented behaviour: in place, top-k by the k-th largest logit, then
+    nucleus filtering only when ``top_p < 1``."""
+    import torch
+
+    if top_k > 0:
+        top_k = min(max(top_k, min_tokens_to_keep), logits.size(-1))
+        logits[logits < torch.topk(logits, top_k)[0][..., -1, None]] = filter_value
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # keep the code that crosses top_p
+        remove[..., :min_tokens_to_keep] = False
+        logits[remove.scatter(1, order, remove)] = filter_value
+    return logits
+
+
+def import_taming(path: str | None) -> Any:
+    """taming's ``mingpt`` module (from ``path`` when given, else an installed ``taming``), or
+    None when it is not found.
+
+    taming's mingpt.py imports ``transformers.top_k_top_p_filtering``, which transformers 4.39
+    removed (and transformers is not a dependency of ours): when the import would fail, a
+    one-function stand-in module is put in ``sys.modules`` first. It only changes where that
+    function comes from, not taming's model or sampling loop.
+    """
+    import importlib
+    import types
+
+    if path:
+        sys.path.insert(0, path)
+    try:
+        from transformers import top_k_top_p_filtering  # noqa: F401
+    except ImportError:
+        stand_in = types.ModuleType("transformers")
+        stand_in.top_k_top_p_filtering = _top_k_top_p_filtering  # type: ignore[attr-defined]
+        sys.modules["transformers"] = stand_in
+    try:
+        return importlib.import_module("taming.modules.transformer.mingpt")
+    except ImportError:
+        return None
+
+
+def side_by_side(args: argparse.Namespace, name: str, batch: int) -> dict:
+    """Ours (KV-cached, default options) and taming's ``sample_with_past`` on minGPT of the same
+    shapes, alternating in this process: ``args.side_runs`` timed draws each (after one warm-up
+    draw each), wall and CPU seconds per draw."""
+    import torch
+
+    mingpt = import_taming(args.taming_path)
+    if mingpt is None:
+        raise SystemExit("taming not found: " + TAMING_PIP)
+    ours = transformer_sampler(name, batch, "cached", args)
+    side = int(args.tokens**0.5)
+    grid = (side, args.tokens // side)
+    n = grid[0] * grid[1]
+    torch.manual_seed(0)
+    # One start token then n codes: n + 1 positions, as the prior's SOS + n codes.
+    theirs_model = mingpt.GPT(vocab_size=1024, block_size=n + 1, **CONFIGS[name]).eval()
+    theirs_model.to(device=torch.device(args.device), dtype=getattr(torch, DTYPES[args.dtype]))
+
+    def theirs(steps: int) -> object:
+        start = torch.zeros(batch, 1, dtype=torch.long, device=args.device)  # the start token
+        with torch.no_grad():  # as taming's sample_fast.py calls it: top-k, no nucleus
+            return mingpt.sample_with_past(start, theirs_model, steps, top_k=100, top_p=1.0)
+
+    def timed(fn: Callable[[], object]) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    ours((1, 8))
+    theirs(8)
+    res: dict[str, Any] = {"ours": [], "theirs": [], "ours_cpu": [], "theirs_cpu": []}
+    for _ in range(args.side_runs):
+        for who, fn in (("ours", lambda: ours(grid)), ("theirs", lambda: theirs(n))):
+            wall, cpu = timed(fn)
+            res[who].append(wall)
+            res[who + "_cpu"].append(cpu)
+    from latentgen.priors.threads import SMALL_STEP_FLOP
+
+    c = CONFIGS[name]["n_embd"]  # ours picks its thread count as decode_threads("auto") does
+    small = args.device == "cpu" and batch * c * 4 * c * 2 < SMALL_STEP_FLOP
+    res["threads"] = f"{1 if small else torch.get_num_threads()}/{torch.get_num_threads()}"
+    res["n"], res["load"] = n, os.getloadavg()[0]
+    return res
+
+
+def print_side_by_side(args: argparse.Namespace) -> None:
+    """Run ``side_by_side`` for each config and batch in its own process and print the table;
+    without taming, say how to get it."""
+    if import_taming(args.taming_path) is None:
+        print(
+            f"\nside by side with taming-transformers' minGPT skipped, taming not found: "
+            f"{TAMING_PIP}"
+        )
+        return
+    print(
+        f"\nside by side with taming-transformers' KV-cached minGPT (sample_with_past), "
+        f"{args.side_runs} alternating draws each, best and median ms/step, "
+        f"x = theirs / ours, threads = ours/theirs:"
+    )
+    print(
+        f"{'cfg':>3} {'batch':>5} {'ours best':>9} {'med':>7} {'theirs best':>11} {'med':>7} "
+        f"{'x best':>6} {'x med':>6} {'x cpu':>6} {'threads':>7} {'load':>5}"
+    )
+    for name in args.configs.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            cmd = [sys.executable, __file__, "--one-side", f"{name},{batch}"]
+            for opt in ("device", "dtype", "tokens", "side_runs", "taming_path"):
+                if getattr(args, opt) is not None:
+                    cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                print(f"{name:>3} {batch:>5}  failed: {res.stderr.strip()[-800:]}")
+                continue
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            ms = {k: sorted(1000 * t / r["n"] for t in r[k]) for k in ("ours", "theirs")}
+            med = {k: v[len(v) // 2] for k, v in ms.items()}
+            ratios = sorted(t / o for o, t in zip(r["ours"], r["theirs"]))  # per round
+            cpu = min(r["theirs_cpu"]) / min(r["ours_cpu"])
+            print(
+                f"{name:>3} {batch:>5} {ms['ours'][0]:>9.2f} {med['ours']:>7.2f} "
+                f"{ms['theirs'][0]:>11.2f} {med['theirs']:>7.2f} "
+                f"{ms['theirs'][0] / ms['ours'][0]:>6.2f} {ratios[len(ratios) // 2]:>6.2f} "
+                f"{cpu:>6.2f} {r['threads']:>7} {r['load']:>5.1f}",
+                flush=True,
+            )
+
+
 def _ops_per_step(
     go: Callable[[tuple[int, int]], object], steps: int, passes: int | None = None
 ) -> tuple[float, float]:
@@ -231,7 +378,11 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--kinds", default=",".join(ROWS), help="comma list of: " + ", ".join(ROWS))
+    p.add_argument(
+        "--kinds",
+        default=",".join((*ROWS, "taming")),
+        help="comma list of: " + ", ".join(ROWS) + ", taming (the side by side)",
+    )
     p.add_argument("--configs", default="s,m", help="comma list of: " + ", ".join(CONFIGS))
     p.add_argument("--batches", default="1,8")
     p.add_argument("--modes", default=None, help="comma list; default: each kind's modes")
@@ -239,12 +390,23 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed draws per process (best counts)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (best counts)")
     p.add_argument("--json", help="also write the rows as JSON lines to this file")
+    p.add_argument(
+        "--taming-path",
+        help="directory holding taming-transformers' `taming` package for the side by side "
+        "(default: an installed one)",
+    )
+    p.add_argument("--side-runs", type=int, default=3, help="timed draws each in the side by side")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "kind,config,batch,mode"
+    p.add_argument("--one-side", help=argparse.SUPPRESS)  # internal: "config,batch"
     args = p.parse_args()
 
     if args.one:
         kind, name, batch, mode = args.one.split(",")
         print(json.dumps(run_one(args, kind, name, int(batch), mode)))
+        return
+    if args.one_side:
+        name, batch = args.one_side.split(",")
+        print(json.dumps(side_by_side(args, name, int(batch))))
         return
 
     import torch
@@ -256,7 +418,8 @@ def main() -> None:
         f"vocab=1024"
     )
     rows = []
-    for kind in args.kinds.split(","):
+    kinds = args.kinds.split(",")
+    for kind in (k for k in kinds if k != "taming"):
         configs, modes, _ = ROWS[kind]
         for name in (c for c in args.configs.split(",") if c in configs):
             for batch in (int(b) for b in args.batches.split(",")):
@@ -314,6 +477,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             f.writelines(json.dumps(o) + "\n" for o in out)
+    if "taming" in kinds:
+        print_side_by_side(args)
 
 
 if __name__ == "__main__":
