@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import CheckpointError, InputError, SpecError
 from latentgen.priors.base import ConditionSlot
+from latentgen.priors.packed_linear import prepack_available
 from latentgen.priors.taming_gpt import convert_taming_gpt
 from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
 from latentgen.specs import SamplerConfig
@@ -78,14 +79,15 @@ _CACHE_CASES = [
 
 @pytest.mark.parametrize("positions,layout", VARIANTS)
 @pytest.mark.parametrize("conditional,sampler_name", _CACHE_CASES)
-@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-def test_cached_sampling_equals_uncached(positions, layout, conditional, sampler_name, static):
-    """Both cached decode loops (the one-token step and the static-shape step that
-    ``compile=True`` compiles) draw token for token what the full re-forward draws."""
+@pytest.mark.parametrize("mode", ["dynamic", "unpacked", "static"])
+def test_cached_sampling_equals_uncached(positions, layout, conditional, sampler_name, mode):
+    """Both cached decode loops (the one-token step, with prepacked weights on CPU by default
+    or with ``F.linear``, and the static-shape step that ``compile=True`` compiles) draw token
+    for token what the full re-forward draws."""
     sampler = _SAMPLERS[sampler_name]
     model = make(positions, conditional, layout)
     kw = {"conds": conds_for()} if conditional else {"num_samples": 3}
-    opts = {"static_cache": True} if static else {}
+    opts = {"dynamic": {}, "unpacked": {"prepack": False}, "static": {"static_cache": True}}[mode]
     cached = model.sample(grid=GRID, sampler=sampler, generator=gen(1), **kw, **opts)
     uncached = model.sample(grid=GRID, sampler=sampler, generator=gen(1), use_cache=False, **kw)
     assert cached.shape == (3, *GRID) and cached.dtype == torch.long
@@ -95,7 +97,20 @@ def test_cached_sampling_equals_uncached(positions, layout, conditional, sampler
 
 @pytest.mark.parametrize("positions,layout", VARIANTS)
 @pytest.mark.parametrize("copies", [1, 2])
-def test_cached_step_logits_equal_uncached(positions, layout, copies):
+@pytest.mark.parametrize(
+    "packed",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not prepack_available(), reason="this torch build has no oneDNN linear ops"
+            ),
+        ),
+    ],
+    ids=["f_linear", "prepacked"],
+)
+def test_cached_step_logits_equal_uncached(positions, layout, copies, packed):
     """Stricter than equal samples (which tolerate tiny errors): the logits of every step match."""
     model = make(positions, True, layout)
     codes = torch.randint(0, K, (3, 12), generator=gen(4))
@@ -114,7 +129,7 @@ def test_cached_step_logits_equal_uncached(positions, layout, copies):
         return pick
 
     with torch.inference_mode():
-        model._decode_cached(x0, 12, recorder("cached"), copies)
+        model._decode_cached(x0, 12, recorder("cached"), copies, packed)
         model._decode_uncached(x0, 12, recorder("uncached"), copies)
     torch.testing.assert_close(
         torch.stack(seen["cached"]), torch.stack(seen["uncached"]), atol=1e-5, rtol=1e-5
@@ -517,15 +532,40 @@ def test_threads_option_sets_the_decode_threads_and_restores_them(monkeypatch):
     monkeypatch.setattr(model, "_head", spy)
     before = torch.get_num_threads()
     try:
-        model.sample(grid=GRID, num_samples=2, threads=2)
+        # prepack=False: the loop then calls _head (a packed head is a function of its own).
+        model.sample(grid=GRID, num_samples=2, threads=2, prepack=False)
         assert set(seen) == {2} and torch.get_num_threads() == before
         # "auto": a step this small (2 rows x 32 wide) runs on one thread, whatever was set.
         torch.set_num_threads(2)
         seen.clear()
-        model.sample(grid=GRID, num_samples=2)
+        model.sample(grid=GRID, num_samples=2, prepack=False)
         assert set(seen) == {1} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_prepack_option_packs_the_cached_loops_weights_on_cpu(monkeypatch):
+    from latentgen.priors import transformer
+
+    model = make(conditional=False)
+    calls: list[tuple[int, bool]] = []
+    real = transformer.linear_fn
+
+    def spy(weight, bias, rows, packed):
+        calls.append((rows, packed))
+        return real(weight, bias, rows, packed)
+
+    monkeypatch.setattr(transformer, "linear_fn", spy)
+    model.sample(grid=GRID, num_samples=3)
+    # every block's four layers, and the head, packed for the loop's 3 rows (on a torch build
+    # without the oneDNN ops: the blocks' plain layers, and model._head)
+    can = prepack_available()
+    assert calls == [(3, can)] * (4 * model.config.n_layer + int(can))
+    calls.clear()
+    model.sample(grid=GRID, num_samples=3, prepack=False)
+    assert calls == [(3, False)] * (4 * model.config.n_layer)  # the head stays model._head
+    with pytest.raises(InputError, match=r"prepack must be 'auto', True or False, got 'yes'"):
+        model.sample(grid=GRID, num_samples=1, prepack="yes")
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "many", True])

@@ -28,6 +28,7 @@ from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
 from latentgen.priors.attention import AttentionBackend, get_backend
 from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
+from latentgen.priors.packed_linear import Linear, linear_fn, use_prepack
 from latentgen.priors.threads import decode_threads
 from latentgen.priors.window import WindowDecoder
 from latentgen.specs import ComponentConfig, parse_component
@@ -282,14 +283,18 @@ class _Block(nn.Module):
         pos: int,
         backend: AttentionBackend,
         rope: tuple[Tensor, Tensor] | None = None,
+        lin: tuple[Linear, Linear, Linear, Linear] | None = None,
     ) -> Tensor:
         """One decode step: ``x [B, C]`` is the token at position ``pos``; its key and value go
         into ``kv [2, B, H, T_max, Dh]`` and it attends to ``kv[..., : pos + 1]``. Inference
-        only (no dropout). Same result as ``forward`` on ``[B, 1, C]``, in fewer ops."""
+        only (no dropout). Same result as ``forward`` on ``[B, 1, C]``, in fewer ops.
+        ``lin``: the qkv, attention-out, MLP-in and MLP-out layers as functions (prepacked
+        weights, ``priors.packed_linear``); None: ``F.linear`` on this block's weights."""
+        qkv_fn, proj_fn, fc_fn, out_fn = lin or self.linears()
         b, c = x.shape
         nh = self.n_head
         h = F.layer_norm(x, (c,), self.ln1.weight, self.ln1.bias, self.eps)
-        qkv = F.linear(h, self.attn.qkv.weight, self.attn.qkv.bias).view(b, 3, nh, c // nh)
+        qkv = qkv_fn(h).view(b, 3, nh, c // nh)
         q = qkv[:, 0]  # [B, H, Dh]
         if rope is None:
             kv.select(3, pos).copy_(qkv[:, 1:].transpose(0, 1))  # k and v in one copy
@@ -300,10 +305,16 @@ class _Block(nn.Module):
         # narrow + unbind: the filled part of the cache in two view ops (indexing takes ~6).
         k, v = kv.narrow(3, 0, pos + 1).unbind(0)  # [B, H, pos + 1, Dh] each
         y = backend.attend_one(q, k, v)  # [B, H, Dh]
-        x = x + F.linear(y.reshape(b, c), self.attn.proj.weight, self.attn.proj.bias)
+        x = x + proj_fn(y.reshape(b, c))
         h = F.layer_norm(x, (c,), self.ln2.weight, self.ln2.bias, self.eps)
-        h = F.gelu(F.linear(h, self.mlp.fc.weight, self.mlp.fc.bias))  # [B, 4C]
-        return x + F.linear(h, self.mlp.proj.weight, self.mlp.proj.bias)
+        return x + out_fn(F.gelu(fc_fn(h)))  # via [B, 4C]
+
+    def linears(self, rows: int = 1, packed: bool = False) -> tuple[Linear, Linear, Linear, Linear]:
+        """The qkv, attention-out, MLP-in and MLP-out layers as functions for ``step``, with
+        weights prepacked for ``rows`` rows when ``packed`` (``priors.packed_linear``)."""
+        layers = (self.attn.qkv, self.attn.proj, self.mlp.fc, self.mlp.proj)
+        a, b, c, d = (linear_fn(m.weight, m.bias, rows, packed) for m in layers)
+        return a, b, c, d
 
     def step_static(
         self,
@@ -393,7 +404,7 @@ class TransformerPrior(Prior):
     """
 
     Config = TransformerPriorConfig
-    sample_options = frozenset({"use_cache", "static_cache", "compile", "threads"})
+    sample_options = frozenset({"use_cache", "static_cache", "compile", "threads", "prepack"})
 
     def __init__(self, config: TransformerPriorConfig) -> None:
         super().__init__(config)
@@ -615,7 +626,11 @@ class TransformerPrior(Prior):
           grid, so it pays off for long sampling runs only (benchmarks/sample_speed.py);
         - ``threads`` (default ``"auto"``): torch threads during the decode loop; ``"auto"``
           uses one thread on CPU where a step is too small to split (``priors.threads``),
-          an int sets the count, None leaves torch's setting alone.
+          an int sets the count, None leaves torch's setting alone;
+        - ``prepack`` (default ``"auto"``): on CPU in float32 the cached loop's linear layers
+          and head use weights packed once for its batch (oneDNN, ``priors.packed_linear``),
+          equal to ``F.linear`` up to rounding; False keeps ``F.linear``. True is the same as
+          ``"auto"`` (there is nothing to pack on other devices or dtypes).
         """
         gh, gw = request.grid
         opts = request.options
@@ -632,23 +647,30 @@ class TransformerPrior(Prior):
         copies = 2 if request.guided else 1
         c = self.config.n_embd
         step_flop = request.rows * c * 4 * c * 2  # the MLP's first matmul, a step's largest
+        packed = use_prepack(opts.get("prepack", "auto"), x0.device, x0.dtype)
         with decode_threads(opts.get("threads", "auto"), step_flop, x0.device):
             if not use_cache:
                 out = self._decode_uncached(x0, gh * gw, request.pick, copies)
             elif static:
                 out = self._decode_static(x0, gh * gw, request.pick, copies, compiled)
             else:
-                out = self._decode_cached(x0, gh * gw, request.pick, copies)
+                out = self._decode_cached(x0, gh * gw, request.pick, copies, packed)
         return out.view(request.batch, gh, gw)
 
     # -- sampling internals -----------------------------------------------------------------
     def _decode_cached(
-        self, x0: Tensor, n: int, pick: Callable[[Tensor, int], Tensor], copies: int
+        self,
+        x0: Tensor,
+        n: int,
+        pick: Callable[[Tensor, int], Tensor],
+        copies: int,
+        packed: bool = False,
     ) -> Tensor:
         """Prefix once into a static KV cache, then one code per step -> codes ``[B, n]``.
 
         ``x0`` holds ``copies`` stacked batches (2 with guidance: conditional, then null rows);
-        each drawn code is fed to every copy.
+        each drawn code is fed to every copy. ``packed``: the steps' linear layers and the head
+        use prepacked weights (``priors.packed_linear``).
         """
         cfg = self.config
         rows, n_ctx, c = x0.shape
@@ -657,9 +679,14 @@ class TransformerPrior(Prior):
         kv = list(cache.unbind(0))  # per-layer views [2, rows, H, T_max, Dh], made once
         out = torch.empty(n, rows // copies, dtype=torch.long, device=x0.device)  # step-major
         h = self._run(x0, 0, kv)[:, -1]  # [rows, C]
-        step = self._step_fn(x0.device, x0.dtype)
+        step = self._step_fn(x0.device, x0.dtype, rows, packed)
+        head: Linear = self._head
+        if packed:
+            head = linear_fn(
+                self.tok_emb.weight if self.head is None else self.head.weight, None, rows, True
+            )
         for i in range(n):
-            code = pick(self._head(h), i)  # [B]
+            code = pick(head(h), i)  # [B]
             out[i] = code
             if i == n - 1:
                 break
@@ -667,12 +694,14 @@ class TransformerPrior(Prior):
         return out.t()
 
     def _step_fn(
-        self, device: torch.device, dtype: torch.dtype
+        self, device: torch.device, dtype: torch.dtype, rows: int = 1, packed: bool = False
     ) -> Callable[[Tensor, int, int, list[Tensor]], Tensor]:
         """The one-token decode step ``(codes [rows], code index, position, kv) -> h [rows, C]``
-        with the backend and the position tables bound once per sampling call."""
+        with the backend, the position tables and each block's linear layers (prepacked for
+        ``rows`` rows when ``packed``) bound once per sampling call."""
         backend = self._backend(device, dtype)
         blocks = cast(list[_Block], list(self.blocks))
+        lins = [block.linears(rows, packed) for block in blocks]
         emb, pos_emb = self.tok_emb.weight, self.pos_emb
         pos0 = self._code_pos0
         ln_w, ln_b, eps = self.ln_f.weight, self.ln_f.bias, self.config.layer_norm_eps
@@ -686,8 +715,8 @@ class TransformerPrior(Prior):
                 x = x + pos_emb[pos0 + j]
             elif rope_cos is not None and rope_sin is not None:
                 rope = (rope_cos[pos], rope_sin[pos])  # [Dh] each
-            for block, layer_kv in zip(blocks, kv):
-                x = block.step(x, layer_kv, pos, backend, rope)
+            for block, layer_kv, lin in zip(blocks, kv, lins):
+                x = block.step(x, layer_kv, pos, backend, rope, lin)
             return F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
 
         return step
