@@ -29,6 +29,25 @@ Columns:
 Each (config, batch, mode) runs in a fresh subprocess, so its peak memory is its own; the rows
 are measured in ``--rounds`` alternating rounds and the best round counts. The load average is
 printed beside each row. Extra rows (other priors) register in ``ROWS``.
+
+Side by side with taming-transformers (``--kinds taming``, part of the default run): Taming
+Transformers' own minGPT (``taming/modules/transformer/mingpt.py``) with its KV-cached sampler
+``sample_with_past``, built with the same shapes (s, m; vocab 1024; 257 positions; fp32; other
+weights, same shapes), draws 256 codes after one start token with top-k 100, and ours does the
+same with its default options. Per config and batch one process builds both, warms each up,
+then times ``--side-runs`` (3) draws of each, alternating ours and theirs, so both see the same
+machine load. Printed: best and median ms/step of each, theirs/ours of the best draws and the
+median of the per-round ratios, the CPU-time ratio, and the torch threads each ran on (ours
+picks one thread for small steps, ``threads="auto"``; theirs runs on torch's setting, which
+``OMP_NUM_THREADS`` / ``LG_THREADS`` sets). taming is not a dependency: install the PyPI wheel
+beside the project and point at it,
+
+    pip install --no-deps --target /some/dir taming-transformers-rom1504==0.0.6
+    LG_THREADS=1 lg python benchmarks/sample_speed.py --kinds taming --taming-path /some/dir
+
+(without it the benchmark prints that line and our own rows). Its mingpt.py imports
+``transformers.top_k_top_p_filtering``, gone from current transformers; a one-function stand-in
+written after transformers 4.3's is put in ``sys.modules`` when the real one is missing.
 """
 
 from __future__ import annotations

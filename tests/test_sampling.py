@@ -75,3 +75,26 @@ def test_draw_fast_has_the_filtered_distribution(sampler):
     freq = torch.bincount(draws, minlength=10).float() / draws.numel()
     assert (freq[want == 0] == 0).all()
     torch.testing.assert_close(freq, want, atol=0.015, rtol=0)
+
+
+def test_the_one_code_draw_is_torch_multinomials_draw():
+    from latentgen.priors.sampling import _draw_one
+
+    for rows, k in ((1, 100), (8, 100), (3, 1024)):
+        for seed in range(20):
+            probs = torch.randn(rows, k, generator=gen(100 + seed)).mul(3).softmax(-1)
+            probs[0, :3] = 0.0  # filtered codes
+            probs = probs / probs.sum(-1, keepdim=True)
+            want = torch.multinomial(probs, 1, generator=gen(seed)).squeeze(-1)
+            assert torch.equal(_draw_one(probs, gen(seed)), want)
+
+
+@pytest.mark.parametrize("k", [1, 7, 100])
+def test_top_k_indices_without_ties_at_the_cut_is_the_mask(k):
+    # Distinct values: the topk shortcut answers; the same codes as the mask, ascending.
+    logits = torch.randn(50, 1024, generator=gen(6))
+    want = [row.nonzero().flatten().tolist() for row in top_k_mask(logits, k)]
+    assert top_k_indices(logits, k).tolist() == want
+    logits[7, :] = logits[7, 0]  # one row all tied: the exact integer keys answer
+    want[7] = list(range(k))
+    assert top_k_indices(logits, k).tolist() == want
