@@ -354,15 +354,18 @@ class _Block(nn.Module):
         pos: Tensor,
         keep: Tensor,
         rope: tuple[Tensor, Tensor] | None = None,
+        lin: tuple[Linear, Linear, Linear, Linear] | None = None,
     ) -> Tensor:
         """``step`` where every row has its own position: ``x [B, C]``, ``pos [B]`` long (the
         rows' key/value go to ``kv [2, B, H, T_max, Dh]`` at ``pos``), ``keep [B, T]`` True for
-        the keys a row sees (``T <= T_max``); ``rope`` per row ``[B, 1, Dh]``. Plain attention
-        (inference only); the cache must hold finite values where ``keep`` is False."""
+        the keys a row sees (``T <= T_max``); ``rope`` per row ``[B, 1, Dh]``; ``lin`` as in
+        ``step``. Plain attention (inference only); the cache must hold finite values where
+        ``keep`` is False."""
+        qkv_fn, proj_fn, fc_fn, out_fn = lin or self.linears()
         b, c = x.shape
         nh = self.n_head
         h = F.layer_norm(x, (c,), self.ln1.weight, self.ln1.bias, self.eps)
-        qkv = F.linear(h, self.attn.qkv.weight, self.attn.qkv.bias).view(b, 3, nh, c // nh)
+        qkv = qkv_fn(h).view(b, 3, nh, c // nh)
         q = qkv[:, 0]  # [B, H, Dh]
         if rope is None:
             new = qkv[:, 1:]  # [B, 2, H, Dh]
@@ -378,10 +381,9 @@ class _Block(nn.Module):
         att = torch.bmm(q1, k.reshape(b * nh, t, dh).transpose(1, 2)).view(b, nh, t)
         att = att.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)  # [B, H, T]
         y = torch.bmm(att.view(b * nh, 1, t), v.reshape(b * nh, t, dh))  # [B*H, 1, Dh]
-        x = x + F.linear(y.reshape(b, c), self.attn.proj.weight, self.attn.proj.bias)
+        x = x + proj_fn(y.reshape(b, c))
         h = F.layer_norm(x, (c,), self.ln2.weight, self.ln2.bias, self.eps)
-        h = F.gelu(F.linear(h, self.mlp.fc.weight, self.mlp.fc.bias))  # [B, 4C]
-        return x + F.linear(h, self.mlp.proj.weight, self.mlp.proj.bias)
+        return x + out_fn(F.gelu(fc_fn(h)))  # via [B, 4C]
 
 
 # -- the prior ---------------------------------------------------------------------------------
@@ -722,11 +724,13 @@ class TransformerPrior(Prior):
         return step
 
     def _rows_step_fn(
-        self, device: torch.device, dtype: torch.dtype
+        self, rows: int = 1, packed: bool = False
     ) -> Callable[[Tensor, Tensor, Tensor, list[Tensor]], Tensor]:
         """The decode step with a position per row ``(codes [R], code index [R], sequence
-        position [R], kv) -> h [R, C]`` (the sliding window's tiles, each at its own place)."""
+        position [R], kv) -> h [R, C]`` (the sliding window's tiles, each at its own place);
+        linear layers prepacked for about ``rows`` rows when ``packed``."""
         blocks = cast(list[_Block], list(self.blocks))
+        lins = [block.linears(rows, packed) for block in blocks]
         emb, pos_emb = self.tok_emb.weight, self.pos_emb
         pos0 = self._code_pos0
         ln_w, ln_b, eps = self.ln_f.weight, self.ln_f.bias, self.config.layer_norm_eps
@@ -741,8 +745,8 @@ class TransformerPrior(Prior):
             elif rope_cos is not None and rope_sin is not None:
                 rope = (rope_cos[pos][:, None], rope_sin[pos][:, None])  # [R, 1, Dh] each
             keep = torch.arange(int(pos.max()) + 1, device=pos.device) <= pos[:, None]  # [R, T]
-            for block, layer_kv in zip(blocks, kv):
-                x = block.step_rows(x, layer_kv, pos, keep, rope)
+            for block, layer_kv, lin in zip(blocks, kv, lins):
+                x = block.step_rows(x, layer_kv, pos, keep, rope, lin)
             return F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
 
         return step
@@ -883,19 +887,29 @@ class _CachedWindowDecoder(WindowDecoder):
         # The batched step computes plain attention with a per-row key mask; a backend with
         # its own pattern (a sliding band) goes through the per-slot forward instead.
         self.batched = prior._plain_attention()
-        self.step = prior._rows_step_fn(w.device, w.dtype) if self.batched else None
+        self.step = prior._rows_step_fn() if self.batched else None
+        self.head: Linear = prior._head
 
     def start(self, slot: int, conds: dict[str, Conditioning], top: int, left: int) -> None:
         self.windows[slot], self.fed[slot] = (conds, top, left), None
 
     def running(self, options: Mapping[str, Any]) -> AbstractContextManager[None]:
         """The prior's ``threads`` option, sized by this decoder's calls: a batched step of
-        every slot (several slots) or a forward of one window (one slot, ``exact``)."""
+        every slot (several slots) or a forward of one window (one slot, ``exact``); with its
+        ``prepack`` option (default ``"auto"``) the batched step's linear layers and the head
+        use weights packed once for the draw (``priors.packed_linear``)."""
         c = self.prior.config.n_embd
         slots = len(self.fed)
         tokens = self.rows * (slots if slots > 1 else self.size[0] * self.size[1])
         flop = tokens * c * 4 * c * 2  # the MLP's first matmul
-        return decode_threads(options.get("threads", "auto"), flop, self.kv[0].device)
+        prior, w = self.prior, self.kv[0]
+        if self.batched and use_prepack(options.get("prepack", "auto"), w.device, w.dtype):
+            # Packed for the rows of a step over every slot; fewer rows use the same packing.
+            rows = self.rows * slots
+            self.step = prior._rows_step_fn(rows, packed=True)
+            weight = prior.tok_emb.weight if prior.head is None else prior.head.weight
+            self.head = linear_fn(weight, None, rows, True)
+        return decode_threads(options.get("threads", "auto"), flop, w.device)
 
     def _window(self, slot: int, codes: Tensor) -> Tensor:
         """The slot's window ``[rows, wh * ww]`` as drawn so far."""
@@ -958,4 +972,4 @@ class _CachedWindowDecoder(WindowDecoder):
         )  # [span * rows, C]
         for s in slots:
             self.fed[s] = cast(int, self.fed[s]) + 1
-        return prior._head(h.view(span, rows, -1)[at])  # [n, rows, K]
+        return self.head(h.view(span, rows, -1)[at].flatten(0, 1)).view(len(slots), rows, -1)
