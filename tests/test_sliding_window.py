@@ -202,6 +202,20 @@ def test_cached_draws_what_teacher_forced_windows_draw(stride, positions, layout
     assert torch.equal(cached, forward)
 
 
+@pytest.mark.parametrize("prepack", [False, True])
+def test_cached_draws_the_same_with_or_without_prepacked_weights(prepack, monkeypatch):
+    prior = _prior(label={"vocab_size": 3})
+    sampler = SamplerConfig(window="cached", guidance_scale=1.5, top_k=8)
+    got = prior.sample(_label(), grid=(9, 13), sampler=sampler, generator=_gen(5), prepack=prepack)
+    monkeypatch.setattr(
+        prior,
+        "window_decoder",
+        lambda rows, size, slots=1: FullForwardDecoder(prior, rows, size, slots),
+    )
+    want = prior.sample(_label(), grid=(9, 13), sampler=sampler, generator=_gen(5))
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("mode", ["exact", "cached"])
 def test_a_grid_twice_the_block_is_sampled_seeded(mode):
     prior = _prior(label={"vocab_size": 3})
