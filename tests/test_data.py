@@ -118,3 +118,44 @@ def test_image_folder_empty_or_missing(tmp_path):
         registry.build("dataset", {"type": "image_folder", "root": str(tmp_path)})
     with pytest.raises(DataError, match="does not exist"):
         registry.build("dataset", {"type": "image_folder", "root": str(tmp_path / "nope")})
+
+
+def _scene_offsets(cfg: ShapesConfig, i: int, item: dict) -> list[tuple[int, int]]:
+    """Aligned offsets at which ``item`` is the cut of scene item ``i``'s 2x2 mosaic."""
+    from latentgen.data.shapes import _SCENE_STREAM, render_shapes
+
+    n = cfg.image_size
+    cells = cfg.model_copy(update={"seed": cfg.seed + _SCENE_STREAM * 10**6 + 4 * i})
+    parts = [render_shapes(k, cells) for k in range(4)]
+
+    def mosaic(key: str) -> torch.Tensor:
+        top = torch.cat([parts[0][key], parts[1][key]], -1)
+        return torch.cat([top, torch.cat([parts[2][key], parts[3][key]], -1)], -2)
+
+    image, seg = mosaic("image"), mosaic("segmentation")  # [3, 2n, 2n], [2n, 2n]
+    return [
+        (t, left)
+        for t in range(0, n + 1, cfg.scene_align)
+        for left in range(0, n + 1, cfg.scene_align)
+        if torch.equal(item["image"], image[:, t : t + n, left : left + n])
+        and torch.equal(item["segmentation"], seg[t : t + n, left : left + n])
+    ]
+
+
+def test_scene_windows_are_aligned_cuts_of_a_mosaic_of_items():
+    cfg = ShapesConfig(size=200, image_size=16, seed=5, scene_fraction=0.4, scene_align=4)
+    ds, plain = ShapesDataset(cfg), ShapesDataset(cfg.model_copy(update={"scene_fraction": 0.0}))
+    scene = [i for i in range(200) if ds[i]["label"] == -1]
+    assert 0.3 < len(scene) / 200 < 0.5, len(scene)
+    for i in range(200):  # every other item is the plain item, unchanged
+        if i not in scene:
+            assert torch.equal(ds[i]["image"], plain[i]["image"])
+    offsets = set()
+    for i in scene[:12]:
+        item = ds[i]
+        hits = _scene_offsets(cfg, i, item)
+        assert hits, f"scene item {i} is not a 4-pixel-aligned cut of its 2x2 mosaic"
+        offsets.update(hits)
+        assert item["pose"].shape == (5, 3) and not item["pose"][:, 2].any()  # no main shape
+        assert item["depth"].shape == (1, 16, 16)
+    assert len(offsets) >= 4, offsets  # windows land at many places, not one

@@ -96,3 +96,24 @@ def test_config_errors_name_the_fix() -> None:
         _pipe(cond_dropout_each={"depth": 0.5})
     with pytest.raises(ValueError, match=r"cond_dropout_each.label = 1.5 must lie in \[0, 1\]"):
         _pipe(cond_dropout_each={"label": 1.5})
+
+
+def test_an_unlabelled_image_trains_with_the_null_label() -> None:
+    """Label -1 marks an unlabelled image: its row is the prior's null label, in training too."""
+    pipe = _pipe(cond_dropout_each={"label": 0.1})
+    enc = pipe.conditioners["label"].encode
+    mixed = enc([-1, 4, -1])
+    assert mixed.drop is not None and mixed.drop.tolist() == [True, False, True]
+    assert enc([1, 2]).drop is None  # fully labelled batches stay as they were
+    seg = pipe.conditioners["segmentation"].encode(_seg().expand(3, 16, 16), size=(16, 16))
+    codes = torch.randint(0, 16, (3, 4, 4), generator=torch.Generator().manual_seed(0))
+    prior = pipe.prior.eval()
+    got = prior.code_log_probs(codes, {"label": mixed, "segmentation": seg})  # [3, 4, 4]
+    null = prior.code_log_probs(codes, {"label": enc([0, 4, 0]).null(), "segmentation": seg})
+    labelled = prior.code_log_probs(codes, {"label": enc([0, 4, 0]), "segmentation": seg})
+    assert torch.allclose(got[[0, 2]], null[[0, 2]]) and torch.allclose(got[1], labelled[1])
+    assert not torch.allclose(got[0], labelled[0])  # the null is not label 0
+    # the training loss reads the same rows (dropout off: eval mode keeps conditions as given)
+    assert torch.isfinite(prior.loss(codes, {"label": mixed, "segmentation": seg}))
+    with pytest.raises(InputError, match=r"label -2 is outside \[0, 6\).*-1 marks an unlabelled"):
+        enc([-2])

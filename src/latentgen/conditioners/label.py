@@ -1,4 +1,9 @@
-"""Class-label conditioning: one token per image, in a vocabulary of ``num_classes`` labels."""
+"""Class-label conditioning: one token per image, in a vocabulary of ``num_classes`` labels.
+
+The label ``-1`` (``UNLABELLED``) marks an image without a label: its row comes back dropped
+(``Conditioning.drop``), so a prior trained on partly labelled data learns those images with
+its null label, the same null that classifier-free guidance and condition dropout use.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,10 @@ from latentgen.conditioners.base import Conditioner, Conditioning
 from latentgen.errors import InputError
 from latentgen.specs import ComponentConfig
 
-__all__ = ["ClassLabelConditioner", "ClassLabelConfig"]
+__all__ = ["UNLABELLED", "ClassLabelConditioner", "ClassLabelConfig"]
+
+#: The label of an unlabelled image: the prior's null label stands in for it.
+UNLABELLED = -1
 
 
 class ClassLabelConfig(ComponentConfig):
@@ -28,7 +36,10 @@ class ClassLabelConfig(ComponentConfig):
 
 
 class ClassLabelConditioner(Conditioner):
-    """Labels (ints, names, or a tensor) -> ``tokens [B, 1]`` in ``[0, num_classes)``."""
+    """Labels (ints, names, or a tensor) -> ``tokens [B, 1]`` in ``[0, num_classes)``.
+
+    A label of ``-1`` (``UNLABELLED``) gives a dropped row: the prior's null label.
+    """
 
     Config = ClassLabelConfig
     input_kind = "class"
@@ -87,11 +98,14 @@ class ClassLabelConditioner(Conditioner):
             labels = torch.tensor([self._index(x) for x in items], dtype=torch.long)
         if labels.numel() == 0:
             raise InputError("no labels given: pass at least one, e.g. label=[3].")
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= self.vocab_size:
-            bad = lo if lo < 0 else hi
+        unlabelled = labels == UNLABELLED  # [B]
+        known = labels[~unlabelled]
+        if known.numel() and (int(known.min()) < 0 or int(known.max()) >= self.vocab_size):
+            bad = int(known.min()) if int(known.min()) < 0 else int(known.max())
             raise InputError(
                 f"label {bad} is outside [0, {self.vocab_size}); this conditioner has "
-                f"num_classes={self.vocab_size}."
+                f"num_classes={self.vocab_size} (and -1 marks an unlabelled image)."
             )
-        return Conditioning(tokens=labels[:, None], vocab_size=self.vocab_size)
+        tokens = labels.masked_fill(unlabelled, 0)[:, None]  # [B, 1]
+        drop = unlabelled if bool(unlabelled.any()) else None
+        return Conditioning(tokens=tokens, vocab_size=self.vocab_size, drop=drop)

@@ -11,6 +11,12 @@ background. The paired conditions are exact by construction:
 - ``depth``: ``[1, H, W]`` in [-1, 1] (-1 near, 1 far), background a tilted far plane;
 - ``pose``: ``[5, 3]`` keypoints (x, y in [0, 1], visibility) of the main shape: centre and the
   four corners of its rotated bounding square.
+
+With ``scene_fraction`` > 0, that fraction of the items are instead windows cut from a 2x2
+mosaic of items (the layout ``conditioners.scene.shapes_scene`` makes at any size), at an
+offset that is a multiple of ``scene_align`` pixels. Such a window has no one main shape: its
+label is -1 (unlabelled, the prior's null label) and its pose keypoints are all invisible. A
+prior trained on them has seen what a sliding window sees inside a large scene.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pydantic import Field
 from latentgen.data.base import ImageDataset
 from latentgen.specs import ComponentConfig
 
-__all__ = ["CLASSES", "ShapesConfig", "ShapesDataset", "render_shapes"]
+__all__ = ["CLASSES", "ShapesConfig", "ShapesDataset", "render_scene_window", "render_shapes"]
 
 CLASSES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 _UPRIGHT = ("square", "diamond")  # classes drawn near upright (see render_shapes)
@@ -43,6 +49,19 @@ class ShapesConfig(ComponentConfig):
     )
     max_distractors: int = Field(2, ge=0, le=8, description="Smaller shapes behind the main one.")
     seed: int = Field(0, ge=0, description="Item i is rendered from seed + i.")
+    scene_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of items that are a window cut from a 2x2 mosaic of items "
+        "(label -1: unlabelled), so a prior learns the layouts a sliding window sees in a scene.",
+    )
+    scene_align: int = Field(
+        4,
+        ge=1,
+        description="A scene window's offset is a multiple of this many pixels: the tokenizer's "
+        "downsample factor, so the window's codes line up with the scene's.",
+    )
 
 
 def _inside(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -139,4 +158,38 @@ class ShapesDataset(ImageDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} shapes")
-        return render_shapes(index % len(self), self.config)
+        index = index % len(self)
+        if self.config.scene_fraction > 0:
+            rng = np.random.default_rng((self.config.seed, index, _SCENE_STREAM))
+            if rng.random() < self.config.scene_fraction:
+                return render_scene_window(index, self.config, rng)
+        return render_shapes(index, self.config)
+
+
+#: Seeds the draws of scene windows apart from the items' own ``seed + index`` streams.
+_SCENE_STREAM = 7919
+
+
+def render_scene_window(
+    index: int, config: ShapesConfig, rng: np.random.Generator
+) -> dict[str, Any]:
+    """An ``image_size`` window of a 2x2 mosaic of items, at a ``scene_align`` offset."""
+    n, align = config.image_size, config.scene_align
+    cells = config.model_copy(update={"seed": config.seed + _SCENE_STREAM * 10**6 + 4 * index})
+    items = [render_shapes(k, cells) for k in range(4)]
+
+    def mosaic(key: str) -> torch.Tensor:  # [..., 2n, 2n]
+        top = torch.cat([items[0][key], items[1][key]], dim=-1)
+        bottom = torch.cat([items[2][key], items[3][key]], dim=-1)
+        return torch.cat([top, bottom], dim=-2)
+
+    top, left = (int(align * rng.integers(0, n // align + 1)) for _ in range(2))
+    window = {
+        k: mosaic(k)[..., top : top + n, left : left + n]
+        for k in ("image", "segmentation", "depth")
+    }
+    return {
+        **window,
+        "label": -1,  # no one main shape: unlabelled (the prior's null label)
+        "pose": torch.zeros(NUM_KEYPOINTS, 3),  # no main shape: every keypoint invisible
+    }
