@@ -23,7 +23,7 @@ def _item(i: int = 0):
     return ShapesDataset(ShapesConfig(size=4, image_size=16))[i]
 
 
-def _pipe(conditioners, slots):
+def _pipe(conditioners, slots, **prior_kw):
     prior = {
         "type": "transformer",
         "vocab_size": 16,
@@ -32,6 +32,7 @@ def _pipe(conditioners, slots):
         "n_head": 2,
         "n_embd": 16,
         "conditions": slots,
+        **prior_kw,
     }
     spec = {"tokenizer": TOKENIZER, "prior": prior, "conditioners": conditioners}
     return Pipeline.from_spec(spec)
@@ -180,14 +181,34 @@ def test_pipeline_with_segmentation_and_class_label():
         pipe(segmentation=it["segmentation"], label=[0], depth=it["depth"])
 
 
-def test_pipeline_refuses_a_condition_grid_that_is_not_the_code_grid():
+def test_a_condition_grid_may_be_coarser_by_a_whole_factor_never_finer():
+    # one segmentation token per 2x2 codes: 4 prefix tokens for the 4x4 code grid
+    conds = {"segmentation": {"type": "segmentation", "num_classes": 7, "downsample": 8}}
+    pipe = _pipe(conds, {"segmentation": {"vocab_size": 7, "num_tokens": 4}}, window=(4, 4))
+    seg = _item()["segmentation"]  # [16, 16]
+    tokens = pipe.condition(segmentation=seg)["segmentation"]
+    assert tokens.grid == (2, 2) and torch.equal(tokens.tokens.view(2, 2), seg[4::8, 4::8])
+    out = pipe(segmentation=seg, output_type="tensor", generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 16, 16)
+    # beyond the trained grid the sliding window crops the coarse map with the codes
+    big = seg.repeat(2, 3)  # [32, 48]: 8x12 codes, a 4x6 condition grid
+    for mode in ("exact", "cached"):
+        img = pipe(segmentation=big, sampler={"window": mode}, output_type="tensor")
+        assert img.shape == (1, 3, 32, 48), mode
+    with pytest.raises(SpecError, match=r"num_tokens = 4 "):
+        _pipe(conds, {"segmentation": {"vocab_size": 7, "num_tokens": 16}}).prior  # noqa: B018
     with pytest.raises(
         SpecError,
-        match=r"one token per 8x8 image pixels but the tokenizer one "
-        r"code per 4x4.*downsample = 4",
+        match=r"one token per 2x2 image pixels but the tokenizer one "
+        r"code per 4x4.*neither the code grid nor a whole factor coarser.*downsample = 4",
     ):
         _pipe(
-            {"depth": {"type": "depth", "downsample": 8}},
+            {"depth": {"type": "depth", "downsample": 2}},
+            {"depth": {"vocab_size": 16, "num_tokens": 64}},
+        )
+    with pytest.raises(SpecError, match=r"one token per 6x6 image pixels"):
+        _pipe(
+            {"depth": {"type": "depth", "downsample": 6}},
             {"depth": {"vocab_size": 16, "num_tokens": 4}},
         )
 

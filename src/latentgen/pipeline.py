@@ -73,12 +73,14 @@ def _check_fit(tokenizer: Tokenizer, prior: Prior, conditioners: Mapping[str, Co
         )
     for name, cond in conditioners.items():
         f = getattr(cond, "image_downsample", None)
-        if f is not None and f != tokenizer.downsample:
+        # a condition grid is the code grid, or coarser by a whole factor (one token per
+        # k x k codes: fewer prefix tokens); the sliding window crops both alike
+        if f is not None and (f < tokenizer.downsample or f % tokenizer.downsample):
             raise SpecError(
                 f"conditioner '{name}' ({cond.config.type}) makes one token per {f}x{f} image "
                 f"pixels but the tokenizer one code per {tokenizer.downsample}x"
-                f"{tokenizer.downsample}, so the condition grid would not be the code grid: "
-                f"{_downsample_fix(cond, tokenizer.downsample)}"
+                f"{tokenizer.downsample}, so the condition grid would be neither the code grid "
+                f"nor a whole factor coarser: {_downsample_fix(cond, tokenizer.downsample)}"
             )
     slots = prior.condition_slots
     for name, cond in conditioners.items():
@@ -102,15 +104,26 @@ def _check_fit(tokenizer: Tokenizer, prior: Prior, conditioners: Mapping[str, Co
         n = cond.num_tokens
         window = prior.window_size
         spatial = n is None and isinstance(cond, SpatialConditioner)
-        # a spatial condition emits one token per code of the window the prior sees
-        if spatial and window is not None and window[0] * window[1] != slot.num_tokens:
-            raise SpecError(
-                f"conditioner '{name}' ({cond.config.type}) emits one token per code, "
-                f"{window[0] * window[1]} for the prior's {window[0]}x{window[1]} code "
-                f"window, but the prior's slot for it expects {slot.num_tokens}: set "
-                f"prior.conditions.{name}.num_tokens = {window[0] * window[1]} (or give "
-                "the prior the window whose code count that is)."
-            )
+        # a spatial condition emits one token per k x k codes of the window the prior sees
+        k = (f or tokenizer.downsample) // tokenizer.downsample
+        if spatial and window is not None:
+            if window[0] % k or window[1] % k:
+                raise SpecError(
+                    f"conditioner '{name}' ({cond.config.type}) makes one token per {k}x{k} "
+                    f"codes, which does not divide the prior's {window[0]}x{window[1]} code "
+                    f"window: use a window whose sides are multiples of {k}, or a finer "
+                    "condition."
+                )
+            want = (window[0] // k) * (window[1] // k)
+            if want != slot.num_tokens:
+                per = "code" if k == 1 else f"{k}x{k} codes"
+                raise SpecError(
+                    f"conditioner '{name}' ({cond.config.type}) emits one token per {per}, "
+                    f"{want} for the prior's {window[0]}x{window[1]} code window, but the "
+                    f"prior's slot for it expects {slot.num_tokens}: set "
+                    f"prior.conditions.{name}.num_tokens = {want} (or give the prior the "
+                    "window whose token count that is)."
+                )
         if n is not None and n != slot.num_tokens:
             raise SpecError(
                 f"conditioner '{name}' ({cond.config.type}) emits {n} token(s) per sample but "
@@ -397,7 +410,7 @@ class Pipeline:
         for n, v in raw.items():
             cond = self.conditioners[n]
             c = cond.encode(v, size=hw) if n in spatial else cond.encode(v)  # type: ignore[call-arg]
-            if n in spatial and c.grid != grid:
+            if n in spatial and c.grid != self._condition_grid(cond, grid):
                 raise InputError(
                     f"condition '{n}' makes a {c.grid} token grid but a {hw[0]}x{hw[1]} image "
                     f"has a {grid} code grid; give a {n} map for that size."
@@ -419,11 +432,20 @@ class Pipeline:
         for n in sorted(names):
             slot = self.prior.config.conditions[n]
             cond = self.conditioners[n]
-            g = grid if isinstance(cond, SpatialConditioner) else None
+            g = self._condition_grid(cond, grid) if isinstance(cond, SpatialConditioner) else None
             count = g[0] * g[1] if g is not None else slot.num_tokens
             tokens = torch.zeros(b, count, dtype=torch.long, device=self.device)  # [B, n]
             out[n] = Conditioning(tokens, cond.vocab_size, grid=g).null()
         return out
+
+    def _condition_grid(
+        self, cond: Conditioner, grid: tuple[int, int] | None
+    ) -> tuple[int, int] | None:
+        """The token grid of spatial ``cond`` for code ``grid``: the same, or a factor coarser."""
+        if grid is None:
+            return None
+        k = int(getattr(cond, "image_downsample", 0) or 0) // self.tokenizer.downsample
+        return grid if k <= 1 else (grid[0] // k, grid[1] // k)
 
     def _size(self, size: tuple[int, int] | int | None, raw: Mapping[str, Any]) -> tuple[int, int]:
         """The image size: ``size``, else the one the spatial conditions imply, else the card's."""
