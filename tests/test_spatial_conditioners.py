@@ -183,20 +183,30 @@ def test_pipeline_with_segmentation_and_class_label():
 
 def test_a_condition_grid_may_be_coarser_by_a_whole_factor_never_finer():
     # one segmentation token per 2x2 codes: 4 prefix tokens for the 4x4 code grid
-    conds = {"segmentation": {"type": "segmentation", "num_classes": 7, "downsample": 8}}
-    pipe = _pipe(conds, {"segmentation": {"vocab_size": 7, "num_tokens": 4}}, window=(4, 4))
+    # (with a label beside it: each condition is checked with its own factor)
+    conds = {
+        "segmentation": {"type": "segmentation", "num_classes": 7, "downsample": 8},
+        "label": {"type": "class_label", "num_classes": 6},
+    }
+    slots = {"segmentation": {"vocab_size": 7, "num_tokens": 4}, "label": {"vocab_size": 6}}
+    pipe = _pipe(conds, slots, window=(4, 4))
     seg = _item()["segmentation"]  # [16, 16]
-    tokens = pipe.condition(segmentation=seg)["segmentation"]
+    tokens = pipe.condition(segmentation=seg, label=[1])["segmentation"]
     assert tokens.grid == (2, 2) and torch.equal(tokens.tokens.view(2, 2), seg[4::8, 4::8])
-    out = pipe(segmentation=seg, output_type="tensor", generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        segmentation=seg,
+        label=[1],
+        output_type="tensor",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.shape == (1, 3, 16, 16)
     # beyond the trained grid the sliding window crops the coarse map with the codes
     big = seg.repeat(2, 3)  # [32, 48]: 8x12 codes, a 4x6 condition grid
     for mode in ("exact", "cached"):
-        img = pipe(segmentation=big, sampler={"window": mode}, output_type="tensor")
+        img = pipe(segmentation=big, label=[1], sampler={"window": mode}, output_type="tensor")
         assert img.shape == (1, 3, 32, 48), mode
-    with pytest.raises(SpecError, match=r"num_tokens = 4 "):
-        _pipe(conds, {"segmentation": {"vocab_size": 7, "num_tokens": 16}}).prior  # noqa: B018
+    with pytest.raises(SpecError, match=r"one token per 2x2 codes, 4 for .*\.num_tokens = 4 "):
+        _pipe(conds, {**slots, "segmentation": {"vocab_size": 7, "num_tokens": 16}}, window=(4, 4))
     with pytest.raises(
         SpecError,
         match=r"one token per 2x2 image pixels but the tokenizer one "

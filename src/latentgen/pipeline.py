@@ -105,7 +105,10 @@ def _check_fit(tokenizer: Tokenizer, prior: Prior, conditioners: Mapping[str, Co
         window = prior.window_size
         spatial = n is None and isinstance(cond, SpatialConditioner)
         # a spatial condition emits one token per k x k codes of the window the prior sees
-        k = (f or tokenizer.downsample) // tokenizer.downsample
+        k = (
+            int(getattr(cond, "image_downsample", None) or tokenizer.downsample)
+            // tokenizer.downsample
+        )
         if spatial and window is not None:
             if window[0] % k or window[1] % k:
                 raise SpecError(
