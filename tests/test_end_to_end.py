@@ -22,6 +22,7 @@ def _shrink(name: str, tmp: Path) -> Path:
         log_every=2,
         runs_dir=str(tmp / "runs"),
         batch_size=4,
+        warmup_steps=min(cfg["trainer"].get("warmup_steps", 0), 1),
     )
     cfg["data"]["size"] = 16
     for tok in (cfg.get("tokenizer"), cfg.get("spec", {}).get("tokenizer")):

@@ -117,14 +117,14 @@ def _check_fit(tokenizer: Tokenizer, prior: Prior, conditioners: Mapping[str, Co
                     f"window: use a window whose sides are multiples of {k}, or a finer "
                     "condition."
                 )
-            want = (window[0] // k) * (window[1] // k)
-            if want != slot.num_tokens:
+            count = (window[0] // k) * (window[1] // k)
+            if count != slot.num_tokens:
                 per = "code" if k == 1 else f"{k}x{k} codes"
                 raise SpecError(
                     f"conditioner '{name}' ({cond.config.type}) emits one token per {per}, "
-                    f"{want} for the prior's {window[0]}x{window[1]} code window, but the "
+                    f"{count} for the prior's {window[0]}x{window[1]} code window, but the "
                     f"prior's slot for it expects {slot.num_tokens}: set "
-                    f"prior.conditions.{name}.num_tokens = {want} (or give the prior the "
+                    f"prior.conditions.{name}.num_tokens = {count} (or give the prior the "
                     "window whose token count that is)."
                 )
         if n is not None and n != slot.num_tokens:

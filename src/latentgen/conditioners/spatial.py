@@ -201,7 +201,7 @@ class SpatialConditioner(Conditioner):
 
     @property
     def image_downsample(self) -> int:
-        """Image pixels per condition token along each side: the image tokenizer's, or a multiple."""
+        """Image pixels per condition token along each side: the image tokenizer's or a multiple."""
         return self.token_downsample * self.map_ratio
 
     @property
