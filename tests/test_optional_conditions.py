@@ -117,3 +117,14 @@ def test_an_unlabelled_image_trains_with_the_null_label() -> None:
     assert torch.isfinite(prior.loss(codes, {"label": mixed, "segmentation": seg}))
     with pytest.raises(InputError, match=r"label -2 is outside \[0, 6\).*-1 marks an unlabelled"):
         enc([-2])
+    # sampling with -1 asks for the null label: fine where the prior learned one ...
+    pipe.prior.eval()
+    assert pipe.sample_codes(label=[-1, 3], segmentation=_seg().expand(2, 16, 16)).shape == (
+        2,
+        4,
+        4,
+    )
+    # ... refused where it never dropped the label (its null is untrained)
+    plain = _pipe()
+    with pytest.raises(InputError, match=r"unlabelled rows \(-1\).*cond_dropout > 0"):
+        plain.sample_codes(label=[-1], segmentation=_seg()[None])

@@ -406,6 +406,7 @@ class Pipeline:
         spatial = {n for n, c in self.conditioners.items() if isinstance(c, SpatialConditioner)}
         if not spatial or not raw:
             out = {n: self.conditioners[n].encode(v).to(device) for n, v in raw.items()}
+            self._check_null_rows(out, optional)
             return self._null_conditions(out, left_out, None)
         hw = self._size(size, raw)
         grid = self.tokenizer.code_grid(hw)
@@ -419,7 +420,20 @@ class Pipeline:
                     f"has a {grid} code grid; give a {n} map for that size."
                 )
             out[n] = c.to(device)
+        self._check_null_rows(out, optional)
         return self._null_conditions(out, left_out, grid)
+
+    def _check_null_rows(self, conds: Mapping[str, Conditioning], optional: set[str]) -> None:
+        """Rows a conditioner gave as dropped (a label of -1) need a null the prior learned."""
+        learned = float(getattr(self.prior.config, "cond_dropout", 0.0) or 0.0) > 0
+        for n, c in conds.items():
+            if c.drop is not None and bool(c.drop.any()) and not (learned or n in optional):
+                raise InputError(
+                    f"condition '{n}' has unlabelled rows (-1), which stand for the prior's "
+                    f"null {n}, but this prior was trained without dropping it (cond_dropout "
+                    f"0 and no cond_dropout_each.{n}), so its null means nothing: give a value "
+                    f"for every row, or train the prior with cond_dropout > 0."
+                )
 
     def _null_conditions(
         self,
