@@ -290,11 +290,8 @@ class _Block(nn.Module):
         only (no dropout). Same result as ``forward`` on ``[B, 1, C]``, in fewer ops.
         ``lin``: the qkv, attention-out, MLP-in and MLP-out layers as functions (prepacked
         weights, ``priors.packed_linear``); None: ``F.linear`` on this block's weights."""
-        qkv_fn, proj_fn, fc_fn, out_fn = lin or self.linears()
+        fns, qkv = self._step_qkv(x, lin)  # qkv [B, 3, H, Dh]
         b, c = x.shape
-        nh = self.n_head
-        h = F.layer_norm(x, (c,), self.ln1.weight, self.ln1.bias, self.eps)
-        qkv = qkv_fn(h).view(b, 3, nh, c // nh)
         q = qkv[:, 0]  # [B, H, Dh]
         if rope is None:
             kv.select(3, pos).copy_(qkv[:, 1:].transpose(0, 1))  # k and v in one copy
@@ -305,9 +302,25 @@ class _Block(nn.Module):
         # narrow + unbind: the filled part of the cache in two view ops (indexing takes ~6).
         k, v = kv.narrow(3, 0, pos + 1).unbind(0)  # [B, H, pos + 1, Dh] each
         y = backend.attend_one(q, k, v)  # [B, H, Dh]
-        x = x + proj_fn(y.reshape(b, c))
-        h = F.layer_norm(x, (c,), self.ln2.weight, self.ln2.bias, self.eps)
-        return x + out_fn(F.gelu(fc_fn(h)))  # via [B, 4C]
+        return self._step_mlp(x, y.reshape(b, c), fns[1:])
+
+    def _step_qkv(
+        self, x: Tensor, lin: tuple[Linear, Linear, Linear, Linear] | None
+    ) -> tuple[tuple[Linear, Linear, Linear, Linear], Tensor]:
+        """The decode steps' start: their four layers (``lin`` or ``F.linear`` on this
+        block's weights) and ``ln1`` + qkv of ``x [B, C]`` as ``[B, 3, H, Dh]``."""
+        fns = lin or self.linears()
+        b, c = x.shape
+        h = F.layer_norm(x, (c,), self.ln1.weight, self.ln1.bias, self.eps)
+        return fns, fns[0](h).view(b, 3, self.n_head, c // self.n_head)
+
+    def _step_mlp(self, x: Tensor, y: Tensor, fns: tuple[Linear, Linear, Linear]) -> Tensor:
+        """The decode steps' end: attention output ``y [B, C]`` projected into the residual
+        ``x [B, C]``, then ``ln2`` and the MLP (via ``[B, 4C]``)."""
+        proj_fn, fc_fn, out_fn = fns
+        x = x + proj_fn(y)
+        h = F.layer_norm(x, (x.shape[-1],), self.ln2.weight, self.ln2.bias, self.eps)
+        return x + out_fn(F.gelu(fc_fn(h)))
 
     def linears(self, rows: int = 1, packed: bool = False) -> tuple[Linear, Linear, Linear, Linear]:
         """The qkv, attention-out, MLP-in and MLP-out layers as functions for ``step``, with
@@ -361,11 +374,9 @@ class _Block(nn.Module):
         the keys a row sees (``T <= T_max``); ``rope`` per row ``[B, 1, Dh]``; ``lin`` as in
         ``step``. Plain attention (inference only); the cache must hold finite values where
         ``keep`` is False."""
-        qkv_fn, proj_fn, fc_fn, out_fn = lin or self.linears()
+        fns, qkv = self._step_qkv(x, lin)  # qkv [B, 3, H, Dh]
         b, c = x.shape
         nh = self.n_head
-        h = F.layer_norm(x, (c,), self.ln1.weight, self.ln1.bias, self.eps)
-        qkv = qkv_fn(h).view(b, 3, nh, c // nh)
         q = qkv[:, 0]  # [B, H, Dh]
         if rope is None:
             new = qkv[:, 1:]  # [B, 2, H, Dh]
@@ -381,9 +392,7 @@ class _Block(nn.Module):
         att = torch.bmm(q1, k.reshape(b * nh, t, dh).transpose(1, 2)).view(b, nh, t)
         att = att.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)  # [B, H, T]
         y = torch.bmm(att.view(b * nh, 1, t), v.reshape(b * nh, t, dh))  # [B*H, 1, Dh]
-        x = x + proj_fn(y.reshape(b, c))
-        h = F.layer_norm(x, (c,), self.ln2.weight, self.ln2.bias, self.eps)
-        return x + out_fn(F.gelu(fc_fn(h)))  # via [B, 4C]
+        return self._step_mlp(x, y.reshape(b, c), fns[1:])
 
 
 # -- the prior ---------------------------------------------------------------------------------
@@ -702,26 +711,46 @@ class TransformerPrior(Prior):
         with the backend, the position tables and each block's linear layers (prepacked for
         ``rows`` rows when ``packed``) bound once per sampling call."""
         backend = self._backend(device, dtype)
+        blocks, lins, embed, final = self._step_parts(rows, packed)
+
+        def step(codes: Tensor, j: int, pos: int, kv: list[Tensor]) -> Tensor:
+            x, rope = embed(codes, j, pos)  # [rows, C], rope tables [Dh] each (or None)
+            for block, layer_kv, lin in zip(blocks, kv, lins):
+                x = block.step(x, layer_kv, pos, backend, rope, lin)
+            return final(x)
+
+        return step
+
+    def _step_parts(
+        self, rows: int, packed: bool
+    ) -> tuple[
+        list[_Block], list[Any], Callable[..., tuple[Tensor, Any]], Callable[[Tensor], Tensor]
+    ]:
+        """What both decode steps bind once per call: the blocks, their linear layers
+        (prepacked for ``rows`` rows when ``packed``), ``embed(codes, code index, position)``
+        -> (token + position embedding, rotary tables or None) for an int or a per-row
+        tensor of indices, and ``ln_f``."""
         blocks = cast(list[_Block], list(self.blocks))
         lins = [block.linears(rows, packed) for block in blocks]
-        emb, pos_emb = self.tok_emb.weight, self.pos_emb
-        pos0 = self._code_pos0
+        emb, pos_emb, pos0 = self.tok_emb.weight, self.pos_emb, self._code_pos0
         ln_w, ln_b, eps = self.ln_f.weight, self.ln_f.bias, self.config.layer_norm_eps
         rope_cos: Tensor | None = getattr(self, "rope_cos", None)
         rope_sin: Tensor | None = getattr(self, "rope_sin", None)
 
-        def step(codes: Tensor, j: int, pos: int, kv: list[Tensor]) -> Tensor:
-            x = F.embedding(codes, emb)  # [rows, C]
-            rope = None
+        def embed(codes: Tensor, index: int | Tensor, pos: int | Tensor) -> tuple[Tensor, Any]:
+            x = F.embedding(codes, emb)  # [R, C]
             if pos_emb is not None:
-                x = x + pos_emb[pos0 + j]
-            elif rope_cos is not None and rope_sin is not None:
-                rope = (rope_cos[pos], rope_sin[pos])  # [Dh] each
-            for block, layer_kv, lin in zip(blocks, kv, lins):
-                x = block.step(x, layer_kv, pos, backend, rope, lin)
+                return x + pos_emb[pos0 + index], None
+            if rope_cos is None or rope_sin is None:
+                return x, None
+            if isinstance(pos, Tensor):  # a position per row: [R, 1, Dh] each
+                return x, (rope_cos[pos][:, None], rope_sin[pos][:, None])
+            return x, (rope_cos[pos], rope_sin[pos])  # [Dh] each
+
+        def final(x: Tensor) -> Tensor:
             return F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
 
-        return step
+        return blocks, lins, embed, final
 
     def _rows_step_fn(
         self, rows: int = 1, packed: bool = False
@@ -729,25 +758,14 @@ class TransformerPrior(Prior):
         """The decode step with a position per row ``(codes [R], code index [R], sequence
         position [R], kv) -> h [R, C]`` (the sliding window's tiles, each at its own place);
         linear layers prepacked for about ``rows`` rows when ``packed``."""
-        blocks = cast(list[_Block], list(self.blocks))
-        lins = [block.linears(rows, packed) for block in blocks]
-        emb, pos_emb = self.tok_emb.weight, self.pos_emb
-        pos0 = self._code_pos0
-        ln_w, ln_b, eps = self.ln_f.weight, self.ln_f.bias, self.config.layer_norm_eps
-        rope_cos: Tensor | None = getattr(self, "rope_cos", None)
-        rope_sin: Tensor | None = getattr(self, "rope_sin", None)
+        blocks, lins, embed, final = self._step_parts(rows, packed)
 
         def step(codes: Tensor, index: Tensor, pos: Tensor, kv: list[Tensor]) -> Tensor:
-            x = F.embedding(codes, emb)  # [R, C]
-            rope = None
-            if pos_emb is not None:
-                x = x + pos_emb[pos0 + index]
-            elif rope_cos is not None and rope_sin is not None:
-                rope = (rope_cos[pos][:, None], rope_sin[pos][:, None])  # [R, 1, Dh] each
+            x, rope = embed(codes, index, pos)  # [R, C], rope tables [R, 1, Dh] each (or None)
             keep = torch.arange(int(pos.max()) + 1, device=pos.device) <= pos[:, None]  # [R, T]
             for block, layer_kv, lin in zip(blocks, kv, lins):
                 x = block.step_rows(x, layer_kv, pos, keep, rope, lin)
-            return F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+            return final(x)
 
         return step
 
