@@ -63,12 +63,16 @@ def test_window_is_centred_and_shifted_inward_at_the_borders():
     assert window_origin(5, 7, grid, size, align=2) == (2, 4)
 
 
-@pytest.mark.parametrize("mode", ["exact", "cached"])
+@pytest.mark.parametrize(
+    ("mode", "band"), [("exact", "bottom"), ("cached", "bottom"), ("cached", "middle")]
+)
 @pytest.mark.parametrize("grid", [(4, 4), (9, 7), (4, 13), (12, 4), (12, 16)])
 @pytest.mark.parametrize("stride", [None, (1, 1), (2, 3)])
-def test_every_code_is_drawn_once_from_a_full_window_with_its_context_drawn(mode, grid, stride):
+def test_every_code_is_drawn_once_from_a_full_window_with_its_context_drawn(
+    mode, band, grid, stride
+):
     size = (4, 4)
-    placements = plan_windows(grid, size, mode, stride)
+    placements = plan_windows(grid, size, mode, stride, band=band)
     done = torch.zeros(grid, dtype=torch.bool)
     for p in placements:
         assert 0 <= p.top <= grid[0] - 4 and 0 <= p.left <= grid[1] - 4  # full size, inside
@@ -97,15 +101,27 @@ def test_cached_tiles_move_in_strides_centred_across():
     # a band is drawn row by row across its tiles
     order = [(i, j) for k, i, j in generation_order(placements) if placements[k].top == 2]
     assert order[:8] == [(4, j) for j in range(8)]
+    # band="middle": the band stands in its window's middle rows (one row above it, one below)
+    middle = plan_windows((8, 8), (4, 4), "cached", stride=(2, 2), band="middle")
+    tops = {min(i for i, _ in p.targets): p.top for p in middle}
+    assert tops == {0: 0, 4: 3, 6: 4}  # the first band fills its window; the last shifts up
+    with pytest.raises(InputError, match="window_band must be 'bottom' or 'middle'"):
+        plan_windows((8, 8), (4, 4), "cached", band="top")
 
 
 @pytest.mark.parametrize(
-    ("grid", "size", "stride"),
-    [((9, 13), (4, 4), None), ((16, 24), (4, 4), (2, 3)), ((32, 32), (8, 8), None)],
+    ("grid", "size", "stride", "band"),
+    [
+        ((9, 13), (4, 4), None, "bottom"),
+        ((16, 24), (4, 4), (2, 3), "bottom"),
+        ((32, 32), (8, 8), None, "bottom"),
+        ((16, 24), (4, 4), (2, 3), "middle"),
+        ((32, 32), (8, 8), None, "middle"),
+    ],
 )
-def test_the_wavefront_draws_each_code_after_its_window_context(grid, size, stride):
+def test_the_wavefront_draws_each_code_after_its_window_context(grid, size, stride, band):
     (h, w), (wh, ww) = grid, size
-    placements = plan_windows(grid, size, "cached", stride)
+    placements = plan_windows(grid, size, "cached", stride, band=band)
     waves, slot = plan_wavefront(placements, grid, size)
     drawn = torch.zeros(grid, dtype=torch.bool)
     pos: dict[int, int] = {}
@@ -178,20 +194,26 @@ def test_cached_equals_exact_while_the_window_stands_still():
 
 
 @pytest.mark.parametrize(
-    ("stride", "positions", "layout"),
+    ("stride", "positions", "layout", "band"),
     [
-        (None, "learned", "prefix"),
-        ((2, 3), "learned", "prefix"),
-        ((1, 1), "learned", "prefix"),
-        (None, "rope", "prefix"),
-        ((2, 3), "learned", "taming"),
+        (None, "learned", "prefix", "bottom"),
+        ((2, 3), "learned", "prefix", "bottom"),
+        ((1, 1), "learned", "prefix", "bottom"),
+        (None, "rope", "prefix", "bottom"),
+        ((2, 3), "learned", "taming", "bottom"),
+        (None, "learned", "prefix", "middle"),
+        ((2, 3), "rope", "prefix", "middle"),
     ],
 )
-def test_cached_draws_what_teacher_forced_windows_draw(stride, positions, layout, monkeypatch):
+def test_cached_draws_what_teacher_forced_windows_draw(
+    stride, positions, layout, band, monkeypatch
+):
     # The tiles' KV cache slots, stepped together with a position per row as neighbours draw,
     # give the logits that one full forward of each window gives: the same codes, same seed.
     prior = _prior(positions, layout, label={"vocab_size": 3})
-    sampler = SamplerConfig(window="cached", window_stride=stride, guidance_scale=1.5)
+    sampler = SamplerConfig(
+        window="cached", window_stride=stride, guidance_scale=1.5, window_band=band
+    )
     cached = prior.sample(_label(), grid=(9, 13), sampler=sampler, generator=_gen(4))
     monkeypatch.setattr(
         prior,
@@ -468,6 +490,13 @@ def test_cli_samples_beyond_the_block_with_either_window(saved_pipeline, tmp_pat
         res = CliRunner().invoke(main, [*args, "-o", str(out)])
         assert res.exit_code == 0, res.output
         assert Image.open(out).size[0] >= 24
+    # the band in the middle of its window: another draw of the same size
+    middle = tmp_path / "middle.png"
+    args = ["sample", str(saved_pipeline), "-n", "1", "--size", "32x24", "--window-band", "middle"]
+    res = CliRunner().invoke(main, [*args, "-o", str(middle)])
+    assert res.exit_code == 0, res.output
+    assert Image.open(middle).size == Image.open(tmp_path / "cached.png").size
+    assert Image.open(middle).tobytes() != Image.open(tmp_path / "cached.png").tobytes()
     res = CliRunner().invoke(main, ["sample", str(saved_pipeline), "--size", "32x"])
     assert res.exit_code != 0 and "N or HxW, e.g. 512 or 1024x768" in res.output
     res = CliRunner().invoke(main, ["sample", str(saved_pipeline), "--window", "fast"])

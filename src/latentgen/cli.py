@@ -137,6 +137,14 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
     "code (the reference).",
 )
 @click.option(
+    "--window-band",
+    default=None,
+    type=click.Choice(["bottom", "middle"]),
+    help="With --window cached: a band of rows at its window's bottom (the most context "
+    "above; for a prior trained on crops of large images) or in its middle (as exact "
+    "centres it; for a prior trained on whole images).",
+)
+@click.option(
     "--tile-mode",
     default="blend",
     show_default=True,
@@ -179,6 +187,7 @@ def sample(
     top_p: float | None,
     guidance: float | None,
     window: str | None,
+    window_band: str | None,
     tile_mode: str,
     steps: int | None,
     nrow: int | None,
@@ -219,6 +228,7 @@ def sample(
         "top_p": top_p,
         "guidance_scale": guidance,
         "window": window,
+        "window_band": window_band,
         "steps": steps,
     }
     sampler = SamplerConfig(

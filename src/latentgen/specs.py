@@ -111,6 +111,13 @@ class SamplerConfig(BaseModel):
         "the first (default: half the window). Smaller strides give each code more context "
         "to its left and above-right, at more window moves.",
     )
+    window_band: Literal["bottom", "middle"] = Field(
+        "bottom",
+        description="window='cached' only: where a band of rows stands in its window. "
+        "'bottom': the window's last rows (the most context above: best for a prior trained on "
+        "crops of large images); 'middle': its middle rows, as exact centres a window on its "
+        "code (for a prior trained on whole images, whose statistics depend on the position).",
+    )
 
     @model_validator(mode="after")
     def _check_window(self) -> SamplerConfig:

@@ -148,4 +148,3 @@ def discard_all(modules: list[StagedState]) -> None:
     """Discard each module's staged state (the step was skipped)."""
     for m in modules:
         m.discard_state()
-

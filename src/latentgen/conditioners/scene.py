@@ -84,6 +84,7 @@ def generate_from_segmentation(
     *,
     name: str = "segmentation",
     window: Literal["cached", "exact"] = "cached",
+    band: Literal["bottom", "middle"] | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
     **conditions: Any,
@@ -92,7 +93,8 @@ def generate_from_segmentation(
 
     ``pipe`` is a ``Pipeline`` with a segmentation conditioner called ``name``; other
     conditions it needs (e.g. ``label=[3]``) go in ``conditions``. A map larger than the
-    prior's window is drawn with the ``window`` mode of the sliding window. Writes ``out``
+    prior's window is drawn with the ``window`` mode of the sliding window (``band``: the
+    cached window's ``window_band``; None keeps the pipeline's). Writes ``out``
     (PNG) and ``<stem>-map.png`` beside it; returns both paths. Nothing is written if
     generation fails.
     """
@@ -106,7 +108,10 @@ def generate_from_segmentation(
         )
     if window not in ("cached", "exact"):
         raise InputError(f"window must be 'cached' or 'exact', got {window!r}.")
-    sampler = pipe.sampler.model_copy(update={"window": window})
+    update: dict[str, Any] = {"window": window}
+    if band is not None:
+        update["window_band"] = band
+    sampler = pipe.sampler.model_validate({**pipe.sampler.model_dump(), **update})
     images = pipe(
         1,
         sampler=sampler,

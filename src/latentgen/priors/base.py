@@ -23,6 +23,7 @@ from latentgen.errors import InputError
 from latentgen.priors.sampling import draw_fast, guide
 from latentgen.priors.window import (
     FullForwardDecoder,
+    WindowBand,
     WindowDecoder,
     WindowMode,
     crop_conditions,
@@ -361,6 +362,7 @@ class Prior(Component, nn.Module, ABC):
         window: WindowMode = "cached",
         window_size: tuple[int, int] | None = None,
         per_code: bool = False,
+        window_band: WindowBand = "bottom",
     ) -> Tensor:
         """Log-likelihood ``[B]`` in nats of code grids ``[B, h, w]`` under the sliding window.
 
@@ -378,7 +380,9 @@ class Prior(Component, nn.Module, ABC):
             self.check_grid(h, w)
         got = self._check_window_conds(conds, (h, w), size, batch=b)
         got = {name: c.to(codes.device) for name, c in got.items()}
-        return windowed_log_prob(self, codes, got, size, window, per_code=per_code)
+        return windowed_log_prob(
+            self, codes, got, size, window, per_code=per_code, band=window_band
+        )
 
     def _check_window_conds(
         self,
@@ -461,6 +465,7 @@ class Prior(Component, nn.Module, ABC):
                         request.sampler.window,
                         progress=progress,
                         stride=request.sampler.window_stride,
+                        band=request.sampler.window_band,
                     )
         finally:
             self.train(was_training)

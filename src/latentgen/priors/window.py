@@ -100,6 +100,7 @@ class SampleRequest(Protocol):
 __all__ = [
     "Placement",
     "Wave",
+    "WindowBand",
     "WindowDecoder",
     "WindowMode",
     "crop_conditions",
@@ -112,6 +113,7 @@ __all__ = [
 ]
 
 WindowMode = Literal["exact", "cached"]
+WindowBand = Literal["bottom", "middle"]
 
 
 @dataclass(frozen=True)
@@ -174,14 +176,20 @@ def plan_windows(
     mode: WindowMode,
     stride: tuple[int, int] | None = None,
     align: int = 1,
+    band: WindowBand = "bottom",
 ) -> list[Placement]:
     """Where the window stands for each code of an ``(h, w)`` grid.
 
     ``exact``: one placement per code in raster order (``window_origin``). ``cached``: one
     placement per tile, band by band; ``stride`` ``(th, tw)`` is the tile size after the first
-    band (default half the window, rounded to ``align``). ``generation_order`` gives the order
-    in which the codes of all placements are drawn.
+    band (default half the window, rounded to ``align``); ``band`` puts a band in its window's
+    last rows (``"bottom"``: the most context above) or middle rows (``"middle"``: as ``exact``
+    centres its window; the rows below are drawn later and not needed, coming later in the
+    window's raster order). ``generation_order`` gives the order in which the codes of all
+    placements are drawn.
     """
+    if band not in ("bottom", "middle"):
+        raise InputError(f"window_band must be 'bottom' or 'middle', got {band!r}.")
     (h, w), (wh, ww) = grid, size
     if mode == "exact":
         return [
@@ -202,9 +210,14 @@ def plan_windows(
     margin -= margin % align
     out = []
     for r0, r1 in _spans(h, wh, th):
+        top = r1 - wh
+        if band == "middle":
+            above = (wh - (r1 - r0)) // 2  # context rows above the band
+            above -= above % align  # r0, wh and h are multiples of align: so is the corner
+            top = min(max(r0 - above, 0), h - wh)
         for c0, c1, left in _column_tiles(w, ww, tw, margin):
             targets = tuple((i, j) for i in range(r0, r1) for j in range(c0, c1))
-            out.append(Placement(r1 - wh, left, targets))
+            out.append(Placement(top, left, targets))
     return out
 
 
@@ -484,6 +497,7 @@ def sample_windowed(
     mode: WindowMode,
     progress: bool = False,
     stride: tuple[int, int] | None = None,
+    band: WindowBand = "bottom",
 ) -> Tensor:
     """Draw codes ``[B, h, w]`` for a checked ``request`` with a sliding ``size`` window.
 
@@ -494,7 +508,7 @@ def sample_windowed(
     device = prior.device
     b = request.batch
     align = condition_alignment(request.conds, request.grid, size)
-    placements = plan_windows(request.grid, size, mode, stride, align)
+    placements = plan_windows(request.grid, size, mode, stride, align, band)
     out = torch.zeros(b, h, w, dtype=torch.long, device=device)
     if request.prefix is not None:
         out = torch.where(request.prefix >= 0, request.prefix, out)
@@ -542,6 +556,7 @@ def windowed_log_prob(
     stride: tuple[int, int] | None = None,
     per_code: bool = False,
     windows_per_batch: int = 16,
+    band: WindowBand = "bottom",
 ) -> Tensor:
     """Log-likelihood ``[B]`` (nats) of code grids ``[B, h, w]`` under the ``mode`` windows.
 
@@ -552,7 +567,7 @@ def windowed_log_prob(
     b, h, w = codes.shape
     wh, ww = size
     align = condition_alignment(conds, (h, w), size)
-    placements = _merged(plan_windows((h, w), size, mode, stride, align))
+    placements = _merged(plan_windows((h, w), size, mode, stride, align, band))
     logp = torch.zeros(b, h, w, device=codes.device)
     for first in range(0, len(placements), windows_per_batch):
         chunk = placements[first : first + windows_per_batch]

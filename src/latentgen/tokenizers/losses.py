@@ -49,9 +49,7 @@ def reconstruction_loss(images: Tensor, recon: Tensor, kind: ReconstructionKind 
         return F.l1_loss(recon, images)
     if kind == "l2":
         return F.mse_loss(recon, images)
-    raise SpecError(
-        f"reconstruction loss must be 'l1', 'l2' or 'cross_entropy', got {kind!r}."
-    )
+    raise SpecError(f"reconstruction loss must be 'l1', 'l2' or 'cross_entropy', got {kind!r}.")
 
 
 # -- adversarial losses --------------------------------------------------------------------------
