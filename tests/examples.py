@@ -173,3 +173,25 @@ TINY_VQVAE_16: dict[str, Any] = {
     "norm_groups": 4,
     "quantizer": {"type": "vq", "codebook_size": 16, "dim": 4},
 }
+
+
+def tiny_conditioned_pipe(
+    conditioners: dict[str, Any], slots: dict[str, Any], **prior_kw: Any
+) -> Any:
+    """A pipeline of ``TINY_VQVAE_16`` and a one-layer transformer with these conditioners and
+    condition slots (``prior_kw``: more prior fields, e.g. ``window`` or ``cond_dropout``)."""
+    from latentgen import Pipeline
+
+    prior = {
+        "type": "transformer",
+        "vocab_size": 16,
+        "block_size": 16,
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 16,
+        "conditions": slots,
+        **prior_kw,
+    }
+    return Pipeline.from_spec(
+        {"tokenizer": TINY_VQVAE_16, "prior": prior, "conditioners": conditioners}
+    )

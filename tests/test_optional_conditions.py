@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from examples import TINY_VQVAE_16
+from examples import tiny_conditioned_pipe
 from latentgen import Pipeline
 from latentgen.conditioners.base import Conditioning
 from latentgen.data.shapes import ShapesConfig, ShapesDataset
 from latentgen.errors import InputError
 
-TOKENIZER = TINY_VQVAE_16
 CONDITIONERS = {
     "label": {"type": "class_label", "num_classes": 6},
     "segmentation": {"type": "segmentation", "num_classes": 7},
@@ -20,20 +19,8 @@ SLOTS = {"label": {"vocab_size": 6}, "segmentation": {"vocab_size": 7, "num_toke
 
 
 def _pipe(**prior_kw) -> Pipeline:
-    prior = {
-        "type": "transformer",
-        "vocab_size": 16,
-        "block_size": 16,
-        "n_layer": 1,
-        "n_head": 2,
-        "n_embd": 16,
-        "conditions": SLOTS,
-        **prior_kw,
-    }
     torch.manual_seed(0)
-    return Pipeline.from_spec(
-        {"tokenizer": TOKENIZER, "prior": prior, "conditioners": CONDITIONERS}
-    )
+    return tiny_conditioned_pipe(CONDITIONERS, SLOTS, **prior_kw)
 
 
 def _seg(i: int = 0) -> torch.Tensor:

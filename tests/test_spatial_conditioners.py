@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from examples import TINY_VQVAE_16
-from latentgen import Pipeline, registry
+from examples import TINY_VQVAE_16, tiny_conditioned_pipe
+from latentgen import registry
 from latentgen.conditioners.pose import heatmaps
 from latentgen.conditioners.spatial import sobel_edges
 from latentgen.data.shapes import ShapesConfig, ShapesDataset
@@ -24,18 +24,7 @@ def _item(i: int = 0):
 
 
 def _pipe(conditioners, slots, **prior_kw):
-    prior = {
-        "type": "transformer",
-        "vocab_size": 16,
-        "block_size": 16,
-        "n_layer": 1,
-        "n_head": 2,
-        "n_embd": 16,
-        "conditions": slots,
-        **prior_kw,
-    }
-    spec = {"tokenizer": TOKENIZER, "prior": prior, "conditioners": conditioners}
-    return Pipeline.from_spec(spec)
+    return tiny_conditioned_pipe(conditioners, slots, **prior_kw)
 
 
 def test_segmentation_zero_training_tokens_are_centre_class_ids():
