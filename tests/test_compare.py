@@ -213,3 +213,23 @@ def test_eval_samples_figures_with_a_classifier(tokenizer_dir, tmp_path):
     for key in ("class_accuracy", "kid", "kid_std_error", "fid"):
         assert key in row and f"rejection@0.5_{key}" in row
     assert 0 <= row["class_accuracy"] <= 1
+
+
+def test_a_warmup_longer_than_the_timing_run(tokenizer_dir, tmp_path):
+    """A trainer warmup (here 6 steps) longer than the calibration run (4 steps) is accepted:
+    calibration times a constant schedule, and the warmup is checked against the step budget."""
+    cfg = config(
+        tokenizer_dir,
+        tmp_path,
+        budgets=[{"steps": 7}, {"seconds": 1.0}],
+        calibration_steps=6,
+        trainer={"batch_size": 4, "lr": 0.001, "warmup_steps": 6},
+    )
+    cfg["priors"].pop("snail")
+    rows = run_compare(cfg).rows
+    assert [(r["budget"], r["steps"] >= 1) for r in rows] == [("steps=7", True), ("time=1s", True)]
+    metrics = tmp_path / "tiny" / "steps-7-gpt" / "metrics.jsonl"
+    lrs = [json.loads(line)["lr/prior"] for line in metrics.read_text().splitlines()]
+    assert lrs[0] < lrs[4]  # the warmup ran: the rate rose over the first steps
+    with pytest.raises(SpecError, match="warmup_steps=6 is longer than the cosine decay \\(5"):
+        load_compare_config({**cfg, "budgets": [{"steps": 5}, {"seconds": 1.0}]})

@@ -214,7 +214,10 @@ class CompareConfig(BaseModel):
             )
         from latentgen.training.config import TrainerConfig
 
-        TrainerConfig(run_name="check", max_steps=1, **self.trainer)  # validates the options
+        # Validated at the shortest step budget (a warmup must fit in it); a time budget's
+        # steps are only known once timed, so it is checked when its run starts.
+        shortest = min((b.steps for b in self.budgets if b.steps is not None), default=None)
+        TrainerConfig(run_name="check", max_steps=shortest or 1_000_000, **self.trainer)
         for name, prior in self.priors.items():
             want = set(getattr(prior, "conditions", None) or {})
             if want != set(self.conditioners):
@@ -293,7 +296,13 @@ class _Runner:
         )
 
     def train(
-        self, name: str, steps: int, run_name: str, progress: bool, log_every: int | None = None
+        self,
+        name: str,
+        steps: int,
+        run_name: str,
+        progress: bool,
+        log_every: int | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> tuple[Any, float]:
         from latentgen.training.config import TrainerConfig
         from latentgen.training.loop import Trainer
@@ -310,6 +319,7 @@ class _Runner:
             "progress": "auto" if progress else "off",
             **cfg.trainer,
             **({"log_every": log_every} if log_every else {}),
+            **(overrides or {}),
         }
         tcfg = TrainerConfig(
             run_name=run_name, runs_dir=cfg.out_dir / cfg.name, max_steps=steps, **options
@@ -323,7 +333,16 @@ class _Runner:
     def seconds_per_step(self, name: str) -> float:
         """Measured time per optimizer step of model ``name`` (first steps excluded)."""
         k = self.cfg.calibration_steps
-        result, _ = self.train(name, k, f"calibrate-{name}", progress=False, log_every=1)
+        # A constant schedule: a warmup longer than these few steps is refused with a cosine
+        # one, and the learning rate does not change what a step costs.
+        result, _ = self.train(
+            name,
+            k,
+            f"calibrate-{name}",
+            progress=False,
+            log_every=1,
+            overrides={"lr_schedule": "constant"},
+        )
         times = [
             json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
         ]
