@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
+from torch import Tensor
 
 from latentgen import registry
 from latentgen.conditioners.base import Conditioning
@@ -314,6 +315,57 @@ def test_the_head_reads_only_the_masked_positions(monkeypatch):
             inner(seen["tokens"], seen["conds"])[mask], codes.reshape(4, 16)[mask]
         )
     torch.testing.assert_close(loss.detach(), want)
+
+
+def test_a_training_batch_covers_the_mask_ratios_evenly(monkeypatch):
+    """The B grids of a batch draw their mask ratio from B equal slices of u, one each (a
+    stratified draw), so the masked counts span the schedule instead of clustering by chance."""
+    prior = _prior(block_size=64, steps=8).train()
+    seen: list[Tensor] = []
+    inner = prior._logits
+
+    def spy(tokens, conds, positions=None):
+        seen.append(positions)
+        return inner(tokens, conds, positions)
+
+    monkeypatch.setattr(prior, "_logits", spy)
+    b, n = 8, 64
+    for seed in range(5):
+        torch.manual_seed(seed)
+        prior.loss(torch.randint(8, (b, 8, 8)))
+        counts = sorted(seen[-1].sum(-1).tolist(), reverse=True)  # most masked first
+        for i, c in enumerate(counts):  # u in [i/b, (i+1)/b): gamma(u) in its slice
+            lo = math.ceil(math.cos((i + 1) / b * math.pi / 2) * n - 1e-6)
+            hi = math.ceil(math.cos(i / b * math.pi / 2) * n - 1e-6)
+            assert max(lo, 1) <= c <= hi, (seed, i, c, lo, hi)
+
+
+def test_label_smoothing_smooths_the_training_loss_only(monkeypatch):
+    prior = _prior(label_smoothing=0.1)
+    plain = _prior()
+    codes = torch.randint(8, (4, 4, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the bound (eval loss) is the plain one: smoothing is for training
+        torch.testing.assert_close(prior.loss(codes), plain.loss(codes))
+    seen = {}
+    inner = prior._logits
+
+    def spy(tokens, conds, positions=None):
+        seen.update(tokens=tokens, positions=positions)
+        return inner(tokens, conds, positions)
+
+    monkeypatch.setattr(prior, "_logits", spy)
+    prior.train()
+    loss = prior.loss(codes)
+    mask = seen["positions"]
+    with torch.no_grad():
+        logits = inner(seen["tokens"], {})[mask]
+        target = codes.reshape(4, 16)[mask]
+        smooth = torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.1)
+        hard = torch.nn.functional.cross_entropy(logits, target)
+    torch.testing.assert_close(loss.detach(), smooth)
+    assert not torch.isclose(smooth, hard)
+    with pytest.raises(ValidationError, match="label_smoothing"):
+        MaskedPriorConfig(label_smoothing=1.0)
 
 
 def test_training_learns_a_class_conditional_pattern():
