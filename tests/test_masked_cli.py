@@ -180,6 +180,9 @@ def test_compare_puts_the_masked_bound_beside_the_gpt_nll(tmp_path, monkeypatch)
     assert {p.type for p in shipped.priors.values()} == {"transformer", "masked"}
     assert shipped.evaluation.classifier == shapes_classifier_path()
     assert shipped.evaluation.steps == [8, 12, 16]
+    # equal steps and equal time, with one set of trainer options for both priors
+    assert [b.label for b in shipped.budgets] == ["steps=4000", "time=300s"]
+    assert shipped.priors["masked"].label_smoothing == 0.1
 
 
 def test_eval_samples_and_rejection_take_the_masked_prior_in_place_of_another():
