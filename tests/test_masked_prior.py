@@ -39,10 +39,10 @@ class _Passes:
         self.rows: list[int] = []
         inner = prior._logits
 
-        def logits(tokens, conds, positions=None):
+        def logits(tokens, conds, positions=None, **kw):
             self.masked.append((tokens == prior.mask_id).sum(-1).tolist())
             self.rows.append(int(tokens.shape[0]))
-            return inner(tokens, conds, positions)
+            return inner(tokens, conds, positions, **kw)
 
         monkeypatch.setattr(prior, "_logits", logits)
 
@@ -155,7 +155,7 @@ def test_guidance_mixes_the_conditional_and_null_rows_of_one_pass(monkeypatch):
     prior = _prior(conditions={"label": {"vocab_size": 3}}, cond_dropout=0.1)
     rows = []
 
-    def logits(tokens, conds, positions):
+    def logits(tokens, conds, positions, **kw):
         c = conds["label"]
         rows.append(int(tokens.shape[0]))
         out = torch.zeros(*tokens.shape, 8)
@@ -300,9 +300,9 @@ def test_the_head_reads_only_the_masked_positions(monkeypatch):
     seen = {}
     inner = prior._logits
 
-    def spy(tokens, conds, positions=None):
+    def spy(tokens, conds, positions=None, **kw):
         seen.update(tokens=tokens, conds=conds, positions=positions)
-        return inner(tokens, conds, positions)
+        return inner(tokens, conds, positions, **kw)
 
     monkeypatch.setattr(prior, "_logits", spy)
     prior.train()

@@ -11,7 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -50,6 +50,17 @@ class ConditionSlot(BaseModel):
 
     vocab_size: int = Field(ge=1, description="Size of the conditioner's token vocabulary.")
     num_tokens: int = Field(1, ge=1, description="Tokens per sample (hc*wc for spatial maps).")
+    placement: Literal["prefix", "aligned", "both"] = Field(
+        "prefix",
+        description="Where the transformer and masked priors put the condition. 'prefix': "
+        "its tokens come before the codes, each with a learned position, and attention finds "
+        "them (Taming Transformers). 'aligned': no prefix tokens; the embedding of the "
+        "condition's cell is added to the input of each code it covers (for the GPT prior, "
+        "the input that predicts that code), so a map steers each code where it lies without "
+        "having to be found; a condition without a grid (a class label) is added to every "
+        "code. 'both': the prefix and the aligned sum. PixelSNAIL ignores it (it always adds "
+        "a map at its cells).",
+    )
 
 
 class PriorConfig(ComponentConfig):

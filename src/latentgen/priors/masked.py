@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
+from latentgen.priors.aligned import aligned_embedding, aligned_names, prefix_names
 from latentgen.priors.attention import AttentionBackend, get_backend
 from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
 from latentgen.priors.sampling import filter_logits, guide
@@ -189,15 +190,16 @@ class MaskedPrior(Prior):
         super().__init__(config)
         cfg = config
         c = cfg.n_embd
-        self.n_ctx = sum(s.num_tokens for s in cfg.conditions.values())  # prefix length
+        in_prefix = prefix_names(cfg.conditions)
+        self.n_ctx = sum(cfg.conditions[n].num_tokens for n in in_prefix)  # prefix length
         self.mask_id = cfg.vocab_size  # the absorbing state: one row past the codes
         self.tok_emb = nn.Embedding(cfg.vocab_size + 1, c)
         self.pos_emb = nn.Parameter(torch.zeros(cfg.block_size, c))
         self.cond_emb = nn.ModuleDict(
             {n: nn.Embedding(s.vocab_size, c) for n, s in cfg.conditions.items()}
         )
-        self.cond_pos = nn.ParameterDict(
-            {n: nn.Parameter(torch.zeros(s.num_tokens, c)) for n, s in cfg.conditions.items()}
+        self.cond_pos = nn.ParameterDict(  # aligned conditions take their code's position
+            {n: nn.Parameter(torch.zeros(cfg.conditions[n].num_tokens, c)) for n in in_prefix}
         )
         self.cond_null = nn.ParameterDict({n: nn.Parameter(torch.zeros(c)) for n in cfg.conditions})
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layer))
@@ -269,7 +271,7 @@ class MaskedPrior(Prior):
         """Embedded condition prefix ``[B, n_ctx, C]``, nulls where dropped; None if none."""
         device = self.tok_emb.weight.device
         parts = []
-        for name in self.config.conditions:
+        for name in prefix_names(self.config.conditions):
             cond = conds[name]
             e = self.cond_emb[name](cond.tokens.to(device=device, dtype=torch.long))  # [B, n, C]
             if cond.drop is not None:
@@ -281,14 +283,27 @@ class MaskedPrior(Prior):
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def _logits(
-        self, tokens: Tensor, conds: dict[str, Conditioning], positions: Tensor | None = None
+        self,
+        tokens: Tensor,
+        conds: dict[str, Conditioning],
+        positions: Tensor | None = None,
+        *,
+        grid: tuple[int, int] | None = None,
     ) -> Tensor:
         """Logits ``[B, N, K]`` of every position of ``tokens [B, N]`` (``mask_id`` = masked),
-        or ``[M, K]`` of only the M True entries of ``positions [B, N]`` (row-major order)."""
+        or ``[M, K]`` of only the M True entries of ``positions [B, N]`` (row-major order);
+        ``grid`` is the ``(h, w)`` of the ``N`` codes (for the aligned conditions)."""
         cfg = self.config
         b, n = tokens.shape
         train = self.training
         x = self.tok_emb(tokens) + self.pos_emb[:n]  # [B, N, C]
+        aligned = None
+        if aligned_names(cfg.conditions):
+            if grid is None:
+                raise ValueError("_logits needs the grid of a prior with aligned conditions")
+            aligned = aligned_embedding(cfg.conditions, conds, grid, self.cond_emb, self.cond_null)
+        if aligned is not None:
+            x = x + aligned  # each code's own cell: the model is not causal
         prefix = self._prefix(conds, b)
         if prefix is not None:
             x = torch.cat((prefix, x), dim=1)  # [B, n_ctx + N, C]
@@ -321,7 +336,8 @@ class MaskedPrior(Prior):
         # At least one masked code per grid, so every sample contributes to the loss.
         n_mask = (mask_ratio(self.config.mask_schedule, u) * n).ceil().clamp(1, n)  # [B]
         mask = _first_by_random_rank(b, n, n_mask, flat.device)  # [B, N] bool
-        logits = self._logits(flat.masked_fill(mask, self.mask_id), got, mask)  # [M, K]
+        grid = (int(codes.shape[1]), int(codes.shape[2]))
+        logits = self._logits(flat.masked_fill(mask, self.mask_id), got, mask, grid=grid)  # [M, K]
         return F.cross_entropy(
             logits.float(), flat[mask], label_smoothing=self.config.label_smoothing
         )
@@ -336,7 +352,7 @@ class MaskedPrior(Prior):
         got = self.check_inputs(codes, conds)
         b = int(codes.shape[0])
         flat = codes.reshape(b, -1).to(self.tok_emb.weight.device, torch.long)  # [B, N]
-        n = flat.shape[1]
+        n, grid = flat.shape[1], (int(codes.shape[1]), int(codes.shape[2]))
         e = self.config.elbo_samples
         g = torch.Generator().manual_seed(self.config.elbo_seed)
         # Stratified m in 1..N: draw j covers the j-th of e equal slices of (0, 1].
@@ -349,7 +365,9 @@ class MaskedPrior(Prior):
             mask[order[j, : int(m[j])]] = True
             mask = mask.to(flat.device)
             rows = mask.expand(b, n)  # the same m codes masked in every grid
-            logits = self._logits(flat.masked_fill(mask, self.mask_id), got, rows)  # [B*m, K]
+            logits = self._logits(
+                flat.masked_fill(mask, self.mask_id), got, rows, grid=grid
+            )  # [B*m, K]
             lp = logits.view(b, -1, logits.shape[-1]).float().log_softmax(-1)  # [B, m, K]
             lp = lp.gather(-1, flat[:, mask, None]).squeeze(-1).sum(-1)  # [B]
             # Unbiased for the sum over m = 1..N of the mean over masked codes.
@@ -390,7 +408,12 @@ class MaskedPrior(Prior):
                 tokens = codes.masked_fill(masked, self.mask_id)
                 # The head and the draw see only the M masked positions; with guidance the
                 # conditional rows' M come first, then the null rows' same M.
-                logits = self._logits(request.expand(tokens), request.conds, request.expand(masked))
+                logits = self._logits(
+                    request.expand(tokens),
+                    request.conds,
+                    request.expand(masked),
+                    grid=request.grid,
+                )
                 if request.guided:
                     m = logits.shape[0] // 2
                     logits = guide(logits[:m], logits[m:], request.sampler.guidance_scale)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
+from latentgen.priors.aligned import aligned_embedding, prefix_names
 from latentgen.priors.attention import AttentionBackend, get_backend
 from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
 from latentgen.priors.packed_linear import Linear, linear_fn, use_prepack
@@ -133,6 +134,12 @@ class TransformerPriorConfig(PriorConfig):
                 f"{self.n_embd // self.n_head}."
             )
         if self.layout == "taming":
+            placed = sorted(n for n, slot in self.conditions.items() if slot.placement != "prefix")
+            if placed:
+                raise ValueError(
+                    f"layout='taming' puts every condition in the prefix, but {placed} ask for "
+                    "placement 'aligned' or 'both'; use layout='prefix' or placement 'prefix'."
+                )
             if self.positions != "learned":
                 raise ValueError(
                     "layout='taming' uses a learned position table: set positions='learned'."
@@ -422,7 +429,8 @@ class TransformerPrior(Prior):
         cfg = config
         c = cfg.n_embd
         taming = cfg.layout == "taming"
-        n_cond = sum(s.num_tokens for s in cfg.conditions.values())
+        in_prefix = prefix_names(cfg.conditions)
+        n_cond = sum(cfg.conditions[n].num_tokens for n in in_prefix)
         # n_ctx: tokens before the first code's input; the output at n_ctx - 1 predicts code 0.
         self.n_ctx = (n_cond or 1) if taming else n_cond + 1
         # Index in pos_emb of code j's input embedding is _code_pos0 + j.
@@ -433,8 +441,9 @@ class TransformerPrior(Prior):
             self.cond_emb = nn.ModuleDict(
                 {n: nn.Embedding(s.vocab_size, c) for n, s in cfg.conditions.items()}
             )
+            # Positions for prefix tokens only: an aligned condition takes its code's place.
             self.cond_pos = nn.ParameterDict(
-                {n: nn.Parameter(torch.zeros(s.num_tokens, c)) for n, s in cfg.conditions.items()}
+                {n: nn.Parameter(torch.zeros(cfg.conditions[n].num_tokens, c)) for n in in_prefix}
             )
         self.cond_null = nn.ParameterDict({n: nn.Parameter(torch.zeros(c)) for n in cfg.conditions})
         # Learned start token: the SOS of the prefix layout, or an unconditional taming model's
@@ -528,12 +537,15 @@ class TransformerPrior(Prior):
         return backend
 
     # -- forward pieces ---------------------------------------------------------------------
-    def _prefix(self, conds: dict[str, Conditioning], batch: int) -> Tensor:
-        """Embedded prefix ``[B, n_ctx, C]`` (positions included)."""
+    def _prefix(
+        self, conds: dict[str, Conditioning], batch: int, aligned: Tensor | None = None
+    ) -> Tensor:
+        """Embedded prefix ``[B, n_ctx, C]`` (positions included); ``aligned`` (from
+        ``_aligned``) adds code 0's aligned conditions to the SOS, the input that predicts it."""
         cfg = self.config
         device = self.tok_emb.weight.device
         parts = []
-        for name in cfg.conditions:
+        for name in prefix_names(cfg.conditions):
             cond = conds[name]
             tokens = cond.tokens.to(device=device, dtype=torch.long)  # [B, n]
             if cfg.layout == "taming":
@@ -550,19 +562,29 @@ class TransformerPrior(Prior):
             sos: Tensor = self.sos
             if self.pos_emb is not None and cfg.layout != "taming":
                 sos = sos + self.pos_emb[0]  # the SOS is code position 0 of the prefix layout
-            parts.append(sos.expand(batch, 1, -1))  # [B, 1, C]
+            first = sos.expand(batch, 1, -1)  # [B, 1, C]
+            parts.append(first if aligned is None else first + aligned[:, :1])
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [B, n_ctx, C]
         if self.pos_emb is not None and cfg.layout == "taming":
             x = x + self.pos_emb[: self.n_ctx]  # one position table over the whole sequence
         return x
 
-    def _embed_codes(self, codes: Tensor, first: int) -> Tensor:
-        """Input embeddings ``[B, T, C]`` of codes ``[B, T]`` that are codes ``first..first+T``."""
+    def _embed_codes(self, codes: Tensor, first: int, aligned: Tensor | None = None) -> Tensor:
+        """Input embeddings ``[B, T, C]`` of codes ``[B, T]`` that are codes ``first..first+T``;
+        the input of code ``j`` predicts code ``j + 1``, so it gets ``aligned[:, j + 1]``."""
         x = F.embedding(codes, self.tok_emb.weight)  # [B, T, C]
         if self.pos_emb is not None:
             p0 = self._code_pos0 + first
             x = x + self.pos_emb[p0 : p0 + codes.shape[1]]
+        if aligned is not None:
+            x = x + aligned[:, first + 1 : first + 1 + codes.shape[1]]
         return x
+
+    def _aligned(self, conds: dict[str, Conditioning], grid: tuple[int, int]) -> Tensor | None:
+        """``[B, h*w, C]``: the aligned conditions at each code of the grid (None if none)."""
+        if self.config.layout == "taming":
+            return None
+        return aligned_embedding(self.config.conditions, conds, grid, self.cond_emb, self.cond_null)
 
     def _rope(self, start: int, length: int) -> tuple[Tensor, Tensor] | None:
         if self.pos_emb is not None:
@@ -601,7 +623,10 @@ class TransformerPrior(Prior):
         b, gh, gw = codes.shape
         train = self.training
         flat = codes.reshape(b, gh * gw).to(self.tok_emb.weight.device, torch.long)  # [B, n]
-        x = torch.cat((self._prefix(got, b), self._embed_codes(flat[:, :-1], 0)), dim=1)
+        aligned = self._aligned(got, (gh, gw))  # [B, n, C] or None
+        x = torch.cat(
+            (self._prefix(got, b, aligned), self._embed_codes(flat[:, :-1], 0, aligned)), dim=1
+        )
         if train and self.config.embd_dropout:
             x = F.dropout(x, self.config.embd_dropout, training=True)
         h = self._run(x, train=train)  # [B, n_ctx + n - 1, C]
@@ -654,18 +679,19 @@ class TransformerPrior(Prior):
             )
         if static:
             self._check_static_backend()
-        x0 = self._prefix(request.conds, request.rows)  # [rows, n_ctx, C]
+        aligned = self._aligned(request.conds, request.grid)  # [rows, n, C] or None
+        x0 = self._prefix(request.conds, request.rows, aligned)  # [rows, n_ctx, C]
         copies = 2 if request.guided else 1
         c = self.config.n_embd
         step_flop = request.rows * c * 4 * c * 2  # the MLP's first matmul, a step's largest
         packed = use_prepack(opts.get("prepack", "auto"), x0.device, x0.dtype)
         with decode_threads(opts.get("threads", "auto"), step_flop, x0.device):
             if not use_cache:
-                out = self._decode_uncached(x0, gh * gw, request.pick, copies)
+                out = self._decode_uncached(x0, gh * gw, request.pick, copies, aligned)
             elif static:
-                out = self._decode_static(x0, gh * gw, request.pick, copies, compiled)
+                out = self._decode_static(x0, gh * gw, request.pick, copies, compiled, aligned)
             else:
-                out = self._decode_cached(x0, gh * gw, request.pick, copies, packed)
+                out = self._decode_cached(x0, gh * gw, request.pick, copies, packed, aligned)
         return out.view(request.batch, gh, gw)
 
     # -- sampling internals -----------------------------------------------------------------
@@ -676,12 +702,14 @@ class TransformerPrior(Prior):
         pick: Callable[[Tensor, int], Tensor],
         copies: int,
         packed: bool = False,
+        aligned: Tensor | None = None,
     ) -> Tensor:
         """Prefix once into a static KV cache, then one code per step -> codes ``[B, n]``.
 
         ``x0`` holds ``copies`` stacked batches (2 with guidance: conditional, then null rows);
         each drawn code is fed to every copy. ``packed``: the steps' linear layers and the head
-        use prepacked weights (``priors.packed_linear``).
+        use prepacked weights (``priors.packed_linear``). ``aligned`` ``[rows, n, C]``: the
+        aligned conditions (``_aligned``).
         """
         cfg = self.config
         rows, n_ctx, c = x0.shape
@@ -701,20 +729,24 @@ class TransformerPrior(Prior):
             out[i] = code
             if i == n - 1:
                 break
-            h = step(code if copies == 1 else code.repeat(copies), i, n_ctx + i, kv)  # [rows, C]
+            add = None if aligned is None else aligned[:, i + 1]  # [rows, C]
+            h = step(code if copies == 1 else code.repeat(copies), i, n_ctx + i, kv, add)
         return out.t()
 
     def _step_fn(
         self, device: torch.device, dtype: torch.dtype, rows: int = 1, packed: bool = False
-    ) -> Callable[[Tensor, int, int, list[Tensor]], Tensor]:
-        """The one-token decode step ``(codes [rows], code index, position, kv) -> h [rows, C]``
-        with the backend, the position tables and each block's linear layers (prepacked for
-        ``rows`` rows when ``packed``) bound once per sampling call."""
+    ) -> Callable[[Tensor, int, int, list[Tensor], Tensor | None], Tensor]:
+        """The one-token decode step ``(codes [rows], code index, position, kv, add) -> h [rows,
+        C]`` with the backend, the position tables and each block's linear layers (prepacked
+        for ``rows`` rows when ``packed``) bound once per sampling call; ``add [rows, C]`` (or
+        None) is added to the input embedding (the aligned conditions)."""
         backend = self._backend(device, dtype)
         blocks, lins, embed, final = self._step_parts(rows, packed)
 
-        def step(codes: Tensor, j: int, pos: int, kv: list[Tensor]) -> Tensor:
+        def step(codes: Tensor, j: int, pos: int, kv: list[Tensor], add: Tensor | None) -> Tensor:
             x, rope = embed(codes, j, pos)  # [rows, C], rope tables [Dh] each (or None)
+            if add is not None:
+                x = x + add
             for block, layer_kv, lin in zip(blocks, kv, lins):
                 x = block.step(x, layer_kv, pos, backend, rope, lin)
             return final(x)
@@ -754,14 +786,18 @@ class TransformerPrior(Prior):
 
     def _rows_step_fn(
         self, rows: int = 1, packed: bool = False
-    ) -> Callable[[Tensor, Tensor, Tensor, list[Tensor]], Tensor]:
+    ) -> Callable[[Tensor, Tensor, Tensor, list[Tensor], Tensor | None], Tensor]:
         """The decode step with a position per row ``(codes [R], code index [R], sequence
-        position [R], kv) -> h [R, C]`` (the sliding window's tiles, each at its own place);
-        linear layers prepacked for about ``rows`` rows when ``packed``."""
+        position [R], kv, add [R, C] or None) -> h [R, C]`` (the sliding window's tiles, each
+        at its own place); linear layers prepacked for about ``rows`` rows when ``packed``."""
         blocks, lins, embed, final = self._step_parts(rows, packed)
 
-        def step(codes: Tensor, index: Tensor, pos: Tensor, kv: list[Tensor]) -> Tensor:
+        def step(
+            codes: Tensor, index: Tensor, pos: Tensor, kv: list[Tensor], add: Tensor | None
+        ) -> Tensor:
             x, rope = embed(codes, index, pos)  # [R, C], rope tables [R, 1, Dh] each (or None)
+            if add is not None:
+                x = x + add
             keep = torch.arange(int(pos.max()) + 1, device=pos.device) <= pos[:, None]  # [R, T]
             for block, layer_kv, lin in zip(blocks, kv, lins):
                 x = block.step_rows(x, layer_kv, pos, keep, rope, lin)
@@ -803,6 +839,7 @@ class TransformerPrior(Prior):
         pick: Callable[[Tensor, int], Tensor],
         copies: int,
         compiled: bool,
+        aligned: Tensor | None = None,
     ) -> Tensor:
         """``_decode_cached`` with static shapes: every step is the same computation on the
         same buffers (cache, position tensor), so it compiles once and replays as a graph."""
@@ -824,15 +861,17 @@ class TransformerPrior(Prior):
             if i == n - 1:
                 break
             pos.fill_(n_ctx + i)
-            h = step(code if copies == 1 else code.repeat(copies), pos, cache)  # [rows, C]
+            add = None if aligned is None else aligned[:, i + 1]  # [rows, C]
+            h = step(code if copies == 1 else code.repeat(copies), pos, cache, add)  # [rows, C]
             if compiled and x0.device.type == "cuda":
                 h = h.clone()  # a CUDA-graph output is overwritten by the next replay
         return out.t()
 
     def _static_step_fn(
         self, device: torch.device, dtype: torch.dtype, compiled: bool
-    ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        """``(codes [rows], pos [1], cache [L, 2, rows, H, T, Dh]) -> h [rows, C]``; compiled
+    ) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
+        """``(codes [rows], pos [1], cache [L, 2, rows, H, T, Dh], add [rows, C] or None) -> h
+        [rows, C]`` (``add``: the aligned conditions of the code to predict); compiled
         once per (device, dtype) when asked (torch.compile recompiles per new shape)."""
         key = (device, dtype)
         if compiled and key in self._compiled_steps:
@@ -844,8 +883,10 @@ class TransformerPrior(Prior):
         rope_cos: Tensor | None = getattr(self, "rope_cos", None)
         rope_sin: Tensor | None = getattr(self, "rope_sin", None)
 
-        def step(codes: Tensor, pos: Tensor, cache: Tensor) -> Tensor:
+        def step(codes: Tensor, pos: Tensor, cache: Tensor, add: Tensor | None) -> Tensor:
             x = F.embedding(codes, emb)  # [rows, C]
+            if add is not None:
+                x = x + add
             rope = None
             if pos_emb is not None:
                 x = x + pos_emb.index_select(0, pos + offset)
@@ -866,7 +907,12 @@ class TransformerPrior(Prior):
         return fn
 
     def _decode_uncached(
-        self, x0: Tensor, n: int, pick: Callable[[Tensor, int], Tensor], copies: int
+        self,
+        x0: Tensor,
+        n: int,
+        pick: Callable[[Tensor, int], Tensor],
+        copies: int,
+        aligned: Tensor | None = None,
     ) -> Tensor:
         """Reference decoding: the whole sequence is run again for every code."""
         rows = x0.shape[0]
@@ -875,7 +921,7 @@ class TransformerPrior(Prior):
             x = x0
             if i:
                 codes_in = out[:, :i].repeat(copies, 1)  # [rows, i]
-                x = torch.cat((x0, self._embed_codes(codes_in, 0)), dim=1)
+                x = torch.cat((x0, self._embed_codes(codes_in, 0, aligned)), dim=1)
             h = self._run(x)[:, -1]  # [rows, C]
             out[:, i] = pick(self._head(h), i)
         return out
@@ -902,6 +948,8 @@ class _CachedWindowDecoder(WindowDecoder):
         self.prior, self.rows, self.size = prior, rows, size
         self.windows: list[tuple[dict[str, Conditioning], int, int]] = [({}, 0, 0)] * slots
         self.fed: list[int | None] = [None] * slots  # codes in a slot's cache; None: none yet
+        # Each slot's aligned conditions [rows, wh * ww, C] (prior._aligned), None without any.
+        self.aligned: list[Tensor | None] = [None] * slots
         # The batched step computes plain attention with a per-row key mask; a backend with
         # its own pattern (a sliding band) goes through the per-slot forward instead.
         self.batched = prior._plain_attention()
@@ -910,6 +958,7 @@ class _CachedWindowDecoder(WindowDecoder):
 
     def start(self, slot: int, conds: dict[str, Conditioning], top: int, left: int) -> None:
         self.windows[slot], self.fed[slot] = (conds, top, left), None
+        self.aligned[slot] = self.prior._aligned(conds, self.size)
 
     def running(self, options: Mapping[str, Any]) -> AbstractContextManager[None]:
         """The prior's ``threads`` option, sized by this decoder's calls: a batched step of
@@ -939,16 +988,16 @@ class _CachedWindowDecoder(WindowDecoder):
         """Feed the slot everything before ``position`` it lacks in one forward -> ``[rows, K]``."""
         prior, fed = self.prior, self.fed[slot]
         kv = [k.narrow(1, slot * self.rows, self.rows) for k in self.kv]
-        win = self._window(slot, codes)
+        win, aligned = self._window(slot, codes), self.aligned[slot]
         if fed is None:
-            x = prior._prefix(self.windows[slot][0], self.rows)  # [rows, n_ctx, C]
+            x = prior._prefix(self.windows[slot][0], self.rows, aligned)  # [rows, n_ctx, C]
             if position:
-                x = torch.cat((x, prior._embed_codes(win[:, :position], 0)), dim=1)
+                x = torch.cat((x, prior._embed_codes(win[:, :position], 0, aligned)), dim=1)
             h = prior._run(x, 0, kv)[:, -1]  # [rows, C]
         else:
             if position <= fed:
                 raise ValueError(f"positions must increase: {position} after {fed}")
-            x = prior._embed_codes(win[:, fed:position], fed)  # [rows, T, C]
+            x = prior._embed_codes(win[:, fed:position], fed, aligned)  # [rows, T, C]
             h = prior._run(x, prior.n_ctx + fed, kv)[:, -1]
         self.fed[slot] = position
         return prior._head(h)  # [rows, K]
@@ -985,8 +1034,17 @@ class _CachedWindowDecoder(WindowDecoder):
         seq = torch.full((span,), self.t_max, dtype=torch.long, device=device)  # spare column
         seq[at] = prior.n_ctx + fed
         kv = [k.narrow(1, lo * rows, span * rows) for k in self.kv]
+        add = None
+        if self.aligned[slots[0]] is not None:
+            # The input of window code fed predicts code fed + 1: its aligned conditions.
+            add = self.kv[0].new_zeros(span, rows, prior.config.n_embd)
+            for s in slots:
+                table = self.aligned[s]
+                assert table is not None
+                add[s - lo] = table[:, cast(int, self.fed[s]) + 1]
+            add = add.view(span * rows, -1)
         h = self.step(
-            tokens.view(-1), index.repeat_interleave(rows), seq.repeat_interleave(rows), kv
+            tokens.view(-1), index.repeat_interleave(rows), seq.repeat_interleave(rows), kv, add
         )  # [span * rows, C]
         for s in slots:
             self.fed[s] = cast(int, self.fed[s]) + 1
