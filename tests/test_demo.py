@@ -58,6 +58,8 @@ def test_demo_trains_one_pipeline_measures_it_and_ends_with_a_large_image(
     assert 0 < metrics["reconstruction_psnr_db"] < 100
     assert metrics["large_image"]["size"] == [64, 64] and metrics["large_image"]["codes"] == 256
     assert metrics["large_image"]["window"] == "cached"
+    assert metrics["large_image"]["cells"] == 4
+    assert metrics["large_image"]["cells_following_the_map"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert metrics["seconds"]["total"] > 0
     line = capsys.readouterr().out.splitlines()[-1]
     assert f"class accuracy {metrics['class_accuracy']:.1%} of 12 samples" in line
@@ -96,3 +98,29 @@ def test_shipped_classifier_is_above_98_percent_on_fresh_held_out_shapes():
     # shapes it never saw, from seeds beyond both its training and its held-out data
     fresh = demo.ShapesDataset(demo.ShapesConfig(size=400, image_size=32, seed=5 * 10**6))
     assert accuracy(clf, LabelledImages(fresh, range(400), 6, "fresh")) > 0.97
+
+
+def test_map_agreement_reads_each_cell_as_its_maps_main_shape(tmp_path):
+    """The demo's measure of a large image following its map: real shapes images laid out as
+    the scene's map agree with it; the same images in another order do not."""
+    from latentgen.classifiers import load_classifier
+    from latentgen.conditioners.scene import shapes_scene
+
+    clf = load_classifier(demo.shapes_classifier_path())
+    seed, n = 7, 4  # a 4x4 scene of 32px cells
+    ids = shapes_scene(n * 32, cell=32, seed=seed)
+    data = demo.ShapesDataset(demo.ShapesConfig(size=n * n, image_size=32, seed=seed))
+    images = torch.stack([data[i]["image"] for i in range(n * n)])  # [16, 3, 32, 32]
+
+    def write(order: list[int]) -> Path:
+        tiles = images[order].view(n, n, 3, 32, 32).permute(2, 0, 3, 1, 4).reshape(3, 128, 128)
+        path = tmp_path / f"scene-{order[0]}.png"
+        demo.to_pil(tiles[None])[0].save(path)
+        return path
+
+    assert demo._map_agreement(clf, write(list(range(n * n))), ids, 32) >= 0.9
+    labels = [data[i]["label"] for i in range(n * n)]
+    other = sorted(range(n * n), key=lambda i: (labels[i] + 1) % 6)  # another shape per cell
+    mismatched = sum(labels[i] != labels[j] for i, j in zip(other, range(n * n), strict=True))
+    got = demo._map_agreement(clf, write(other), ids, 32)
+    assert got <= 1 - mismatched / (n * n) + 0.1

@@ -107,7 +107,7 @@ def run_demo(
     paths |= _class_samples(pipe, clf, out, image_size, seed, samples_per_class, metrics)
     paths |= _reconstructions(pipe, out, image_size, seed, metrics)
     sampled = time.perf_counter()
-    paths |= _large_from_segmentation(pipe, out, image_size, large_size, seed, metrics)
+    paths |= _large_from_segmentation(pipe, clf, out, image_size, large_size, seed, metrics)
     done = time.perf_counter()
     metrics["seconds"] = {
         "tokenizer_training": round(trained_1 - start, 1),
@@ -194,9 +194,17 @@ def _reconstructions(
 
 
 def _large_from_segmentation(
-    pipe: Pipeline, out: Path, image_size: int, size: int, seed: int, metrics: dict[str, Any]
+    pipe: Pipeline,
+    clf: Any,
+    out: Path,
+    image_size: int,
+    size: int,
+    seed: int,
+    metrics: dict[str, Any],
 ) -> dict[str, Path]:
-    """A ``size`` x ``size`` image from a segmentation map alone, with the cached window."""
+    """A ``size`` x ``size`` image from a segmentation map alone, with the cached window, and
+    how well it follows the map: the share of its ``image_size`` cells that the classifier
+    reads as the main shape of the cell's map."""
     from latentgen.conditioners.scene import generate_from_segmentation, shapes_scene
 
     # a mosaic of held-out shapes maps, one per training-sized cell
@@ -212,6 +220,7 @@ def _large_from_segmentation(
     )  # the label is left out: the prior's null takes its place
     seconds = time.perf_counter() - began
     h, w = pipe.tokenizer.code_grid((size, size))
+    agreement = _map_agreement(clf, image_path, ids, image_size)
     metrics["large_image"] = {
         "size": [size, size],
         "codes": h * w,
@@ -219,12 +228,36 @@ def _large_from_segmentation(
         "window_band": "middle",
         "seconds": round(seconds, 1),
         "codes_per_s": round(h * w / seconds, 1),
+        "cells_following_the_map": agreement,
+        "cells": (size // image_size) ** 2,
     }
     print(
         f"{size}x{size} from a segmentation map ({h * w} codes, cached sliding window, "
-        f"{seconds:.0f} s) -> {image_path} (map: {map_path})"
+        f"{seconds:.0f} s; {agreement:.1%} of its {image_size}x{image_size} cells show their "
+        f"map's shape) -> {image_path} (map: {map_path})"
     )
     return {"large": image_path, "segmentation_map": map_path}
+
+
+def _map_agreement(clf: Any, image_path: Path, ids: torch.Tensor, cell: int) -> float:
+    """Share of the ``cell`` x ``cell`` blocks of the written image that the classifier reads
+    as the main shape of the same block of the map ``ids [H, W]`` (class ids, 0 background)."""
+    from PIL import Image
+
+    from latentgen.data.base import to_tensor
+    from latentgen.sample_eval import _main_class
+
+    image = to_tensor(Image.open(image_path).convert("RGB"))  # [3, H, W] in [-1, 1]
+    rows, cols = ids.shape[0] // cell, ids.shape[1] // cell
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # [..., H, W] -> [n, ..., cell, cell]
+        x = x.unflatten(-2, (rows, cell)).unflatten(-1, (cols, cell))  # [..., r, c, r, c]
+        return x.movedim((-4, -2), (0, 1)).flatten(0, 1)
+
+    want = _main_class(blocks(ids)) - 1  # [n]: class c is id c + 1
+    with torch.no_grad():
+        pred = clf.logits(blocks(image)).argmax(-1)  # [n]
+    return float((pred == want).float().mean())
 
 
 def _write_grids(pipe: Pipeline, out: Path, image_size: int, seed: int) -> dict[str, Path]:
