@@ -28,7 +28,7 @@ def _sharpen(model):
     return model.eval()
 
 
-def _gpt(placement="aligned", map_tokens=16, block=16, **kw):
+def _gpt(placement="aligned", map_tokens=16, block=16, prefix_downsample=1, **kw):
     torch.manual_seed(0)
     cfg = TransformerPriorConfig(
         vocab_size=K,
@@ -38,7 +38,12 @@ def _gpt(placement="aligned", map_tokens=16, block=16, **kw):
         n_embd=16,
         conditions={
             "label": {"vocab_size": 3},
-            "seg": {"vocab_size": 5, "num_tokens": map_tokens, "placement": placement},
+            "seg": {
+                "vocab_size": 5,
+                "num_tokens": map_tokens,
+                "placement": placement,
+                "prefix_downsample": prefix_downsample,
+            },
         },
         cond_dropout=0.1,
         **kw,
@@ -193,6 +198,41 @@ def test_the_cached_window_draws_what_teacher_forced_windows_draw(
     assert exact.shape == cached.shape
 
 
+# -- a coarse prefix beside a fine aligned map ------------------------------------------------
+def test_prefix_downsample_keeps_each_blocks_centre_cell_in_the_prefix():
+    prior = _gpt("both", prefix_downsample=2)
+    assert prior.n_ctx == 1 + 4 + 1 and prior.cond_pos["seg"].shape[0] == 4
+    codes = torch.randint(0, K, (1, 4, 4), generator=_gen(13))
+    seg = torch.zeros(1, 16, dtype=torch.long)
+    centre, corner = seg.clone(), seg.clone()
+    centre[0, 5] = 3  # cell (1, 1): the centre of the first 2x2 block, so in the prefix
+    corner[0, 4] = 3  # cell (1, 0): not in the prefix, so read first by code 4
+    with torch.no_grad():
+        base = prior.code_logits(codes, _conds(seg))
+        assert _first_changed(base, prior.code_logits(codes, _conds(centre))) == 0
+        assert _first_changed(base, prior.code_logits(codes, _conds(corner))) == 4
+    conds = _conds(torch.randint(0, 5, (2, 16), generator=_gen(14)))
+    sampler = SamplerConfig(guidance_scale=2.0)
+    cached = prior.sample(conds, grid=(4, 4), sampler=sampler, generator=_gen(5))
+    uncached = prior.sample(conds, grid=(4, 4), sampler=sampler, generator=_gen(5), use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_a_coarse_prefix_crops_with_the_cached_window(monkeypatch):
+    prior = _gpt("both", prefix_downsample=2)
+    conds = _conds(torch.randint(0, 5, (2, 9 * 13), generator=_gen(15)), (9, 13))
+    sampler = SamplerConfig(window="cached", guidance_scale=1.5)
+    cached = prior.sample(conds, grid=(9, 13), sampler=sampler, generator=_gen(6))
+    monkeypatch.setattr(
+        prior,
+        "window_decoder",
+        lambda rows, size, slots=1: FullForwardDecoder(prior, rows, size, slots),
+    )
+    assert torch.equal(
+        cached, prior.sample(conds, grid=(9, 13), sampler=sampler, generator=_gen(6))
+    )
+
+
 # -- the masked prior ---------------------------------------------------------------------------
 def test_the_masked_prior_reads_the_map_at_each_code():
     prior = _masked()
@@ -230,6 +270,15 @@ def test_aligned_placement_errors_name_the_fix():
         _gpt(layout="taming")
     with pytest.raises(ValidationError, match="Input should be 'prefix', 'aligned' or 'both'"):
         _gpt(placement="added")
+    with pytest.raises(ValidationError, match="placement 'aligned' has none"):
+        _gpt("aligned", prefix_downsample=2)
+    with pytest.raises(ValidationError, match="num_tokens=6 is not a whole number of 2x2 blocks"):
+        _gpt("both", map_tokens=6, prefix_downsample=2)
+    odd = _gpt("prefix", map_tokens=36, block=36, prefix_downsample=2)
+    with pytest.raises(InputError, match=r"grid \(4, 9\), which prefix_downsample=2 cannot cut"):
+        odd.log_prob(
+            torch.zeros(1, 4, 9, dtype=torch.long), _conds(torch.zeros(1, 36).long(), (4, 9))
+        )
     prior = _gpt(map_tokens=6)
     codes = torch.zeros(1, 4, 4, dtype=torch.long)
     with pytest.raises(InputError, match=r"2x3 grid, which does not cover the 4x4 code grid"):

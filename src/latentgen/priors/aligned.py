@@ -19,7 +19,7 @@ from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
 from latentgen.priors.base import ConditionSlot
 
-__all__ = ["aligned_embedding", "aligned_names", "prefix_names"]
+__all__ = ["aligned_embedding", "aligned_names", "prefix_names", "prefix_tokens"]
 
 
 def prefix_names(slots: Mapping[str, ConditionSlot]) -> list[str]:
@@ -30,6 +30,23 @@ def prefix_names(slots: Mapping[str, ConditionSlot]) -> list[str]:
 def aligned_names(slots: Mapping[str, ConditionSlot]) -> list[str]:
     """Conditions added at their cells (``placement`` aligned or both), in config order."""
     return [n for n, s in slots.items() if s.placement != "prefix"]
+
+
+def prefix_tokens(name: str, slot: ConditionSlot, c: Conditioning) -> Tensor:
+    """``[B, n]``: the condition's prefix tokens, one per ``prefix_downsample`` block of its
+    grid (the cell at the block's centre) when that is above 1."""
+    k = slot.prefix_downsample
+    if k == 1:
+        return c.tokens
+    if c.grid is None or c.grid[0] % k or c.grid[1] % k:
+        raise InputError(
+            f"condition {name!r} has grid {c.grid}, which prefix_downsample={k} cannot cut into "
+            f"{k}x{k} blocks; give a map whose sides are multiples of {k} cells, or set "
+            "prefix_downsample to a divisor of them."
+        )
+    hc, wc = c.grid
+    grid = c.tokens.view(c.batch_size, hc, wc)
+    return grid[:, k // 2 :: k, k // 2 :: k].reshape(c.batch_size, -1)
 
 
 def _cells(name: str, c: Conditioning, grid: tuple[int, int], device: torch.device) -> Tensor:

@@ -61,6 +61,35 @@ class ConditionSlot(BaseModel):
         "code. 'both': the prefix and the aligned sum. PixelSNAIL ignores it (it always adds "
         "a map at its cells).",
     )
+    prefix_downsample: int = Field(
+        1,
+        ge=1,
+        description="A spatial condition in the prefix keeps one token per k x k cells of its "
+        "map (the cell at each block's centre), so a map fine enough to be aligned with every "
+        "code (placement 'both') costs the prefix k*k times fewer tokens. 1: every cell.",
+    )
+
+    @model_validator(mode="after")
+    def _check_prefix_downsample(self) -> ConditionSlot:
+        k = self.prefix_downsample
+        if k > 1 and self.placement == "aligned":
+            raise ValueError(
+                "prefix_downsample applies to the prefix, but placement 'aligned' has none; "
+                "use placement 'both' (or 'prefix'), or remove prefix_downsample."
+            )
+        if self.num_tokens % (k * k):
+            raise ValueError(
+                f"num_tokens={self.num_tokens} is not a whole number of {k}x{k} blocks; use a "
+                "prefix_downsample that divides both sides of the condition's grid."
+            )
+        return self
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens this condition puts in the prefix (0 when aligned only)."""
+        if self.placement == "aligned":
+            return 0
+        return self.num_tokens // (self.prefix_downsample * self.prefix_downsample)
 
 
 class PriorConfig(ComponentConfig):

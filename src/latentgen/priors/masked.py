@@ -43,7 +43,12 @@ from torch import Tensor, nn
 
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
-from latentgen.priors.aligned import aligned_embedding, aligned_names, prefix_names
+from latentgen.priors.aligned import (
+    aligned_embedding,
+    aligned_names,
+    prefix_names,
+    prefix_tokens,
+)
 from latentgen.priors.attention import AttentionBackend, get_backend
 from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
 from latentgen.priors.sampling import filter_logits, guide
@@ -191,7 +196,7 @@ class MaskedPrior(Prior):
         cfg = config
         c = cfg.n_embd
         in_prefix = prefix_names(cfg.conditions)
-        self.n_ctx = sum(cfg.conditions[n].num_tokens for n in in_prefix)  # prefix length
+        self.n_ctx = sum(cfg.conditions[n].prefix_tokens for n in in_prefix)  # prefix length
         self.mask_id = cfg.vocab_size  # the absorbing state: one row past the codes
         self.tok_emb = nn.Embedding(cfg.vocab_size + 1, c)
         self.pos_emb = nn.Parameter(torch.zeros(cfg.block_size, c))
@@ -199,7 +204,7 @@ class MaskedPrior(Prior):
             {n: nn.Embedding(s.vocab_size, c) for n, s in cfg.conditions.items()}
         )
         self.cond_pos = nn.ParameterDict(  # aligned conditions take their code's position
-            {n: nn.Parameter(torch.zeros(cfg.conditions[n].num_tokens, c)) for n in in_prefix}
+            {n: nn.Parameter(torch.zeros(cfg.conditions[n].prefix_tokens, c)) for n in in_prefix}
         )
         self.cond_null = nn.ParameterDict({n: nn.Parameter(torch.zeros(c)) for n in cfg.conditions})
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layer))
@@ -273,7 +278,8 @@ class MaskedPrior(Prior):
         parts = []
         for name in prefix_names(self.config.conditions):
             cond = conds[name]
-            e = self.cond_emb[name](cond.tokens.to(device=device, dtype=torch.long))  # [B, n, C]
+            tokens = prefix_tokens(name, self.config.conditions[name], cond)  # [B, n]
+            e = self.cond_emb[name](tokens.to(device=device, dtype=torch.long))  # [B, n, C]
             if cond.drop is not None:
                 d = cond.drop.to(device=device, dtype=torch.bool)
                 e = torch.where(d[:, None, None], self.cond_null[name].to(e.dtype), e)

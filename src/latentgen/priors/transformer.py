@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
-from latentgen.priors.aligned import aligned_embedding, prefix_names
+from latentgen.priors.aligned import aligned_embedding, prefix_names, prefix_tokens
 from latentgen.priors.attention import AttentionBackend, get_backend
 from latentgen.priors.base import ConditionSlot, Conds, Prior, PriorConfig, SampleRequest
 from latentgen.priors.packed_linear import Linear, linear_fn, use_prepack
@@ -430,7 +430,7 @@ class TransformerPrior(Prior):
         c = cfg.n_embd
         taming = cfg.layout == "taming"
         in_prefix = prefix_names(cfg.conditions)
-        n_cond = sum(cfg.conditions[n].num_tokens for n in in_prefix)
+        n_cond = sum(cfg.conditions[n].prefix_tokens for n in in_prefix)
         # n_ctx: tokens before the first code's input; the output at n_ctx - 1 predicts code 0.
         self.n_ctx = (n_cond or 1) if taming else n_cond + 1
         # Index in pos_emb of code j's input embedding is _code_pos0 + j.
@@ -443,7 +443,10 @@ class TransformerPrior(Prior):
             )
             # Positions for prefix tokens only: an aligned condition takes its code's place.
             self.cond_pos = nn.ParameterDict(
-                {n: nn.Parameter(torch.zeros(cfg.conditions[n].num_tokens, c)) for n in in_prefix}
+                {
+                    n: nn.Parameter(torch.zeros(cfg.conditions[n].prefix_tokens, c))
+                    for n in in_prefix
+                }
             )
         self.cond_null = nn.ParameterDict({n: nn.Parameter(torch.zeros(c)) for n in cfg.conditions})
         # Learned start token: the SOS of the prefix layout, or an unconditional taming model's
@@ -547,7 +550,8 @@ class TransformerPrior(Prior):
         parts = []
         for name in prefix_names(cfg.conditions):
             cond = conds[name]
-            tokens = cond.tokens.to(device=device, dtype=torch.long)  # [B, n]
+            tokens = prefix_tokens(name, cfg.conditions[name], cond)  # [B, n]
+            tokens = tokens.to(device=device, dtype=torch.long)
             if cfg.layout == "taming":
                 e = self.tok_emb(tokens + cfg.cond_offsets.get(name, 0))  # [B, n, C]
             else:
