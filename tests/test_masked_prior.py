@@ -324,9 +324,9 @@ def test_a_training_batch_covers_the_mask_ratios_evenly(monkeypatch):
     seen: list[Tensor] = []
     inner = prior._logits
 
-    def spy(tokens, conds, positions=None):
+    def spy(tokens, conds, positions=None, **kw):
         seen.append(positions)
-        return inner(tokens, conds, positions)
+        return inner(tokens, conds, positions, **kw)
 
     monkeypatch.setattr(prior, "_logits", spy)
     b, n = 8, 64
@@ -349,9 +349,9 @@ def test_label_smoothing_smooths_the_training_loss_only(monkeypatch):
     seen = {}
     inner = prior._logits
 
-    def spy(tokens, conds, positions=None):
+    def spy(tokens, conds, positions=None, **kw):
         seen.update(tokens=tokens, positions=positions)
-        return inner(tokens, conds, positions)
+        return inner(tokens, conds, positions, **kw)
 
     monkeypatch.setattr(prior, "_logits", spy)
     prior.train()
