@@ -28,44 +28,37 @@ def _sharpen(model):
     return model.eval()
 
 
-def _gpt(placement="aligned", map_tokens=16, block=16, prefix_downsample=1, **kw):
+def _build(kind, conditions, block=16, n_layer=2, **kw):
+    """A small sharpened GPT (``kind="gpt"``) or masked prior with these condition slots."""
+    config_cls, cls = {
+        "gpt": (TransformerPriorConfig, TransformerPrior),
+        "masked": (MaskedPriorConfig, MaskedPrior),
+    }[kind]
     torch.manual_seed(0)
-    cfg = TransformerPriorConfig(
+    cfg = config_cls(
         vocab_size=K,
         block_size=block,
-        n_layer=2,
+        n_layer=n_layer,
         n_head=2,
         n_embd=16,
-        conditions={
-            "label": {"vocab_size": 3},
-            "seg": {
-                "vocab_size": 5,
-                "num_tokens": map_tokens,
-                "placement": placement,
-                "prefix_downsample": prefix_downsample,
-            },
-        },
-        cond_dropout=0.1,
+        conditions=conditions,
         **kw,
     )
-    return _sharpen(TransformerPrior(cfg))
+    return _sharpen(cls(cfg))
+
+
+def _slots(placement="aligned", map_tokens=16, prefix_downsample=1):
+    seg = {"vocab_size": 5, "num_tokens": map_tokens, "placement": placement}
+    return {"label": {"vocab_size": 3}, "seg": {**seg, "prefix_downsample": prefix_downsample}}
+
+
+def _gpt(placement="aligned", map_tokens=16, block=16, prefix_downsample=1, **kw):
+    slots = _slots(placement, map_tokens, prefix_downsample)
+    return _build("gpt", slots, block, cond_dropout=0.1, **kw)
 
 
 def _masked(placement="aligned", map_tokens=16):
-    torch.manual_seed(0)
-    cfg = MaskedPriorConfig(
-        vocab_size=K,
-        block_size=16,
-        n_layer=2,
-        n_head=2,
-        n_embd=16,
-        conditions={
-            "label": {"vocab_size": 3},
-            "seg": {"vocab_size": 5, "num_tokens": map_tokens, "placement": placement},
-        },
-        cond_dropout=0.1,
-    )
-    return _sharpen(MaskedPrior(cfg))
+    return _build("masked", _slots(placement, map_tokens), cond_dropout=0.1)
 
 
 def _conds(seg: torch.Tensor, grid=(4, 4), label=1):
@@ -290,16 +283,7 @@ def test_aligned_placement_errors_name_the_fix():
 
 
 def test_an_aligned_label_is_added_to_every_code():
-    torch.manual_seed(0)
-    cfg = TransformerPriorConfig(
-        vocab_size=K,
-        block_size=16,
-        n_layer=1,
-        n_head=2,
-        n_embd=16,
-        conditions={"label": {"vocab_size": 3, "placement": "aligned"}},
-    )
-    prior = _sharpen(TransformerPrior(cfg))
+    prior = _build("gpt", {"label": {"vocab_size": 3, "placement": "aligned"}}, n_layer=1)
     assert prior.n_ctx == 1
     codes = torch.randint(0, K, (1, 4, 4), generator=_gen(12))
     with torch.no_grad():
