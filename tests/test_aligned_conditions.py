@@ -282,6 +282,21 @@ def test_aligned_placement_errors_name_the_fix():
         prior.log_prob(codes, gridless)
 
 
+def test_a_prior_without_aligned_conditions_refuses_them_when_built():
+    from latentgen import registry
+    from latentgen.errors import SpecError
+
+    slots = {"digits": {"vocab_size": 10, "placement": "aligned"}}
+    with pytest.raises(
+        SpecError,
+        match=r"implements condition placement \['prefix'\].*"
+        r"'digits': 'aligned'.*set placement: prefix",
+    ):
+        registry.build("prior", {"type": "toy.ngram", "vocab_size": 8, "conditions": slots})
+    plain = {"digits": {"vocab_size": 10}}
+    assert registry.build("prior", {"type": "toy.ngram", "vocab_size": 8, "conditions": plain})
+
+
 def test_an_aligned_label_is_added_to_every_code():
     prior = _build("gpt", {"label": {"vocab_size": 3, "placement": "aligned"}}, n_layer=1)
     assert prior.n_ctx == 1

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from latentgen.components import Component
 from latentgen.conditioners.base import Conditioning
-from latentgen.errors import InputError
+from latentgen.errors import InputError, SpecError
 from latentgen.priors.sampling import draw_fast, guide
 from latentgen.priors.window import (
     FullForwardDecoder,
@@ -269,10 +269,23 @@ class Prior(Component, nn.Module, ABC):
     #: True when ``sample`` runs ``SamplerConfig.steps`` passes (e.g. the masked prior), so the
     #: number of passes is worth measuring; autoregressive priors ignore ``steps``.
     decodes_in_passes: ClassVar[bool] = False
+    #: The ``ConditionSlot.placement`` values the prior implements. A prior that reads every
+    #: condition as a prefix keeps the default, so a slot asking it for ``aligned`` or ``both``
+    #: is refused when it is built instead of being read as a prefix without a word.
+    placements: ClassVar[frozenset[str]] = frozenset({"prefix"})
 
     def __init__(self, config: Any) -> None:
         nn.Module.__init__(self)
         self.config = config
+        asked = {n: s.placement for n, s in self.condition_slots.items()}
+        unsupported = {n: p for n, p in asked.items() if p not in self.placements}
+        if unsupported:
+            raise SpecError(
+                f"{type(self).__name__} implements condition placement "
+                f"{sorted(self.placements)}, but its config asks for {unsupported}; set "
+                "placement: prefix on those conditions, or use a prior that adds conditions at "
+                "their cells (transformer, masked)."
+            )
 
     @property
     @abstractmethod

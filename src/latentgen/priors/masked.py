@@ -190,6 +190,7 @@ class MaskedPrior(Prior):
     Config = MaskedPriorConfig
     log_prob_is_bound = True
     decodes_in_passes = True
+    placements = frozenset({"prefix", "aligned", "both"})
 
     def __init__(self, config: MaskedPriorConfig) -> None:
         super().__init__(config)

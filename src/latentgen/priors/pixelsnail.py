@@ -281,6 +281,8 @@ class PixelSNAILPrior(Prior):
 
     Config = PixelSNAILConfig
     sample_options = frozenset({"use_cache", "threads"})
+    # A map is always added at its cells and a label to every code, whatever the placement.
+    placements = frozenset({"prefix", "aligned", "both"})
 
     def __init__(self, config: PixelSNAILConfig) -> None:
         super().__init__(config)

@@ -423,6 +423,7 @@ class TransformerPrior(Prior):
 
     Config = TransformerPriorConfig
     sample_options = frozenset({"use_cache", "static_cache", "compile", "threads", "prepack"})
+    placements = frozenset({"prefix", "aligned", "both"})
 
     def __init__(self, config: TransformerPriorConfig) -> None:
         super().__init__(config)
