@@ -182,16 +182,19 @@ def tiny_conditioned_pipe(
     condition slots (``prior_kw``: more prior fields, e.g. ``window`` or ``cond_dropout``)."""
     from latentgen import Pipeline
 
-    prior = {
-        "type": "transformer",
-        "vocab_size": 16,
-        "block_size": 16,
-        "n_layer": 1,
-        "n_head": 2,
-        "n_embd": 16,
-        "conditions": slots,
-        **prior_kw,
-    }
+    prior = {**EXAMPLES["prior"]["transformer"], "conditions": slots, **prior_kw}
     return Pipeline.from_spec(
         {"tokenizer": TINY_VQVAE_16, "prior": prior, "conditioners": conditioners}
+    )
+
+
+def full_forward_windows(prior: Any, monkeypatch: Any) -> None:
+    """Make ``prior`` draw sliding windows with one full forward per window position (the
+    teacher-forced reference the KV-cached window decoder is checked against)."""
+    from latentgen.priors.window import FullForwardDecoder
+
+    monkeypatch.setattr(
+        prior,
+        "window_decoder",
+        lambda rows, size, slots=1: FullForwardDecoder(prior, rows, size, slots),
     )

@@ -8,13 +8,12 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from examples import tiny_conditioned_pipe
+from examples import full_forward_windows, tiny_conditioned_pipe
 from latentgen.cli import main as cli
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
 from latentgen.priors.masked import MaskedPrior, MaskedPriorConfig
 from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
-from latentgen.priors.window import FullForwardDecoder
 from latentgen.specs import SamplerConfig
 
 K = 16
@@ -178,11 +177,7 @@ def test_the_cached_window_draws_what_teacher_forced_windows_draw(
     conds = _conds(torch.randint(0, 5, (2, hc * wc), generator=_gen(9)), (hc, wc))
     sampler = SamplerConfig(window="cached", guidance_scale=1.5, window_band=band)
     cached = prior.sample(conds, grid=grid, sampler=sampler, generator=_gen(4))
-    monkeypatch.setattr(
-        prior,
-        "window_decoder",
-        lambda rows, size, slots=1: FullForwardDecoder(prior, rows, size, slots),
-    )
+    full_forward_windows(prior, monkeypatch)
     forward = prior.sample(conds, grid=grid, sampler=sampler, generator=_gen(4))
     assert torch.equal(cached, forward)
     exact = prior.sample(
@@ -216,11 +211,7 @@ def test_a_coarse_prefix_crops_with_the_cached_window(monkeypatch):
     conds = _conds(torch.randint(0, 5, (2, 9 * 13), generator=_gen(15)), (9, 13))
     sampler = SamplerConfig(window="cached", guidance_scale=1.5)
     cached = prior.sample(conds, grid=(9, 13), sampler=sampler, generator=_gen(6))
-    monkeypatch.setattr(
-        prior,
-        "window_decoder",
-        lambda rows, size, slots=1: FullForwardDecoder(prior, rows, size, slots),
-    )
+    full_forward_windows(prior, monkeypatch)
     assert torch.equal(
         cached, prior.sample(conds, grid=(9, 13), sampler=sampler, generator=_gen(6))
     )

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from examples import full_forward_windows
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
 from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
 from latentgen.priors.window import (
-    FullForwardDecoder,
     crop_conditions,
     generation_order,
     plan_wavefront,
@@ -215,11 +215,7 @@ def test_cached_draws_what_teacher_forced_windows_draw(
         window="cached", window_stride=stride, guidance_scale=1.5, window_band=band
     )
     cached = prior.sample(_label(), grid=(9, 13), sampler=sampler, generator=_gen(4))
-    monkeypatch.setattr(
-        prior,
-        "window_decoder",
-        lambda rows, size, slots=1: FullForwardDecoder(prior, rows, size, slots),
-    )
+    full_forward_windows(prior, monkeypatch)
     forward = prior.sample(_label(), grid=(9, 13), sampler=sampler, generator=_gen(4))
     assert torch.equal(cached, forward)
 
@@ -229,11 +225,7 @@ def test_cached_draws_the_same_with_or_without_prepacked_weights(prepack, monkey
     prior = _prior(label={"vocab_size": 3})
     sampler = SamplerConfig(window="cached", guidance_scale=1.5, top_k=8)
     got = prior.sample(_label(), grid=(9, 13), sampler=sampler, generator=_gen(5), prepack=prepack)
-    monkeypatch.setattr(
-        prior,
-        "window_decoder",
-        lambda rows, size, slots=1: FullForwardDecoder(prior, rows, size, slots),
-    )
+    full_forward_windows(prior, monkeypatch)
     want = prior.sample(_label(), grid=(9, 13), sampler=sampler, generator=_gen(5))
     assert torch.equal(got, want)
 
