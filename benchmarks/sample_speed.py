@@ -56,11 +56,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from _child import run_child  # benchmarks/_child.py (this script's folder is on sys.path)
 
 CONFIGS = {
     "s": {"n_layer": 4, "n_head": 8, "n_embd": 256},
@@ -307,15 +308,11 @@ def print_side_by_side(args: argparse.Namespace) -> None:
     )
     for name in args.configs.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            cmd = [sys.executable, __file__, "--one-side", f"{name},{batch}"]
-            for opt in ("device", "dtype", "tokens", "side_runs", "taming_path"):
-                if getattr(args, opt) is not None:
-                    cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode:
-                print(f"{name:>3} {batch:>5}  failed: {res.stderr.strip()[-800:]}")
+            opts = ("device", "dtype", "tokens", "side_runs", "taming_path")
+            r = run_child(__file__, "--one-side", f"{name},{batch}", args, opts)
+            if isinstance(r, str):
+                print(f"{name:>3} {batch:>5}  failed: {r}")
                 continue
-            r = json.loads(res.stdout.strip().splitlines()[-1])
             ms = {k: sorted(1000 * t / r["n"] for t in r[k]) for k in ("ours", "theirs")}
             med = {k: v[len(v) // 2] for k, v in ms.items()}
             ratios = sorted(t / o for o, t in zip(r["ours"], r["theirs"]))  # per round
@@ -449,16 +446,12 @@ def main() -> None:
     loads: dict[tuple[Any, ...], float] = {}
     for _ in range(args.rounds):
         for row in rows:
-            cmd = [sys.executable, __file__, "--one", ",".join(map(str, row))]
-            for opt in ("device", "dtype", "tokens", "repeats"):
-                cmd += [f"--{opt}", str(getattr(args, opt))]
-            if args.compile:
-                cmd.append("--compile")
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode:
-                print(f"{' '.join(map(str, row))}  failed: {res.stderr.strip()[-800:]}")
+            opts = ("device", "dtype", "tokens", "repeats")
+            extra = ["--compile"] if args.compile else []
+            r = run_child(__file__, "--one", ",".join(map(str, row)), args, opts, extra)
+            if isinstance(r, str):
+                print(f"{' '.join(map(str, row))}  failed: {r}")
                 continue
-            r = json.loads(res.stdout.strip().splitlines()[-1])
             # Progress on stderr as rows finish (a full run takes long on a busy machine).
             print(
                 f"  {' '.join(map(str, row))}: {r['ms_step']:.2f} ms/step, "

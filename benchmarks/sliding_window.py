@@ -40,9 +40,9 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
+
+from _child import run_child  # benchmarks/_child.py (this script's folder is on sys.path)
 
 CONFIGS = {
     "s": {"n_layer": 4, "n_head": 8, "n_embd": 256},
@@ -245,14 +245,12 @@ def run_nll(args: argparse.Namespace) -> dict[str, float]:
 
 def _child(args: argparse.Namespace, one: str) -> dict[str, float] | None:
     """Run ``--one ONE`` in a fresh process (its own peak memory); None when it failed."""
-    cmd = [sys.executable, __file__, "--one", one]
-    for opt in ("device", "grid", "window", "exact_every", "diff_grid", "diff_tile", "vqgan"):
-        cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        print(f"  {one} failed: {res.stderr.strip()[-500:]}")
+    opts = ("device", "grid", "window", "exact_every", "diff_grid", "diff_tile", "vqgan")
+    r = run_child(__file__, "--one", one, args, opts)
+    if isinstance(r, str):
+        print(f"  {one} failed: {r}")
         return None
-    return json.loads(res.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return r
 
 
 def main() -> None:
@@ -311,14 +309,11 @@ def main() -> None:
         for name in args.configs.split(","):
             rates = {}
             for mode in ("exact", "cached"):
-                cmd = [sys.executable, __file__, "--one", f"{name},{mode}"]
-                for opt in ("device", "grid", "window", "exact_every"):
-                    cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                if res.returncode:
-                    print(f"{name:>6} {mode:>7}  failed: {res.stderr.strip()[-500:]}")
+                opts = ("device", "grid", "window", "exact_every")
+                r = run_child(__file__, "--one", f"{name},{mode}", args, opts)
+                if isinstance(r, str):
+                    print(f"{name:>6} {mode:>7}  failed: {r}")
                     continue
-                r = json.loads(res.stdout.strip().splitlines()[-1])
                 # CPU seconds, not wall time: on a shared machine the wall clock swings with the
                 # neighbours' load (run with OMP_NUM_THREADS=1 so CPU time is one core's).
                 rates[mode] = r["tok_cpu_s"]
