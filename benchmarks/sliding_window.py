@@ -19,16 +19,18 @@ mean difference between the tiled (both modes) and the whole decode of random co
 decoder, and, with ``--vqgan DIR`` (a trained tokenizer component, e.g. the demo's
 ``out/demo/runs/shapes-vqgan/final``), a 64x64 grid in 16-code tiles of that tokenizer.
 
-NLL: the same window modes score held-out large grids made from rendered images. The
-``shapes`` data at 256x256 pixels is tokenized by the zero-training ``toy.palette`` tokenizer
-(k-means palette of 4x4 patch means, f=4, so a 64x64 code grid per image); a small prior (2
-layers, 4 heads, 128 wide, a 16x16 window) is trained on random 16x16 crops of the training
-grids, then ``Prior.window_log_prob`` scores held-out 64x64 grids in each mode (and the plain
-``log_prob`` of held-out 16x16 crops, for reference).
+NLL: the same window modes score held-out large grids made from images: rendered ``shapes``
+scenes (``--held-out`` of them) and real photos (``photos``: four of scikit-image's sample
+photos, the prior trained on sixteen others), each at 256x256 pixels, tokenized by the
+zero-training ``toy.palette`` tokenizer (k-means palette of 4x4 patch means, f=4, so a 64x64
+code grid per image); a small prior (2 layers, 4 heads, 128 wide, a 16x16 window) is trained
+on random 16x16 crops of the training grids, then ``Prior.window_log_prob`` scores the held-out
+64x64 grids in ``exact`` and ``cached`` mode (both bands; and the plain ``log_prob`` of their
+top-left 16x16 crops, for reference).
 
     OMP_NUM_THREADS=2 python benchmarks/sliding_window.py
     python benchmarks/sliding_window.py --configs s --skip-nll
-    python benchmarks/sliding_window.py --skip-speed --train-steps 600
+    python benchmarks/sliding_window.py --skip-speed --skip-generate --nll-data photos
     python benchmarks/sliding_window.py --skip-speed --skip-nll --whole-decode --exact-decode
     python benchmarks/sliding_window.py --skip-speed --skip-nll --skip-generate \
         --vqgan out/demo/runs/shapes-vqgan/final
@@ -190,8 +192,18 @@ def run_tile_difference(args: argparse.Namespace, which: str) -> dict[str, float
     return out
 
 
-def run_nll(args: argparse.Namespace) -> dict[str, float]:
-    """Train a small windowed prior on palette codes of rendered shapes; score each mode."""
+# scikit-image's sample photos (benchmarks/_photos.py): four held out, the others to train on
+HELD_OUT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+TRAIN_PHOTOS = (
+    "brick", "camera", "cell", "clock_motion", "coins", "grass", "gravel", "hubble_deep_field",
+    "ihc", "microaneurysms", "moon", "motorcycle_left", "motorcycle_right", "page", "retina",
+    "text",
+)  # fmt: skip
+
+
+def run_nll(args: argparse.Namespace, data: str) -> dict[str, float]:
+    """Train a small windowed prior on palette codes of ``data`` (``shapes``: rendered shapes
+    scenes; ``photos``: scikit-image's photos); score held-out grids in each mode."""
     import torch
 
     from latentgen import registry
@@ -206,12 +218,17 @@ def run_nll(args: argparse.Namespace) -> dict[str, float]:
         data = ShapesDataset(ShapesConfig(size=n, image_size=px, seed=seed))
         return torch.stack([data[i]["image"] for i in range(n)])
 
+    if data == "photos":
+        from _photos import load_photos
+
+        train_images, held_images = (load_photos(n, px) for n in (TRAIN_PHOTOS, HELD_OUT_PHOTOS))
+    else:
+        train_images, held_images = images(args.train_images, 0), images(args.held_out, 10**6)
     tok = registry.build("tokenizer", {"type": "toy.palette", "vocab_size": 32, "downsample": f})
-    train_images = images(args.train_images, seed=0)
     tok.fit(train_images)
     with torch.no_grad():
         train = tok.encode(train_images)  # [N, grid, grid]
-        held = tok.encode(images(args.held_out, seed=10**6))
+        held = tok.encode(held_images)
     cfg = TransformerPriorConfig(
         vocab_size=32, block_size=side * side, n_layer=2, n_head=4, n_embd=128
     )
@@ -235,11 +252,13 @@ def run_nll(args: argparse.Namespace) -> dict[str, float]:
     with torch.no_grad():
         crops = held[:, :side, :side]
         out["plain_16x16"] = float(-prior.log_prob(crops).mean() / crops[0].numel())
-        for mode in ("exact", "cached"):
+        runs = [("exact", "exact", "middle"), ("cached", "cached", "middle")]
+        runs.append(("cached_bottom", "cached", "bottom"))
+        for key, mode, band in runs:
             t0 = time.perf_counter()
-            lp = prior.window_log_prob(held, window=mode)  # type: ignore[arg-type]
-            out[mode] = float(-lp.mean() / n_codes)
-            out[f"{mode}_seconds"] = time.perf_counter() - t0
+            lp = prior.window_log_prob(held, window=mode, window_band=band)  # type: ignore[arg-type]
+            out[key] = float(-lp.mean() / n_codes)
+            out[f"{key}_seconds"] = time.perf_counter() - t0
     return out
 
 
@@ -266,6 +285,9 @@ def main() -> None:
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-nll", action="store_true")
     p.add_argument(
+        "--nll-data", default="shapes,photos", help="comma list of: shapes, photos (NLL data)"
+    )
+    p.add_argument(
         "--skip-generate", action="store_true", help="skip the whole-generation memory figure"
     )
     p.add_argument(
@@ -280,8 +302,8 @@ def main() -> None:
     p.add_argument("--diff-tile", type=int, default=12, help="tile of that check")
     p.add_argument("--vqgan", default="", help="a trained tokenizer dir for the check too")
     p.add_argument("--train-images", type=int, default=48)
-    p.add_argument("--held-out", type=int, default=2)
-    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--held-out", type=int, default=8)
+    p.add_argument("--train-steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "config,mode"
     args = p.parse_args()
@@ -361,18 +383,27 @@ def main() -> None:
                 f"    {mode:>5}: max |diff| {r[f'{mode}_max']:.2e}, mean {r[f'{mode}_mean']:.2e}, "
                 f"{r[f'{mode}_cpu_s']:.1f} CPU s"
             )
-    if not args.skip_nll:
-        r = run_nll(args)
+    for data in [] if args.skip_nll else args.nll_data.split(","):
+        r = run_nll(args, data)
+        what = {
+            "shapes": f"{args.held_out} held-out rendered shapes scenes",
+            "photos": f"the photos {', '.join(HELD_OUT_PHOTOS)} (trained on {len(TRAIN_PHOTOS)} "
+            "other scikit-image photos)",
+        }[data]
         print(
-            f"NLL, nats/code, {args.held_out} held-out {args.grid}x{args.grid} grids "
-            f"(shapes at {args.grid * 4}px, toy.palette K=32 f=4; prior 2x4x128 trained "
-            f"{args.train_steps} steps in {r['train_seconds']:.0f}s, last loss "
-            f"{r['train_loss']:.3f}):"
+            f"NLL, nats/code, {what}, {args.grid}x{args.grid} codes each ({args.grid * 4}px, "
+            f"toy.palette K=32 f=4; prior 2x4x128 trained {args.train_steps} steps on 16x16 "
+            f"crops in {r['train_seconds']:.0f}s, last loss {r['train_loss']:.3f}):"
         )
         print(f"  plain log_prob on 16x16 crops: {r['plain_16x16']:.4f}")
-        for mode in ("exact", "cached"):
-            print(f"  {mode:>6} window: {r[mode]:.4f}  ({r[f'{mode}_seconds']:.1f}s to score)")
-        print(f"  cached vs exact: {100 * (r['cached'] / r['exact'] - 1):+.2f}%")
+        names = {
+            "exact": "exact",
+            "cached": "cached (band: middle)",
+            "cached_bottom": "cached (band: bottom)",
+        }
+        for key, name in names.items():
+            versus = "" if key == "exact" else f", {100 * (r[key] / r['exact'] - 1):+.2f}% vs exact"
+            print(f"  {name:>21}: {r[key]:.4f}  ({r[f'{key}_seconds']:.1f}s to score{versus})")
 
 
 if __name__ == "__main__":

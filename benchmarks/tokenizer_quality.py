@@ -63,9 +63,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+from _photos import load_photo  # benchmarks/_photos.py (this script's folder is on sys.path)
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -193,20 +192,7 @@ def datasets(name: str, eval_images: int) -> tuple[Dataset[Any], Tensor, int]:
 
 def photos(gray: bool) -> dict[str, Tensor]:
     """skimage's sample photos, centre-cropped and resized to 64x64, ``[1, C, 64, 64]``."""
-    import skimage.data
-
-    out = {}
-    for name in PHOTOS:
-        arr = np.asarray(getattr(skimage.data, name)())[..., :3]  # [H, W, 3] uint8
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # [3, H, W]
-        h, w = x.shape[1:]
-        s = min(h, w)
-        x = x[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
-        x = F.interpolate(x[None], size=(PHOTO_SIZE, PHOTO_SIZE), mode="bilinear", antialias=True)
-        if gray:  # ITU-R 601 luma, as PIL's convert("L")
-            x = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # [1, 1, 64, 64]
-        out[name] = x.clamp(-1, 1)
-    return out
+    return {name: load_photo(name, PHOTO_SIZE, gray) for name in PHOTOS}
 
 
 # -- training and evaluation -----------------------------------------------------------------------

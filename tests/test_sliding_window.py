@@ -90,7 +90,7 @@ def test_every_code_is_drawn_once_from_a_full_window_with_its_context_drawn(
 
 
 def test_cached_tiles_move_in_strides_centred_across():
-    placements = plan_windows((8, 8), (4, 4), "cached", stride=(2, 2))
+    placements = plan_windows((8, 8), (4, 4), "cached", stride=(2, 2), band="bottom")
     assert [(p.top, p.left, len(p.targets)) for p in placements[:4]] == [
         (0, 0, 12),  # the first band: 4 rows; the first tile up to a column before its edge
         (0, 2, 8),  # then two columns at a time, the window one column wider on each side
@@ -101,8 +101,9 @@ def test_cached_tiles_move_in_strides_centred_across():
     # a band is drawn row by row across its tiles
     order = [(i, j) for k, i, j in generation_order(placements) if placements[k].top == 2]
     assert order[:8] == [(4, j) for j in range(8)]
-    # band="middle": the band stands in its window's middle rows (one row above it, one below)
-    middle = plan_windows((8, 8), (4, 4), "cached", stride=(2, 2), band="middle")
+    # band="middle" (the default): the band stands in its window's middle rows (one row above
+    # it, one below)
+    middle = plan_windows((8, 8), (4, 4), "cached", stride=(2, 2))
     tops = {min(i for i, _ in p.targets): p.top for p in middle}
     assert tops == {0: 0, 4: 3, 6: 4}  # the first band fills its window; the last shifts up
     with pytest.raises(InputError, match="window_band must be 'bottom' or 'middle'"):
@@ -191,6 +192,28 @@ def test_cached_equals_exact_while_the_window_stands_still():
     cached = prior.sample(grid=(12, 4), sampler=sampler, generator=_gen(1), num_samples=3)
     assert torch.equal(exact[:, :3], cached[:, :3])
     assert not torch.equal(exact, cached)  # afterwards the windows differ
+
+
+def test_default_tiles_are_half_the_window_down_and_keep_a_margin_of_an_eighth_across():
+    # (window side, align) -> (band rows, tile columns): the margin either side is an eighth
+    # of the window (at least 2 codes, 1 under 8 wide), rounded up to align
+    for (side, align), (th, tw) in {
+        (16, 1): (8, 12),
+        (32, 1): (16, 24),
+        (8, 1): (4, 4),
+        (4, 1): (2, 2),
+        (16, 4): (8, 8),
+    }.items():
+        placements = plan_windows((4 * side, 4 * side), (side, side), "cached", align=align)
+        second = [p for p in placements if p.top == placements[0].top][1]  # a tile inside
+        rows = {i for i, _ in second.targets}
+        cols = {j for _, j in second.targets}
+        assert (len(rows), len(cols)) == (side, tw)  # the first band spans the window
+        assert min(cols) - second.left == (side - tw) // 2  # centred across
+        band = [p for p in placements if min(i for i, _ in p.targets) == side][1]
+        assert len({i for i, _ in band.targets}) == th
+        # band="middle" by default: (side - th) / 2 rows above the band in its window
+        assert side - band.top == (side - th) // 2 - (side - th) // 2 % align
 
 
 @pytest.mark.parametrize(
@@ -468,6 +491,21 @@ def test_pipeline_draws_and_scores_any_size_with_the_window(saved_pipeline):
     assert lp["cached"].shape == (1,) and torch.isfinite(lp["cached"]).all()
     torch.testing.assert_close(pipe.log_likelihood(big), lp["cached"])  # the sampler's mode
     assert not torch.allclose(lp["exact"], lp["cached"])
+    # ... and the sampler's band and stride: each code is scored from the window that draws it
+    pipe.sampler = pipe.sampler.model_copy(update={"window_band": "bottom"})
+    bottom = pipe.log_likelihood(big)
+    assert not torch.allclose(bottom, lp["cached"])
+    codes = pipe.encode(big)
+    with torch.no_grad():
+        direct = pipe.prior.window_log_prob(codes, window="cached", window_band="bottom")
+        pipe.sampler = pipe.sampler.model_copy(update={"window_stride": (1, 1)})
+        strided = pipe.log_likelihood(big)
+        assert not torch.allclose(strided, bottom)
+        want = pipe.prior.window_log_prob(
+            codes, window="cached", window_band="bottom", window_stride=(1, 1)
+        )
+    torch.testing.assert_close(bottom, direct)
+    torch.testing.assert_close(strided, want)
 
 
 def test_cli_samples_beyond_the_block_with_either_window(saved_pipeline, tmp_path):
@@ -482,13 +520,13 @@ def test_cli_samples_beyond_the_block_with_either_window(saved_pipeline, tmp_pat
         res = CliRunner().invoke(main, [*args, "-o", str(out)])
         assert res.exit_code == 0, res.output
         assert Image.open(out).size[0] >= 24
-    # the band in the middle of its window: another draw of the same size
-    middle = tmp_path / "middle.png"
-    args = ["sample", str(saved_pipeline), "-n", "1", "--size", "32x24", "--window-band", "middle"]
-    res = CliRunner().invoke(main, [*args, "-o", str(middle)])
+    # the band at the bottom of its window: another draw of the same size
+    bottom = tmp_path / "bottom.png"
+    args = ["sample", str(saved_pipeline), "-n", "1", "--size", "32x24", "--window-band", "bottom"]
+    res = CliRunner().invoke(main, [*args, "-o", str(bottom)])
     assert res.exit_code == 0, res.output
-    assert Image.open(middle).size == Image.open(tmp_path / "cached.png").size
-    assert Image.open(middle).tobytes() != Image.open(tmp_path / "cached.png").tobytes()
+    assert Image.open(bottom).size == Image.open(tmp_path / "cached.png").size
+    assert Image.open(bottom).tobytes() != Image.open(tmp_path / "cached.png").tobytes()
     res = CliRunner().invoke(main, ["sample", str(saved_pipeline), "--size", "32x"])
     assert res.exit_code != 0 and "N or HxW, e.g. 512 or 1024x768" in res.output
     res = CliRunner().invoke(main, ["sample", str(saved_pipeline), "--window", "fast"])

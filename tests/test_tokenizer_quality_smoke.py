@@ -16,6 +16,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "tokenizer_qual
 
 
 def _load_script():
+    if str(SCRIPT.parent) not in sys.path:  # its helpers (benchmarks/_photos.py), as when run
+        sys.path.append(str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("tokenizer_quality", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

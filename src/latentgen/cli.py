@@ -140,9 +140,8 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
     "--window-band",
     default=None,
     type=click.Choice(["bottom", "middle"]),
-    help="With --window cached: a band of rows at its window's bottom (the most context "
-    "above; for a prior trained on crops of large images) or in its middle (as exact "
-    "centres it; for a prior trained on whole images).",
+    help="With --window cached: a band of rows in its window's middle (as exact centres it; "
+    "the default) or at its bottom (the most rows above each code).",
 )
 @click.option(
     "--tile-mode",

@@ -736,7 +736,8 @@ class Pipeline:
 
         ``window`` scores with the sliding window of that mode (``Prior.window_log_prob``); by
         default a grid larger than the prior models directly is scored with the mode of the
-        pipeline's sampler, and any other grid with ``Prior.log_prob``.
+        pipeline's sampler, and any other grid with ``Prior.log_prob``. The window's size,
+        stride and band are the sampler's, so a code is scored from the window that draws it.
         """
         codes = self.encode(images)
         with self._eval():
@@ -750,6 +751,8 @@ class Pipeline:
                 conds or None,
                 window=window or self.sampler.window,
                 window_size=self.sampler.window_size,
+                window_band=self.sampler.window_band,
+                window_stride=self.sampler.window_stride,
             )
 
     def __repr__(self) -> str:

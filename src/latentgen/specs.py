@@ -108,15 +108,16 @@ class SamplerConfig(BaseModel):
     window_stride: tuple[int, int] | None = Field(
         None,
         description="window='cached' only: rows and columns drawn per window position after "
-        "the first (default: half the window). Smaller strides give each code more context "
-        "to its left and above-right, at more window moves.",
+        "the first (default: half the window's rows; its columns less an eighth, at least 2, "
+        "on either side). Smaller strides give each code more context to its left and "
+        "above-right, at more window moves (slower).",
     )
     window_band: Literal["bottom", "middle"] = Field(
-        "bottom",
+        "middle",
         description="window='cached' only: where a band of rows stands in its window. "
-        "'bottom': the window's last rows (the most context above: best for a prior trained on "
-        "crops of large images); 'middle': its middle rows, as exact centres a window on its "
-        "code (for a prior trained on whole images, whose statistics depend on the position).",
+        "'middle' (default): its middle rows, as exact centres a window on its code (the "
+        "likelihood closest to exact's, on priors trained on crops and on whole images); "
+        "'bottom': the window's last rows (the most rows above each code).",
     )
 
     @model_validator(mode="after")

@@ -415,13 +415,15 @@ class Prior(Component, nn.Module, ABC):
         window: WindowMode = "cached",
         window_size: tuple[int, int] | None = None,
         per_code: bool = False,
-        window_band: WindowBand = "bottom",
+        window_band: WindowBand = "middle",
+        window_stride: tuple[int, int] | None = None,
     ) -> Tensor:
         """Log-likelihood ``[B]`` in nats of code grids ``[B, h, w]`` under the sliding window.
 
         Each code is scored from the window ``window`` mode would draw it from (see
-        ``latentgen.priors.window``); on a grid the prior models directly with no
-        ``window_size``, this is ``log_prob``. ``per_code=True`` returns ``[B, h, w]``.
+        ``latentgen.priors.window``; ``window_band`` and ``window_stride`` as in
+        ``SamplerConfig``); on a grid the prior models directly with no ``window_size``, this
+        is ``log_prob``. ``per_code=True`` returns ``[B, h, w]``.
         """
         if window not in ("exact", "cached"):
             raise InputError(f"window must be 'exact' or 'cached', got {window!r}.")
@@ -434,7 +436,14 @@ class Prior(Component, nn.Module, ABC):
         got = self._check_window_conds(conds, (h, w), size, batch=b)
         got = {name: c.to(codes.device) for name, c in got.items()}
         return windowed_log_prob(
-            self, codes, got, size, window, per_code=per_code, band=window_band
+            self,
+            codes,
+            got,
+            size,
+            window,
+            stride=window_stride,
+            per_code=per_code,
+            band=window_band,
         )
 
     def _check_window_conds(

@@ -176,17 +176,18 @@ def plan_windows(
     mode: WindowMode,
     stride: tuple[int, int] | None = None,
     align: int = 1,
-    band: WindowBand = "bottom",
+    band: WindowBand = "middle",
 ) -> list[Placement]:
     """Where the window stands for each code of an ``(h, w)`` grid.
 
     ``exact``: one placement per code in raster order (``window_origin``). ``cached``: one
     placement per tile, band by band; ``stride`` ``(th, tw)`` is the tile size after the first
-    band (default half the window, rounded to ``align``); ``band`` puts a band in its window's
-    last rows (``"bottom"``: the most context above) or middle rows (``"middle"``: as ``exact``
-    centres its window; the rows below are drawn later and not needed, coming later in the
-    window's raster order). ``generation_order`` gives the order in which the codes of all
-    placements are drawn.
+    band (default: half the window's rows, and its columns less a margin of an eighth of them,
+    at least 2, on either side; rounded to ``align``); ``band`` puts a band in its window's
+    middle rows (``"middle"``, the default: as ``exact`` centres its window; the rows below
+    are drawn later and not needed, coming later in the window's raster order) or last rows
+    (``"bottom"``: the most rows above). ``generation_order`` gives the order in which the
+    codes of all placements are drawn.
     """
     if band not in ("bottom", "middle"):
         raise InputError(f"window_band must be 'bottom' or 'middle', got {band!r}.")
@@ -198,7 +199,13 @@ def plan_windows(
             for j in range(w)
         ]
     if stride is None:
-        th, tw = (max(align, n // 2 - (n // 2) % align) for n in (wh, ww))
+        # Half the window down (every band keeps rows above it); across, a margin of an eighth
+        # of the window either side (at least 2 codes; 1 in a window under 8 wide): a tile
+        # walks ww positions per row whatever its width, so wider tiles mean fewer to step.
+        th = max(align, wh // 2 - (wh // 2) % align)
+        side = max(ww // 8, min(2, ww // 4))
+        side += -side % align
+        tw = max(align, ww - 2 * side)
     else:
         th, tw = min(stride[0], wh), min(stride[1], ww)
         if th % align or tw % align:
@@ -497,7 +504,7 @@ def sample_windowed(
     mode: WindowMode,
     progress: bool = False,
     stride: tuple[int, int] | None = None,
-    band: WindowBand = "bottom",
+    band: WindowBand = "middle",
 ) -> Tensor:
     """Draw codes ``[B, h, w]`` for a checked ``request`` with a sliding ``size`` window.
 
@@ -556,7 +563,7 @@ def windowed_log_prob(
     stride: tuple[int, int] | None = None,
     per_code: bool = False,
     windows_per_batch: int = 16,
-    band: WindowBand = "bottom",
+    band: WindowBand = "middle",
 ) -> Tensor:
     """Log-likelihood ``[B]`` (nats) of code grids ``[B, h, w]`` under the ``mode`` windows.
 
