@@ -216,26 +216,56 @@ def test_default_tiles_are_half_the_window_down_and_keep_a_margin_of_an_eighth_a
         assert side - band.top == (side - th) // 2 - (side - th) // 2 % align
 
 
+def test_window_margin_moves_the_window_left_of_each_tile():
+    # 16-wide window, 8-wide tiles: 6 columns of window left of a tile and 2 right of it
+    placements = plan_windows((32, 64), (16, 16), "cached", stride=(8, 8), margin=6)
+    band = [p for p in placements if p.top == placements[0].top]
+    assert [(min(j for _, j in p.targets), p.left) for p in band[:3]] == [
+        (0, 0),  # the first tile runs up to 2 columns before its window's right edge
+        (14, 8),
+        (22, 16),
+    ]
+    assert max(j for _, j in band[0].targets) == 13
+    drawn = sorted((i, j) for p in placements for i, j in p.targets)
+    assert drawn == [(i, j) for i in range(32) for j in range(64)]  # every code once
+    # the default is half of the free columns on either side
+    assert plan_windows((32, 64), (16, 16), "cached", stride=(8, 8), margin=4) == plan_windows(
+        (32, 64), (16, 16), "cached", stride=(8, 8)
+    )
+    with pytest.raises(InputError, match=r"window_margin=9 does not fit: .* must be 0 to 8"):
+        plan_windows((32, 64), (16, 16), "cached", stride=(8, 8), margin=9)
+    with pytest.raises(InputError, match="and a multiple of 4"):
+        plan_windows((32, 64), (16, 16), "cached", stride=(8, 8), align=4, margin=6)
+    with pytest.raises(ValueError, match="window_margin"):
+        SamplerConfig(window_margin=-1)
+
+
 @pytest.mark.parametrize(
-    ("stride", "positions", "layout", "band"),
+    ("stride", "positions", "layout", "band", "margin"),
     [
-        (None, "learned", "prefix", "bottom"),
-        ((2, 3), "learned", "prefix", "bottom"),
-        ((1, 1), "learned", "prefix", "bottom"),
-        (None, "rope", "prefix", "bottom"),
-        ((2, 3), "learned", "taming", "bottom"),
-        (None, "learned", "prefix", "middle"),
-        ((2, 3), "rope", "prefix", "middle"),
+        (None, "learned", "prefix", "bottom", None),
+        ((2, 3), "learned", "prefix", "bottom", None),
+        ((1, 1), "learned", "prefix", "bottom", None),
+        (None, "rope", "prefix", "bottom", None),
+        ((2, 3), "learned", "taming", "bottom", None),
+        (None, "learned", "prefix", "middle", None),
+        ((2, 3), "rope", "prefix", "middle", None),
+        ((2, 1), "learned", "prefix", "middle", 2),  # 2 columns left of a tile, 1 right
+        ((2, 2), "rope", "prefix", "bottom", 0),
     ],
 )
 def test_cached_draws_what_teacher_forced_windows_draw(
-    stride, positions, layout, band, monkeypatch
+    stride, positions, layout, band, margin, monkeypatch
 ):
     # The tiles' KV cache slots, stepped together with a position per row as neighbours draw,
     # give the logits that one full forward of each window gives: the same codes, same seed.
     prior = _prior(positions, layout, label={"vocab_size": 3})
     sampler = SamplerConfig(
-        window="cached", window_stride=stride, guidance_scale=1.5, window_band=band
+        window="cached",
+        window_stride=stride,
+        guidance_scale=1.5,
+        window_band=band,
+        window_margin=margin,
     )
     cached = prior.sample(_label(), grid=(9, 13), sampler=sampler, generator=_gen(4))
     full_forward_windows(prior, monkeypatch)
@@ -504,8 +534,15 @@ def test_pipeline_draws_and_scores_any_size_with_the_window(saved_pipeline):
         want = pipe.prior.window_log_prob(
             codes, window="cached", window_band="bottom", window_stride=(1, 1)
         )
+        pipe.sampler = pipe.sampler.model_copy(update={"window_margin": 0})
+        edged = pipe.log_likelihood(big)
+        assert not torch.allclose(edged, strided)
+        edge = pipe.prior.window_log_prob(
+            codes, window="cached", window_band="bottom", window_stride=(1, 1), window_margin=0
+        )
     torch.testing.assert_close(bottom, direct)
     torch.testing.assert_close(strided, want)
+    torch.testing.assert_close(edged, edge)
 
 
 def test_cli_samples_beyond_the_block_with_either_window(saved_pipeline, tmp_path):

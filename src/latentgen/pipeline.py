@@ -737,7 +737,8 @@ class Pipeline:
         ``window`` scores with the sliding window of that mode (``Prior.window_log_prob``); by
         default a grid larger than the prior models directly is scored with the mode of the
         pipeline's sampler, and any other grid with ``Prior.log_prob``. The window's size,
-        stride and band are the sampler's, so a code is scored from the window that draws it.
+        stride, band and margin are the sampler's, so a code is scored from the window that
+        draws it.
         """
         codes = self.encode(images)
         with self._eval():
@@ -753,6 +754,7 @@ class Pipeline:
                 window_size=self.sampler.window_size,
                 window_band=self.sampler.window_band,
                 window_stride=self.sampler.window_stride,
+                window_margin=self.sampler.window_margin,
             )
 
     def __repr__(self) -> str:

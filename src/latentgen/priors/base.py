@@ -417,13 +417,14 @@ class Prior(Component, nn.Module, ABC):
         per_code: bool = False,
         window_band: WindowBand = "middle",
         window_stride: tuple[int, int] | None = None,
+        window_margin: int | None = None,
     ) -> Tensor:
         """Log-likelihood ``[B]`` in nats of code grids ``[B, h, w]`` under the sliding window.
 
         Each code is scored from the window ``window`` mode would draw it from (see
-        ``latentgen.priors.window``; ``window_band`` and ``window_stride`` as in
-        ``SamplerConfig``); on a grid the prior models directly with no ``window_size``, this
-        is ``log_prob``. ``per_code=True`` returns ``[B, h, w]``.
+        ``latentgen.priors.window``; ``window_band``, ``window_stride`` and ``window_margin``
+        as in ``SamplerConfig``); on a grid the prior models directly with no
+        ``window_size``, this is ``log_prob``. ``per_code=True`` returns ``[B, h, w]``.
         """
         if window not in ("exact", "cached"):
             raise InputError(f"window must be 'exact' or 'cached', got {window!r}.")
@@ -444,6 +445,7 @@ class Prior(Component, nn.Module, ABC):
             stride=window_stride,
             per_code=per_code,
             band=window_band,
+            margin=window_margin,
         )
 
     def _check_window_conds(
@@ -528,6 +530,7 @@ class Prior(Component, nn.Module, ABC):
                         progress=progress,
                         stride=request.sampler.window_stride,
                         band=request.sampler.window_band,
+                        margin=request.sampler.window_margin,
                     )
         finally:
             self.train(was_training)

@@ -156,12 +156,13 @@ def _spans(n: int, size: int, stride: int) -> Iterator[tuple[int, int]]:
 def _column_tiles(w: int, ww: int, tw: int, margin: int) -> list[tuple[int, int, int]]:
     """``(c0, c1, left)`` per tile of a band: ``[c0, c1)`` drawn from the window at ``left``.
 
-    The window is centred on the tile (``margin`` columns either side) and shifted inward at
-    the borders; the first tile runs up to ``margin`` columns before the first window's right
-    edge. Neighbouring tiles whose window would stand in the same place are one tile.
+    The window stands ``margin`` columns left of the tile (so ``ww - tw - margin`` to its
+    right) and is shifted inward at the borders; the first tile runs up to the right margin
+    before the first window's right edge. Neighbouring tiles whose window would stand in the
+    same place are one tile.
     """
     out: list[tuple[int, int, int]] = []
-    for c0, c1 in _spans(w, ww - margin, tw):
+    for c0, c1 in _spans(w, tw + margin, tw):
         left = min(max(c0 - margin, 0), w - ww)
         if out and out[-1][2] == left:
             out[-1] = (out[-1][0], c1, left)
@@ -177,6 +178,7 @@ def plan_windows(
     stride: tuple[int, int] | None = None,
     align: int = 1,
     band: WindowBand = "middle",
+    margin: int | None = None,
 ) -> list[Placement]:
     """Where the window stands for each code of an ``(h, w)`` grid.
 
@@ -186,8 +188,9 @@ def plan_windows(
     at least 2, on either side; rounded to ``align``); ``band`` puts a band in its window's
     middle rows (``"middle"``, the default: as ``exact`` centres its window; the rows below
     are drawn later and not needed, coming later in the window's raster order) or last rows
-    (``"bottom"``: the most rows above). ``generation_order`` gives the order in which the
-    codes of all placements are drawn.
+    (``"bottom"``: the most rows above). ``margin``: the window's columns left of a tile (the
+    rest of ``ww - tw`` is on its right); default half of them. ``generation_order`` gives the
+    order in which the codes of all placements are drawn.
     """
     if band not in ("bottom", "middle"):
         raise InputError(f"window_band must be 'bottom' or 'middle', got {band!r}.")
@@ -213,8 +216,20 @@ def plan_windows(
                 f"window_stride {stride} must be a multiple of {align}: a spatial condition is "
                 f"{align}x coarser than the codes, so windows can only stand at multiples of it."
             )
-    margin = (ww - tw) // 2
-    margin -= margin % align
+    if margin is None:
+        margin = (ww - tw) // 2
+        margin -= margin % align
+    elif not 0 <= margin <= ww - tw or margin % align:
+        raise InputError(
+            f"window_margin={margin} does not fit: the {ww}-wide window holds a {tw}-wide tile, "
+            f"so the margin left of it must be 0 to {ww - tw}"
+            + (
+                f" and a multiple of {align} (a spatial condition is that much coarser)"
+                if align > 1
+                else ""
+            )
+            + "; leave it unset for half of the free columns."
+        )
     out = []
     for r0, r1 in _spans(h, wh, th):
         top = r1 - wh
@@ -505,6 +520,7 @@ def sample_windowed(
     progress: bool = False,
     stride: tuple[int, int] | None = None,
     band: WindowBand = "middle",
+    margin: int | None = None,
 ) -> Tensor:
     """Draw codes ``[B, h, w]`` for a checked ``request`` with a sliding ``size`` window.
 
@@ -515,7 +531,7 @@ def sample_windowed(
     device = prior.device
     b = request.batch
     align = condition_alignment(request.conds, request.grid, size)
-    placements = plan_windows(request.grid, size, mode, stride, align, band)
+    placements = plan_windows(request.grid, size, mode, stride, align, band, margin)
     out = torch.zeros(b, h, w, dtype=torch.long, device=device)
     if request.prefix is not None:
         out = torch.where(request.prefix >= 0, request.prefix, out)
@@ -564,6 +580,7 @@ def windowed_log_prob(
     per_code: bool = False,
     windows_per_batch: int = 16,
     band: WindowBand = "middle",
+    margin: int | None = None,
 ) -> Tensor:
     """Log-likelihood ``[B]`` (nats) of code grids ``[B, h, w]`` under the ``mode`` windows.
 
@@ -574,7 +591,7 @@ def windowed_log_prob(
     b, h, w = codes.shape
     wh, ww = size
     align = condition_alignment(conds, (h, w), size)
-    placements = _merged(plan_windows((h, w), size, mode, stride, align, band))
+    placements = _merged(plan_windows((h, w), size, mode, stride, align, band, margin))
     logp = torch.zeros(b, h, w, device=codes.device)
     for first in range(0, len(placements), windows_per_batch):
         chunk = placements[first : first + windows_per_batch]
