@@ -8,9 +8,10 @@ its full size; each spatial condition is cropped to the same window. Two modes:
 - ``exact``: one window per code, placed by that rule, and one forward of that window per code
   (the reference, as in Taming Transformers' ``sample_conditional.py``);
 - ``cached``: the window moves in strides. The grid is cut into bands of ``th`` rows and each
-  band into tiles of ``tw`` columns; a tile's window has its bottom row on the band's bottom
-  row (every row above the band is drawn) and is centred on the tile across, so a code sees
-  about ``(ww - tw) / 2`` columns on either side in the rows above it. Each tile keeps its own
+  band into tiles of ``tw`` columns; a tile's window holds the band in its middle rows (or its
+  last rows: ``band``; the rows above the band are drawn) and stands ``margin`` columns left of
+  the tile (default: centred across), so a code sees about ``(ww - tw) / 2`` columns on either
+  side in the rows above it. Each tile keeps its own
   KV cache (a slot of one shared cache) and walks its window in raster order, one position per
   step, as soon as the code at that position is drawn, by itself or by a neighbour: a tile runs
   as far behind its left neighbour, and the tiles of the row above as far ahead of it, as its
