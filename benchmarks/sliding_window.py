@@ -253,8 +253,7 @@ def run_nll(args: argparse.Namespace, data: str) -> dict[str, float]:
         crops = held[:, :side, :side]
         out["plain_16x16"] = float(-prior.log_prob(crops).mean() / crops[0].numel())
         runs = [("exact", "exact", "middle"), ("cached", "cached", "middle")]
-        runs.append(("cached_bottom", "cached", "bottom"))
-        for key, mode, band in runs:
+        for key, mode, band in [*runs, ("cached_bottom", "cached", "bottom")]:
             t0 = time.perf_counter()
             lp = prior.window_log_prob(held, window=mode, window_band=band)  # type: ignore[arg-type]
             out[key] = float(-lp.mean() / n_codes)

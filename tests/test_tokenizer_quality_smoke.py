@@ -15,9 +15,8 @@ from latentgen.metrics.lpips import lpips_available
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "tokenizer_quality.py"
 
 
-def _load_script():
-    if str(SCRIPT.parent) not in sys.path:  # its helpers (benchmarks/_photos.py), as when run
-        sys.path.append(str(SCRIPT.parent))
+def _load_script(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # its helpers (benchmarks/_photos.py)
     spec = importlib.util.spec_from_file_location("tokenizer_quality", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -26,9 +25,9 @@ def _load_script():
     return module
 
 
-def test_main_runs_end_to_end_at_a_tiny_budget(capsys):
+def test_main_runs_end_to_end_at_a_tiny_budget(capsys, monkeypatch):
     pytest.importorskip("skimage")
-    tq = _load_script()
+    tq = _load_script(monkeypatch)
     eval_images, k = 8, 1024
     argv = [
         "--steps", "2", "--batch-size", "4", "--ch", "8", "--threads", "1",
@@ -63,8 +62,8 @@ def test_main_runs_end_to_end_at_a_tiny_budget(capsys):
     assert "vq-l2 usage" in out and "steps 2 x batch 4" in out
 
 
-def test_default_restart_window_covers_about_three_k_codes():
-    tq = _load_script()
+def test_default_restart_window_covers_about_three_k_codes(monkeypatch):
+    tq = _load_script(monkeypatch)
     for k, batch in [(1024, 64), (16384, 64), (16384, 32)]:
         w = tq.default_dead_code_steps(k, batch, 64)
         assert w >= 2

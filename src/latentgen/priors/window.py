@@ -222,8 +222,8 @@ def plan_windows(
         margin -= margin % align
     elif not 0 <= margin <= ww - tw or margin % align:
         raise InputError(
-            f"window_margin={margin} does not fit: the {ww}-wide window holds a {tw}-wide tile, "
-            f"so the margin left of it must be 0 to {ww - tw}"
+            f"window_margin={margin} does not fit: a window {ww} codes wide around a tile {tw} "
+            f"wide leaves {ww - tw} columns, so the margin left of the tile must be 0 to {ww - tw}"
             + (
                 f" and a multiple of {align} (a spatial condition is that much coarser)"
                 if align > 1
