@@ -76,6 +76,10 @@ def test_class_conditional_masked_prior_trains_samples_and_scores(tokenizers):
     assert res.exit_code != 0
     assert "steps=65 for a 8x8 grid of 64 codes" in res.output and "--steps" in res.output
     assert not (tmp / "no.png").exists()
+    res = runner.invoke(main, [*args[:-2], "--steps", "0", "-o", str(tmp / "no.png")])
+    assert res.exit_code != 0
+    assert "invalid value: steps=0: a masked prior needs at least one decoding pass" in res.output
+    assert "Value error" not in res.output and not (tmp / "no.png").exists()
 
     res = runner.invoke(
         main, ["eval", "prior", str(final), "--data", str(cfg), "--limit", "4", "--json"]
