@@ -97,11 +97,17 @@ def test_sampler_bounds(bad):
         SamplerConfig(**bad)
 
 
-def test_conditioner_names_must_be_identifiers():
+def test_conditioner_names_must_be_identifiers(tmp_path):
+    bad = {**TOY, "conditioners": {"my-label": TOY["conditioners"]["label"]}}
     with pytest.raises(ValueError, match="identifier"):
-        PipelineSpec.model_validate(
-            {**TOY, "conditioners": {"my-label": TOY["conditioners"]["label"]}}
-        )
+        PipelineSpec.model_validate(bad)
+    # From a file: a check of the whole spec has no field, and reads as its own words.
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert "  (root): conditioner name 'my-label' must be a Python identifier" in str(err.value)
+    assert "Value error" not in str(err.value)
 
 
 def test_yaml_syntax_error_names_file(tmp_path):

@@ -24,13 +24,9 @@ class _Group(click.Group):
         except LatentgenError as e:
             raise click.ClickException(str(e)) from None
         except ValidationError as e:  # a bad option value that a pydantic model refused
-            lines = []
-            for err in e.errors():
-                # A model-level check has no field location, and pydantic prefixes the message
-                # of a ValueError with "Value error, ": the user reads only our message.
-                msg = str(err["msg"]).removeprefix("Value error, ")
-                loc = ".".join(map(str, err["loc"]))
-                lines.append(f"{loc}: {msg}" if loc else msg)
+            from latentgen.specs import validation_problems
+
+            lines = [f"{loc}: {msg}" if loc else msg for loc, msg, _ in validation_problems(e)]
             raise click.ClickException("invalid value: " + "; ".join(lines)) from None
 
 

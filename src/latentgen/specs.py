@@ -171,12 +171,25 @@ class PipelineSpec(BaseModel):
         return self
 
 
+def validation_problems(err: ValidationError) -> list[tuple[str, str, Any]]:
+    """``(location, message, input)`` of each value pydantic refused. The location is "" for a
+    model-level check; the message drops pydantic's "Value error, " prefix, so the user reads
+    only the check's own words."""
+    return [
+        (
+            ".".join(str(p) for p in e["loc"]),
+            str(e["msg"]).removeprefix("Value error, "),
+            e.get("input"),
+        )
+        for e in err.errors()
+    ]
+
+
 def spec_error(err: ValidationError, where: str, what: str = "spec") -> SpecError:
     """One ``SpecError`` listing every field pydantic refused, with its location and value."""
     lines = [f"{where} is not a valid {what} ({err.error_count()} problem(s)):"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    for loc, msg, value in validation_problems(err):
+        lines.append(f"  {loc or '(root)'}: {msg} (got {value!r})")
     return SpecError("\n".join(lines))
 
 
