@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -65,6 +66,42 @@ def test_rows_without_and_with_rejection(pipe, held_out):
     assert {"class_accuracy", "kid", "kid_std_error", "fid", "samples_per_s"} <= set(d)
     table = format_table([r.as_dict() for r in rows])
     assert "rejection@0.25" in table.splitlines()[3] and "class_accuracy" in table.splitlines()[0]
+
+
+class Contrary(ColourClassifier):
+    """Ranks highest the candidates ColourClassifier finds least like the requested class."""
+
+    def probs(self, images):
+        p = 1 - super().probs(images)
+        return p / p.sum(-1, keepdim=True)
+
+
+def test_several_rates_and_a_classifier_that_ranks_but_does_not_score(pipe, held_out):
+    kw = dict(num_samples=10, metrics=["accuracy"], batch_size=16)
+    plain, half, quarter = evaluate_samples(
+        pipe, ColourClassifier(), held_out, rejection=[0.5, 0.25], **kw
+    )
+    assert [r.name for r in (plain, half, quarter)] == ["plain", "rejection@0.5", "rejection@0.25"]
+    assert half.realised_rate == pytest.approx(0.5) and quarter.ranked_by_scorer is True
+    assert plain.ranked_by_scorer is None and "ranked_by_scorer" not in plain.as_dict()
+    assert quarter.class_accuracy > plain.class_accuracy
+    assert any("also ranked their candidates" in n for n in quarter.notes)
+    # another classifier ranks: the scorer now grades a choice that is not its own
+    _, contrary = evaluate_samples(
+        pipe,
+        ColourClassifier(),
+        held_out,
+        rejection=0.25,
+        rejection_classifier=Contrary(),
+        **kw,
+    )
+    assert contrary.ranked_by_scorer is False and contrary.as_dict()["ranked_by_scorer"] is False
+    assert contrary.class_accuracy < plain.class_accuracy < quarter.class_accuracy
+    assert not any("also ranked" in n for n in contrary.notes)
+    with pytest.raises(InputError, match="acceptance_rate must lie in"):
+        evaluate_samples(pipe, ColourClassifier(), held_out, rejection=[0.5, 0.0], **kw)
+    with pytest.raises(InputError, match="empty list"):
+        evaluate_samples(pipe, ColourClassifier(), held_out, rejection=[], **kw)
 
 
 def test_accuracy_counts_requested_classes(pipe, held_out):
@@ -181,6 +218,57 @@ def test_spatial_pipeline_samples_per_held_out_condition(held_out):
         evaluate_samples(p, ColourClassifier(), held_out, num_samples=500, kid_subset_size=10)
 
 
+def test_draw_from_some_of_the_pipeline_conditions(held_out, monkeypatch):
+    from test_spatial_conditioners import _pipe
+
+    def build(**dropout):
+        return _pipe(
+            {
+                "label": {"type": "class_label", "num_classes": 6},
+                "segmentation": {"type": "segmentation", "num_classes": 7},
+            },
+            {"label": {"vocab_size": 6}, "segmentation": {"vocab_size": 7, "num_tokens": 16}},
+            cond_dropout=0.1,
+            cond_dropout_each=dropout,
+        )
+
+    p = build(label=0.1, segmentation=0.5)
+    asked: list[list[str]] = []
+    call = type(p).__call__
+
+    def spy(self, *args, **kwargs):
+        asked.append(sorted(k for k in kwargs if k in self.conditioners))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(p), "__call__", spy)
+    kw = dict(num_samples=6, metrics=["accuracy", "agreement"], batch_size=12)
+    # every condition: one sample per held-out item, its label and map from the item
+    (both,) = evaluate_samples(p, ColourClassifier(), held_out, **kw)
+    assert both.samples == 6 and set(both.agreement) == {"segmentation_main_class_accuracy"}
+    assert asked == [["label", "segmentation"]]
+    # the label alone: num_samples per class, the map left out, nothing to agree with
+    asked.clear()
+    (alone,) = evaluate_samples(p, ColourClassifier(), held_out, conditions=["label"], **kw)
+    assert alone.samples == 36 and alone.class_accuracy is not None and not alone.agreement
+    assert asked == [["label"]] * 3
+    # the map alone: no class to be accurate about, and nothing to rank candidates by
+    with pytest.raises(InputError, match=r"conditions given are \['segmentation'\]: give 'label'"):
+        evaluate_samples(p, ColourClassifier(), held_out, conditions=["segmentation"], **kw)
+    with pytest.raises(InputError, match="rejection sampling ranks candidates by the requested"):
+        evaluate_samples(
+            p, ColourClassifier(), held_out, conditions=["segmentation"], rejection=0.5
+        )
+    with pytest.raises(InputError, match=r"\['edges'\] are not this pipeline's; its conditions"):
+        evaluate_samples(p, ColourClassifier(), held_out, conditions=["edges"], **kw)
+    # a prior that never dropped the label on its own: leaving it out is refused before any draw
+    asked.clear()
+    with pytest.raises(InputError, match=r"\['label'\] cannot be left out: .*cond_dropout_each"):
+        evaluate_samples(
+            build(segmentation=0.5), ColourClassifier(), held_out, conditions=["segmentation"]
+        )
+    assert asked == []
+
+
 def test_held_out_images_of_another_size(pipe):
     other = ShapesDataset(ShapesConfig(size=120, image_size=32))
     with pytest.raises(InputError, match="held-out images are 32x32 but the samples are 16x16"):
@@ -240,6 +328,29 @@ def test_cli_eval_samples_table_and_json_lines(pipe, saved_classifier, tmp_path)
     # fewer samples than the KID subset: the error names -n and --kid-subset-size
     res = CliRunner().invoke(main, [*args[:-6], "--kid-subset-size", "100"])
     assert res.exit_code == 1 and "--kid-subset-size 30" in res.output
+    # several rates, ranked by another saved classifier than the scorer
+    other = tmp_path / "other-clf"
+    shutil.copytree(saved_classifier, other)
+    more = [*args[:-2], "--reject", "0.25", "--reject-classifier", str(other), "--json"]
+    res = CliRunner().invoke(main, more)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(r["name"], r.get("ranked_by_scorer")) for r in rows] == [
+        ("plain", None),
+        ("rejection@0.5", False),
+        ("rejection@0.25", False),
+    ]
+    # the scorer ranking its own candidates is said on stderr
+    res = CliRunner().invoke(main, args[:-2])
+    assert res.exit_code == 0 and "also ranked their candidates" in res.stderr
+    # --condition picks the pipeline's conditions to draw from; an unknown one is named
+    res = CliRunner().invoke(main, [*args[:-4], "--condition", "label", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout.splitlines()[0])["samples"] == 30
+    res = CliRunner().invoke(main, [*args[:-4], "--condition", "edges"])
+    assert res.exit_code == 1 and "['edges'] are not this pipeline's" in res.output
+    # a ranking classifier without a rate is a usage error that names --reject
+    res = CliRunner().invoke(main, [*args[:-4], "--reject-classifier", str(other)])
+    assert res.exit_code == 2 and "give the rate too, e.g. --reject 0.05" in res.output
 
 
 def test_cli_sample_with_rejection(pipe, saved_classifier, tmp_path):

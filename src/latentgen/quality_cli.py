@@ -1,7 +1,7 @@
 """``latentgen eval samples`` and ``latentgen compare``: sample quality on the command line.
 
     latentgen eval samples runs/shapes-transformer/final --classifier runs/shapes-classifier \\
-        --data held_out.yaml -n 50 --reject 0.05
+        --data held_out.yaml -n 50 --reject 0.25 --reject 0.05
     latentgen compare --config src/latentgen/configs/compare-shapes-table1.yaml
 """
 
@@ -63,10 +63,28 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 )
 @click.option(
     "--reject",
-    "acceptance",
-    default=None,
+    "acceptances",
+    multiple=True,
     type=float,
-    help="Also evaluate classifier rejection sampling at this acceptance rate, in (0, 1].",
+    help="Also evaluate classifier rejection sampling at this acceptance rate, in (0, 1] "
+    "(repeatable: one row per rate, e.g. --reject 0.25 --reject 0.05).",
+)
+@click.option(
+    "--reject-classifier",
+    "reject_classifier_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Saved classifier that ranks the rejection candidates (default: --classifier). "
+    "One that both chooses and scores the samples favours its own choice.",
+)
+@click.option(
+    "--condition",
+    "conditions",
+    multiple=True,
+    metavar="NAME",
+    help="Draw from these of the pipeline's conditions only (repeatable; default: all). The "
+    "others are left out (the prior's null), e.g. --condition label for a label-and-map "
+    "pipeline from the label alone.",
 )
 @click.option(
     "--metric",
@@ -109,7 +127,9 @@ def eval_samples(
     classifier_dir: Path,
     data_path: Path,
     num: int,
-    acceptance: float | None,
+    acceptances: tuple[float, ...],
+    reject_classifier_dir: Path | None,
+    conditions: tuple[str, ...],
     metrics: tuple[str, ...],
     kid_subset_size: int,
     kid_subsets: int,
@@ -126,8 +146,13 @@ def eval_samples(
     from latentgen.rejection import RejectionConfig
     from latentgen.sample_eval import evaluate_samples, format_table
 
-    if acceptance is not None:
-        RejectionConfig(classifier=lambda x: x, acceptance_rate=acceptance)  # checks the rate
+    for rate in acceptances:
+        RejectionConfig(classifier=lambda x: x, acceptance_rate=rate)  # checks the rate
+    if reject_classifier_dir is not None and not acceptances:
+        raise click.UsageError(
+            "--reject-classifier ranks the candidates of rejection sampling: give the rate too, "
+            "e.g. --reject 0.05."
+        )
     pipe = Pipeline.from_pretrained(pipeline_dir).to(_device(device))
     mapping = condition_key_map(pipe.conditioners, keys)
     rows = evaluate_samples(
@@ -135,7 +160,9 @@ def eval_samples(
         classifier_dir,
         _dataset_from_file(data_path),
         num_samples=num,
-        rejection=acceptance,
+        rejection=list(acceptances) or None,
+        rejection_classifier=reject_classifier_dir,
+        conditions=list(conditions) or None,
         metrics=metrics or None,
         kid_subset_size=kid_subset_size,
         kid_subsets=kid_subsets,

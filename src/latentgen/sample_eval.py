@@ -56,6 +56,7 @@ class SampleEvaluation:
     inception_score_std: float | None = None
     acceptance_rate: float | None = None  # requested rejection rate
     realised_rate: float | None = None  # kept / candidates
+    ranked_by_scorer: bool | None = None  # rejection: the scoring classifier chose the samples
     agreement: dict[str, float] = dataclasses.field(default_factory=dict)  # per condition
     notes: tuple[str, ...] = ()
 
@@ -130,6 +131,8 @@ def _agreement(
     out: dict[str, Tensor] = {}
     notes = []
     for name, cond in pipe.conditioners.items():
+        if name not in raw:  # left out of the draw
+            continue
         if isinstance(cond, EdgesConditioner):
             given = cond.edge_map(raw[name]).to(images.device)  # [B, 1, H, W] in [0, 1]
             again = sobel_edges(images.clamp(-1, 1))
@@ -169,7 +172,9 @@ def evaluate_samples(
     dataset: Any,
     *,
     num_samples: int = 100,
-    rejection: float | RejectionConfig | None = None,
+    rejection: float | RejectionConfig | Sequence[float | RejectionConfig] | None = None,
+    rejection_classifier: Any = None,
+    conditions: Sequence[str] | None = None,
     metrics: Sequence[str] | None = None,
     kid_subset_size: int = 100,
     kid_subsets: int = 100,
@@ -191,7 +196,18 @@ def evaluate_samples(
         num_samples: with a class condition only, samples per class; otherwise samples, each
             conditioned on one held-out item's conditions.
         rejection: also evaluate with classifier rejection sampling at this acceptance rate
-            (a float in (0, 1], using ``classifier``) or this ``RejectionConfig``.
+            (a float in (0, 1]) or this ``RejectionConfig``, or at each of a sequence of them
+            (one row each, in the order given).
+        rejection_classifier: the classifier (or the path of a saved one) that ranks the
+            candidates of a rate given as a float (None: ``classifier``). A classifier that
+            both chooses the samples and scores them grades its own choice, so their accuracy
+            and KID favour it; ranking with another classifier, as the paper does (a ResNet
+            ranks, Inception scores), keeps the measure fair. Each rejection row's
+            ``ranked_by_scorer`` says which was used.
+        conditions: the pipeline's conditions the samples are drawn from (None: all of them);
+            the others are left out, so the prior's null embedding takes their place (a prior
+            trained with condition dropout). ``["label"]`` measures a label-and-map pipeline
+            from the label alone: ``num_samples`` per class, as for a label-only pipeline.
         metrics: any of ``accuracy``, ``kid``, ``fid``, ``agreement`` (None: every one that
             applies; naming ``accuracy`` for a pipeline without a class condition is an error).
         kid_subset_size: images per KID subset (both sets need at least this many).
@@ -205,7 +221,7 @@ def evaluate_samples(
         device: where to run (None: where the pipeline is).
 
     Returns:
-        One ``SampleEvaluation`` without rejection and, if asked, one with it.
+        One ``SampleEvaluation`` without rejection and, if asked, one per rejection rate.
     """
     from latentgen.pipeline import Pipeline
 
@@ -222,12 +238,24 @@ def evaluate_samples(
         )
     if len(dataset) == 0:
         raise DataError("the held-out dataset is empty; give it labelled images.")
-    classes = _class_conditions(pipe)
+    given = _given_conditions(pipe, conditions)
+    classes = [n for n in _class_conditions(pipe) if n in given]
     if "accuracy" in (metrics or ()) and not classes:
+        left_out = [n for n in _class_conditions(pipe) if n not in given]
         raise InputError(
-            "class accuracy needs a class condition, but this pipeline's conditions are "
-            f"{sorted(pipe.conditioners) or 'none'}: use a class-conditional pipeline, or leave "
-            "accuracy out (KID and FID need no class)."
+            "class accuracy needs a class condition, but the conditions given are "
+            f"{sorted(given) or 'none'}: "
+            + (
+                f"give {left_out[0]!r} too (--condition {left_out[0]}), or leave accuracy out."
+                if left_out
+                else "use a class-conditional pipeline, or leave accuracy out (KID and FID need "
+                "no class)."
+            )
+        )
+    if rejection is not None and not classes:
+        raise InputError(
+            "rejection sampling ranks candidates by the requested class, but the conditions "
+            f"given are {sorted(given) or 'none'}: give a class condition, or leave rejection out."
         )
     if len(classes) > 1:
         raise InputError(
@@ -252,10 +280,10 @@ def evaluate_samples(
             clf, num_classes=int(k or 0), image_size=hw, in_channels=in_ch, what="the pipeline"
         )
         num_classes = int(k) if k is not None else None
-    spatial_or_none = set(pipe.conditioners) != set(classes) or not pipe.conditioners
+    spatial_or_none = set(given) != set(classes) or not given
     per_class = classes and not spatial_or_none and num_classes is not None
     total = num_samples * (num_classes or 1) if per_class else num_samples
-    if spatial_or_none and pipe.conditioners and total > len(dataset):
+    if spatial_or_none and given and total > len(dataset):
         raise InputError(
             f"{total} samples conditioned on held-out items need {total} items, but the dataset "
             f"has {len(dataset)}: lower num_samples (-n) or give more held-out data."
@@ -268,7 +296,7 @@ def evaluate_samples(
             f"raise num_samples (-n) to at least {need}{'' if spatial_or_none else ' per class'}, "
             f"or lower the subset size (--kid-subset-size {total})."
         )
-    keys = {n: (condition_keys or {}).get(n, n) for n in pipe.conditioners}
+    keys = {n: (condition_keys or {}).get(n, n) for n in given}
     incep = _inception(inception, pipe.device)
 
     real_feats, real_incep = _real_features(
@@ -282,12 +310,8 @@ def evaluate_samples(
         hw,
     )
     modes: list[tuple[str, RejectionConfig | None]] = [("plain", None)]
-    if rejection is not None:
-        cfg = (
-            rejection
-            if isinstance(rejection, RejectionConfig)
-            else RejectionConfig(classifier=clf, acceptance_rate=rejection, batch_size=batch_size)
-        )
+    ranker = clf if rejection_classifier is None else _load_classifier(rejection_classifier)
+    for cfg in _rejection_configs(rejection, ranker, batch_size, pipe.device):
         modes.append((f"rejection@{cfg.acceptance_rate:g}", cfg))
     rows = []
     for name, mode_cfg in modes:
@@ -318,6 +342,55 @@ def evaluate_samples(
             )
         )
     return rows
+
+
+def _given_conditions(pipe: Any, conditions: Sequence[str] | None) -> list[str]:
+    """The names of ``conditions`` (None: all the pipeline's), checked against the pipeline."""
+    if conditions is None:
+        return list(pipe.conditioners)
+    names = [conditions] if isinstance(conditions, str) else list(conditions)
+    unknown = [n for n in names if n not in pipe.conditioners]
+    if unknown:
+        raise InputError(
+            f"condition(s) {unknown} are not this pipeline's; its conditions are "
+            f"{sorted(pipe.conditioners) or 'none'}."
+        )
+    optional = set(getattr(pipe.prior.config, "optional_conditions", tuple)())
+    stuck = sorted(set(pipe.conditioners) - set(names) - optional) if names else []
+    if stuck:
+        raise InputError(
+            f"condition(s) {stuck} cannot be left out: the prior was not trained to do without "
+            f"them (cond_dropout_each); give them too, or train the prior with cond_dropout_each "
+            f"for them."
+        )
+    return list(dict.fromkeys(names))
+
+
+def _rejection_configs(
+    rejection: float | RejectionConfig | Sequence[float | RejectionConfig] | None,
+    ranker: Any,
+    batch_size: int,
+    device: torch.device,
+) -> list[RejectionConfig]:
+    """``rejection`` as a list of configs; a bare rate ranks with ``ranker``."""
+    if rejection is None:
+        return []
+    items = (
+        [rejection]
+        if isinstance(rejection, (RejectionConfig, int, float))
+        or not isinstance(rejection, Sequence)
+        else list(rejection)
+    )
+    if not items:
+        raise InputError("rejection is an empty list; give at least one rate, or None.")
+    if isinstance(ranker, torch.nn.Module):
+        ranker.to(device).eval()
+    return [
+        r
+        if isinstance(r, RejectionConfig)
+        else RejectionConfig(classifier=ranker, acceptance_rate=r, batch_size=batch_size)
+        for r in items
+    ]
 
 
 def _check_metrics(metrics: Sequence[str] | None) -> set[str]:
@@ -405,7 +478,7 @@ def _evaluate_mode(
     for start in range(0, total, batch_size):
         b = min(batch_size, total - start)
         raw: dict[str, Any] = {}
-        if from_data and pipe.conditioners:
+        if from_data and keys:
             batch = _collate([dataset[i] for i in range(start, start + b)])
             for n, key in keys.items():
                 if key not in batch:
@@ -452,6 +525,14 @@ def _evaluate_mode(
     if cfg is not None:
         row["acceptance_rate"] = float(cfg.acceptance_rate)
         row["realised_rate"] = total / candidates
+        row["ranked_by_scorer"] = cfg.classifier is clf
+        if cfg.classifier is clf and cfg.acceptance_rate < 1:
+            notes.append(
+                "the classifier that scored the rejection rows also ranked their candidates, so "
+                "their accuracy and KID favour it; rank with another classifier "
+                "(--reject-classifier, rejection_classifier=) for a fair measure."
+            )
+            row["notes"] = tuple(notes)
     if correct:
         row["class_accuracy"] = float(torch.cat(correct).mean())
     if feats and real_feats is not None:
