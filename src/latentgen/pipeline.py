@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from numbers import Integral
 from pathlib import Path
@@ -379,6 +379,25 @@ class Pipeline:
             for m, mode in zip(modules, modes):
                 m.train(mode)
 
+    def check_condition_names(self, names: Iterable[str]) -> None:
+        """Refuse a set of condition names this pipeline cannot draw from: an unknown name, or
+        one left out that the prior never learned to do without (``cond_dropout_each``; with
+        no name given, every condition counts as left out)."""
+        given = set(names)
+        optional = set(getattr(self.prior.config, "optional_conditions", tuple)())
+        unknown = sorted(given - set(self.conditioners))
+        left_out = set(self.conditioners) - given
+        missing = sorted(left_out - optional) if given else sorted(left_out)
+        if unknown or missing:
+            parts = ([f"unknown {unknown}"] if unknown else []) + (
+                [f"missing {missing}"] if missing else []
+            )
+            may = f" ({', '.join(sorted(optional))} may be left out)" if optional else ""
+            raise InputError(
+                f"conditions do not match this pipeline ({'; '.join(parts)}): it takes "
+                f"{', '.join(f'{n}=...' for n in self.conditioners) or 'no conditions'}{may}."
+            )
+
     def condition(
         self, size: tuple[int, int] | int | None = None, **raw: Any
     ) -> dict[str, Conditioning]:
@@ -389,19 +408,9 @@ class Pipeline:
         A condition the prior learned to do without (``cond_dropout_each``) may be left out
         when another is given: it is passed as the prior's null condition.
         """
+        self.check_condition_names(raw)
         optional = set(getattr(self.prior.config, "optional_conditions", tuple)())
-        unknown = sorted(set(raw) - set(self.conditioners))
         left_out = set(self.conditioners) - set(raw)
-        missing = sorted(left_out - optional) if raw else sorted(left_out)
-        if unknown or missing:
-            parts = ([f"unknown {unknown}"] if unknown else []) + (
-                [f"missing {missing}"] if missing else []
-            )
-            may = f" ({', '.join(sorted(optional))} may be left out)" if optional else ""
-            raise InputError(
-                f"conditions do not match this pipeline ({'; '.join(parts)}): it takes "
-                f"{', '.join(f'{n}=...' for n in self.conditioners) or 'no conditions'}{may}."
-            )
         device = self.device
         spatial = {n for n, c in self.conditioners.items() if isinstance(c, SpatialConditioner)}
         if not spatial or not raw:

@@ -345,25 +345,12 @@ def evaluate_samples(
 
 
 def _given_conditions(pipe: Any, conditions: Sequence[str] | None) -> list[str]:
-    """The names of ``conditions`` (None: all the pipeline's), checked against the pipeline."""
+    """The names of ``conditions`` (None: all the pipeline's), checked by the pipeline."""
     if conditions is None:
         return list(pipe.conditioners)
-    names = [conditions] if isinstance(conditions, str) else list(conditions)
-    unknown = [n for n in names if n not in pipe.conditioners]
-    if unknown:
-        raise InputError(
-            f"condition(s) {unknown} are not this pipeline's; its conditions are "
-            f"{sorted(pipe.conditioners) or 'none'}."
-        )
-    optional = set(getattr(pipe.prior.config, "optional_conditions", tuple)())
-    stuck = sorted(set(pipe.conditioners) - set(names) - optional) if names else []
-    if stuck:
-        raise InputError(
-            f"condition(s) {stuck} cannot be left out: the prior was not trained to do without "
-            f"them (cond_dropout_each); give them too, or train the prior with cond_dropout_each "
-            f"for them."
-        )
-    return list(dict.fromkeys(names))
+    names = list(dict.fromkeys([conditions] if isinstance(conditions, str) else conditions))
+    pipe.check_condition_names(names)
+    return names
 
 
 def _rejection_configs(
