@@ -254,7 +254,10 @@ def test_draw_from_some_of_the_pipeline_conditions(held_out, monkeypatch):
     # the map alone: no class to be accurate about, and nothing to rank candidates by
     with pytest.raises(InputError, match=r"conditions given are \['segmentation'\]: give 'label'"):
         evaluate_samples(p, ColourClassifier(), held_out, conditions=["segmentation"], **kw)
-    with pytest.raises(InputError, match="rejection sampling ranks candidates by the requested"):
+    with pytest.raises(
+        InputError,
+        match=r"requested class, but the conditions given are \['segmentation'\]: give 'label' too",
+    ):
         evaluate_samples(
             p, ColourClassifier(), held_out, conditions=["segmentation"], rejection=0.5
         )

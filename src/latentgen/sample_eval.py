@@ -240,22 +240,22 @@ def evaluate_samples(
         raise DataError("the held-out dataset is empty; give it labelled images.")
     given = _given_conditions(pipe, conditions)
     classes = [n for n in _class_conditions(pipe) if n in given]
+    left_out = [n for n in _class_conditions(pipe) if n not in given]
+    fix = (
+        f"give {left_out[0]!r} too (--condition {left_out[0]}), or leave {{what}}."
+        if left_out
+        else "use a class-conditional pipeline, or leave {what}."
+    )
     if "accuracy" in (metrics or ()) and not classes:
-        left_out = [n for n in _class_conditions(pipe) if n not in given]
         raise InputError(
             "class accuracy needs a class condition, but the conditions given are "
             f"{sorted(given) or 'none'}: "
-            + (
-                f"give {left_out[0]!r} too (--condition {left_out[0]}), or leave accuracy out."
-                if left_out
-                else "use a class-conditional pipeline, or leave accuracy out (KID and FID need "
-                "no class)."
-            )
+            + fix.format(what="accuracy out (KID and FID need no class)")
         )
     if rejection is not None and not classes:
         raise InputError(
             "rejection sampling ranks candidates by the requested class, but the conditions "
-            f"given are {sorted(given) or 'none'}: give a class condition, or leave rejection out."
+            f"given are {sorted(given) or 'none'}: " + fix.format(what="rejection out")
         )
     if len(classes) > 1:
         raise InputError(
