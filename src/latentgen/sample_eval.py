@@ -503,6 +503,12 @@ def _evaluate_mode(
             for k, v in per.items():
                 agree.setdefault(k, []).append(v)
             notes.extend(n for n in why if n not in notes)
+    if cfg is not None and cfg.classifier is clf and cfg.acceptance_rate < 1:
+        notes.append(
+            "the classifier that scored the rejection rows also ranked their candidates, so "
+            "their accuracy and KID favour it; rank with another classifier "
+            "(--reject-classifier, rejection_classifier=) for a fair measure."
+        )
     row: dict[str, Any] = {
         "name": name,
         "samples": total,
@@ -513,13 +519,6 @@ def _evaluate_mode(
         row["acceptance_rate"] = float(cfg.acceptance_rate)
         row["realised_rate"] = total / candidates
         row["ranked_by_scorer"] = cfg.classifier is clf
-        if cfg.classifier is clf and cfg.acceptance_rate < 1:
-            notes.append(
-                "the classifier that scored the rejection rows also ranked their candidates, so "
-                "their accuracy and KID favour it; rank with another classifier "
-                "(--reject-classifier, rejection_classifier=) for a fair measure."
-            )
-            row["notes"] = tuple(notes)
     if correct:
         row["class_accuracy"] = float(torch.cat(correct).mean())
     if feats and real_feats is not None:
