@@ -64,6 +64,9 @@ def test_class_conditional_masked_prior_trains_samples_and_scores(tokenizers):
     final = tmp / "runs" / "shapes-masked" / "final"
     pipe = Pipeline.from_pretrained(final)
     assert pipe.spec.prior.type == "masked" and pipe.prior.config.steps == 12
+    # the local convolution and the label at every code come back from the saved config
+    assert pipe.prior.config.local_conv == 3 and len(pipe.prior.local) == 1
+    assert pipe.prior.config.conditions["label"].placement == "both"
 
     out = tmp / "grid.png"
     args = ["sample", str(final), "-n", "2", "-c", "label=[0,5]", "--steps", "4", "-o", str(out)]
@@ -187,6 +190,11 @@ def test_compare_puts_the_masked_bound_beside_the_gpt_nll(tmp_path, monkeypatch)
     # equal steps and equal time, with one set of trainer options for both priors
     assert [b.label for b in shipped.budgets] == ["steps=4000", "time=300s"]
     assert shipped.priors["masked"].label_smoothing == 0.1
+    local = shipped.priors["masked-local"]
+    assert local.local_conv == 3 and local.conditions["label"].placement == "both"
+    assert local.model_dump(exclude={"local_conv", "conditions"}) == shipped.priors[
+        "masked"
+    ].model_dump(exclude={"local_conv", "conditions"})  # nothing else differs
 
 
 def test_eval_samples_and_rejection_take_the_masked_prior_in_place_of_another():

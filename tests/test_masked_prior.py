@@ -445,3 +445,54 @@ def test_the_gpt_prior_reads_no_steps():
         grid=(4, 4), sampler=SamplerConfig(steps=3), generator=torch.Generator().manual_seed(0)
     )
     assert torch.equal(a, b)
+
+
+def test_local_conv_reaches_the_grid_neighbours_of_a_code_and_no_further():
+    """With attention switched off (its output projection zeroed), a code's logits depend on
+    the codes within n_layer steps of it on the 2-D grid: the one below it (8 places on in
+    raster order) but not the one three columns on (3 places on)."""
+    prior = _prior(block_size=64, local_conv=3)
+    with torch.no_grad():
+        for block in prior.blocks:
+            block.attn.proj.weight.zero_()
+            block.attn.proj.bias.zero_()
+        for conv in prior.local:
+            conv.weight.normal_(0, 0.5)
+    tokens = torch.randint(8, (1, 64), generator=torch.Generator().manual_seed(0))
+    at = 3 * 8 + 3  # the code at row 3, column 3
+
+    def moved(pos: int) -> bool:
+        other = tokens.clone()
+        other[0, pos] = (other[0, pos] + 1) % 8
+        with torch.no_grad():
+            a = prior._logits(tokens, {}, grid=(8, 8))[0, at]
+            b = prior._logits(other, {}, grid=(8, 8))[0, at]
+        return not torch.allclose(a, b)
+
+    assert moved(at + 8) and moved(at + 16) and moved(at - 2) and moved(at + 8 + 1)
+    assert not moved(at + 3) and not moved(at + 24) and not moved(at - 3 * 8)
+    # the same grid read as 4x16 puts other codes next to it
+    with torch.no_grad():
+        wide = prior._logits(tokens, {}, grid=(4, 16))[0, at]
+        assert not torch.allclose(wide, prior._logits(tokens, {}, grid=(8, 8))[0, at])
+
+
+def test_local_conv_starts_as_the_identity_and_trains():
+    plain = _prior(conditions={"label": {"vocab_size": 3}})
+    local = _prior(conditions={"label": {"vocab_size": 3}}, local_conv=5)
+    missing = local.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("local.") for k in missing)
+    tokens = torch.randint(8, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            local._logits(tokens, _labels(0, 1), grid=(4, 4)),
+            plain._logits(tokens, _labels(0, 1), grid=(4, 4)),
+        )
+    local.train()
+    local.loss(tokens.view(2, 4, 4), _labels(0, 1)).backward()
+    assert all(conv.weight.grad.abs().sum() > 0 for conv in local.local)
+
+
+def test_an_even_local_conv_names_the_fix():
+    with pytest.raises(ValidationError, match=r"local_conv=4 is even.*\(5, or 3\)"):
+        MaskedPriorConfig(local_conv=4)

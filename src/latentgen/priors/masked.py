@@ -18,6 +18,11 @@ GPT prior's own (``_Block`` with ``causal=False``), not a copy.
   ``gamma((t + 1) / T)`` of the free codes stays masked; the confidence is the drawn code's
   log-probability plus Gumbel noise annealed to zero over the passes (MaskGIT's choice
   temperature).
+- **Local convolution** (``local_conv``, off by default): a depthwise k x k convolution of the
+  code grid added before every block, so a masked code reads its neighbours without having to
+  learn where they are (the positional convolution of CPVT, arXiv 2102.10882). With the label
+  also added at every code (``placement: both``) it lifts the class accuracy of shapes samples
+  from 48% to 61% at equal steps (docs/priors.md).
 - **Likelihood**: ``log_prob`` is a lower bound (ELBO) of the log-likelihood in nats: the
   absorbing-state diffusion bound (Austin et al., arXiv 2107.03006; Bond-Taylor et al., arXiv
   2111.12701), here in its discrete-time, any-order form (Hoogeboom et al., arXiv 2110.02037)
@@ -144,6 +149,14 @@ class MaskedPriorConfig(PriorConfig):
         description="Label smoothing of the training cross-entropy (MaskGIT trains with 0.1). "
         "Training only: the ELBO and eval loss are unsmoothed.",
     )
+    local_conv: int = Field(
+        0,
+        ge=0,
+        description="Side k of a depthwise k x k convolution over the code grid, added as a "
+        "residual before every block (odd; 0: none; 3 in the shipped shapes configs). It hands "
+        "a masked code its neighbours' content at once, where attention over learned positions "
+        "has to learn where the neighbours are (docs/priors.md, 'Local convolution').",
+    )
     elbo_samples: int = Field(
         16,
         ge=1,
@@ -166,6 +179,11 @@ class MaskedPriorConfig(PriorConfig):
             raise ValueError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick a width "
                 f"that is a multiple of the head count, e.g. {self.n_head * 64}."
+            )
+        if self.local_conv % 2 == 0 and self.local_conv:
+            raise ValueError(
+                f"local_conv={self.local_conv} is even: the convolution is centred on each "
+                f"code, so give an odd kernel side ({self.local_conv + 1}, or 3), or 0 for none."
             )
         if self.steps > self.block_size:
             raise ValueError(
@@ -209,6 +227,12 @@ class MaskedPrior(Prior):
         )
         self.cond_null = nn.ParameterDict({n: nn.Parameter(torch.zeros(c)) for n in cfg.conditions})
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layer))
+        # One depthwise convolution per block, over the code grid (not the prefix): torch has
+        # no attention with a built-in local term, so the neighbourhood comes in this way.
+        k = cfg.local_conv
+        self.local = nn.ModuleList(
+            nn.Conv2d(c, c, k, padding=k // 2, groups=c) for _ in range(cfg.n_layer if k else 0)
+        )
         self.ln_f = nn.LayerNorm(c, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.head = nn.Linear(c, cfg.vocab_size, bias=False)  # never predicts the mask token
         self._backends: dict[tuple[torch.device, torch.dtype], AttentionBackend] = {}
@@ -221,6 +245,9 @@ class MaskedPrior(Prior):
     def _init_weights(self) -> None:
         free = (self.pos_emb, *self.cond_null.values(), *self.cond_pos.values())
         init_gpt_weights(self, self.config.n_layer, free)  # as the transformer prior
+        for conv in self.local:  # zero: the residual starts as the identity
+            for p in conv.parameters():
+                nn.init.zeros_(p)
 
     # -- properties and checks -------------------------------------------------------------
     @property
@@ -319,7 +346,9 @@ class MaskedPrior(Prior):
         backend = self._backend(x.device, x.dtype)
         attn_p = cfg.attn_dropout if train else 0.0
         resid_p = cfg.resid_dropout if train else 0.0
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if self.local:
+                x = self._local(i, x, grid)
             x = block(x, backend, None, None, 0, attn_p, resid_p, causal=False)
         h = x[:, self.n_ctx :]  # [B, N, C]
         if positions is not None:
@@ -328,6 +357,15 @@ class MaskedPrior(Prior):
             h = h[positions]  # [M, C]
         h = F.layer_norm(h, (h.shape[-1],), self.ln_f.weight, self.ln_f.bias, cfg.layer_norm_eps)
         return self.head(h)  # [B, N, K] or [M, K]
+
+    def _local(self, i: int, x: Tensor, grid: tuple[int, int] | None) -> Tensor:
+        """``x [B, n_ctx + N, C]`` plus layer i's depthwise convolution of its N codes' grid."""
+        if grid is None:
+            raise ValueError("_logits needs the grid of a prior with local_conv")
+        b, _, c = x.shape
+        codes = x[:, self.n_ctx :].transpose(1, 2).reshape(b, c, *grid)  # [B, C, h, w]
+        mixed = self.local[i](codes).flatten(2).transpose(1, 2)  # [B, N, C]
+        return torch.cat((x[:, : self.n_ctx], x[:, self.n_ctx :] + mixed), dim=1)
 
     # -- training and likelihood -------------------------------------------------------------
     def loss(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
