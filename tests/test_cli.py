@@ -119,3 +119,16 @@ def test_sample_conditions_from_files(saved, tmp_path):
         assert out.is_file()
     res = CliRunner().invoke(main, ["sample", str(saved), "-c", "label=@/nonexistent.txt"])
     assert res.exit_code != 0 and "does not exist" in res.output
+
+
+def test_sample_with_more_labels_than_divide_the_default_count_names_the_fix(saved, tmp_path):
+    """Three labels and the default -n 8: refused, naming the counts that work; -n 6 works."""
+    out = tmp_path / "three.png"
+    args = ["sample", str(saved), "-c", "label=[0,1,2]", "-o", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0 and not out.exists()
+    assert "num_images=8 must be a multiple of the 3 conditions given" in res.output
+    assert "ask for 3 or 6 images (`-n` on the command line)" in res.output
+    res = CliRunner().invoke(main, [*args, "-n", "6"])
+    assert res.exit_code == 0, res.output
+    assert "wrote 6 images" in res.output

@@ -547,7 +547,9 @@ class Pipeline:
                 if n % b:
                     raise InputError(
                         f"num_images={n} must be a multiple of the {b} conditions given "
-                        f"(each condition gets num_images / {b} images)."
+                        f"(each condition gets num_images / {b} images): ask for {b} or "
+                        f"{2 * b} images (`-n` on the command line), or give a number of "
+                        f"conditions that divides {n}."
                     )
                 if n != b:
                     conds = {k: c.repeat(n // b) for k, c in conds.items()}
