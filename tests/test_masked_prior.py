@@ -496,3 +496,64 @@ def test_local_conv_starts_as_the_identity_and_trains():
 def test_an_even_local_conv_names_the_fix():
     with pytest.raises(ValidationError, match=r"local_conv=4 is even.*\(5, or 3\)"):
         MaskedPriorConfig(local_conv=4)
+
+
+def test_self_conditioning_starts_as_the_identity():
+    plain = _prior(conditions={"label": {"vocab_size": 3}})
+    sc = _prior(conditions={"label": {"vocab_size": 3}}, self_condition=True)
+    missing = sc.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["sc_proj.weight"]
+    tokens = torch.randint(8, (2, 16), generator=torch.Generator().manual_seed(0))
+    belief = torch.rand(2, 16, 8).softmax(-1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            sc._logits(tokens, _labels(0, 1), sc=belief), plain._logits(tokens, _labels(0, 1))
+        )
+
+
+def test_self_conditioning_trains_on_half_the_steps_with_a_first_pass(monkeypatch):
+    """About half the training steps run a first pass without gradients and give its
+    probabilities (at the masked codes only, rows summing to one) to the second."""
+    prior = _prior(conditions={"label": {"vocab_size": 3}}, self_condition=True).train()
+    calls: list[Tensor | None] = []
+    inner = prior._logits
+
+    def spy(tokens, conds, positions=None, **kw):
+        sc = kw.get("sc")
+        calls.append(sc)
+        if sc is not None:
+            masked = tokens == prior.mask_id
+            torch.testing.assert_close(sc.sum(-1), masked.float())
+        return inner(tokens, conds, positions, **kw)
+
+    monkeypatch.setattr(prior, "_logits", spy)
+    codes = torch.randint(8, (4, 4, 4), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    for _ in range(40):
+        loss = prior.loss(codes, _labels(0, 1, 2, 0))
+    loss.backward()
+    with_sc = sum(sc is not None for sc in calls)
+    assert len(calls) == 40 + with_sc and 10 < with_sc < 30
+
+
+def test_self_conditioned_sampling_feeds_each_pass_the_last_ones_beliefs(monkeypatch):
+    prior = _prior(conditions={"label": {"vocab_size": 3}}, cond_dropout=0.1, self_condition=True)
+    seen: list[tuple[Tensor, Tensor | None]] = []
+    inner = prior._logits
+
+    def spy(tokens, conds, positions=None, **kw):
+        seen.append((tokens.clone(), kw.get("sc")))
+        return inner(tokens, conds, positions, **kw)
+
+    monkeypatch.setattr(prior, "_logits", spy)
+    sampler = SamplerConfig(steps=4, guidance_scale=2.0)
+    codes = prior.sample(_labels(0, 1), grid=(4, 4), sampler=sampler)
+    assert codes.shape == (2, 4, 4) and len(seen) == 4
+    assert seen[0][1] is None  # nothing to go on in the first pass
+    for tokens, sc in seen[1:]:
+        assert sc is not None and sc.shape == (4, 16, 8)  # conditional and null rows
+        # a belief for every code still masked, none for the codes already drawn
+        torch.testing.assert_close(sc.sum(-1), (tokens == prior.mask_id).float())
+    with torch.no_grad():
+        lp = prior.log_prob(codes, _labels(0, 1))
+        assert torch.equal(lp, prior.log_prob(codes, _labels(0, 1)))
