@@ -167,7 +167,7 @@ class MaskedPriorConfig(PriorConfig):
         description="Self-conditioning: a masked code's input also gets the model's own "
         "previous prediction for it (its probabilities through a learned projection): the "
         "previous pass's when sampling; in training, half the steps run a first pass without "
-        "gradients for it (about 15% more time a step). docs/priors.md measures it.",
+        "gradients for it (about 12% more time a step). docs/priors.md measures it.",
     )
     elbo_samples: int = Field(
         16,
@@ -391,6 +391,22 @@ class MaskedPrior(Prior):
         out = logits.new_zeros(b, n, logits.shape[-1], dtype=torch.float32)
         return out.masked_scatter(positions[..., None], logits.detach().float().softmax(-1))
 
+    def _two_pass_logits(
+        self,
+        tokens: Tensor,
+        conds: dict[str, Conditioning],
+        positions: Tensor,
+        grid: tuple[int, int],
+        first: bool,
+    ) -> Tensor:
+        """``_logits`` at ``positions``; with ``first``, self-conditioned on a pass before it
+        (without gradients) at the same inputs."""
+        sc = None
+        if first:
+            with torch.no_grad():
+                sc = self._probs_at(self._logits(tokens, conds, positions, grid=grid), positions)
+        return self._logits(tokens, conds, positions, grid=grid, sc=sc)
+
     # -- training and likelihood -------------------------------------------------------------
     def loss(self, codes: Tensor, conds: Conds | None = None) -> Tensor:
         """Training mode: cross-entropy of the codes masked at a ratio ``gamma(u)`` (MaskGIT),
@@ -406,12 +422,9 @@ class MaskedPrior(Prior):
         n_mask = (mask_ratio(self.config.mask_schedule, u) * n).ceil().clamp(1, n)  # [B]
         mask = _first_by_random_rank(b, n, n_mask, flat.device)  # [B, N] bool
         grid = (int(codes.shape[1]), int(codes.shape[2]))
+        first = self.sc_proj is not None and bool(torch.rand(()) < 0.5)  # half the steps
         tokens = flat.masked_fill(mask, self.mask_id)
-        sc = None
-        if self.sc_proj is not None and bool(torch.rand(()) < 0.5):
-            with torch.no_grad():
-                sc = self._probs_at(self._logits(tokens, got, mask, grid=grid), mask)
-        logits = self._logits(tokens, got, mask, grid=grid, sc=sc)  # [M, K]
+        logits = self._two_pass_logits(tokens, got, mask, grid, first)  # [M, K]
         return F.cross_entropy(
             logits.float(), flat[mask], label_smoothing=self.config.label_smoothing
         )
@@ -440,10 +453,8 @@ class MaskedPrior(Prior):
             mask = mask.to(flat.device)
             rows = mask.expand(b, n)  # the same m codes masked in every grid
             tokens = flat.masked_fill(mask, self.mask_id)
-            sc = None
-            if self.sc_proj is not None:
-                sc = self._probs_at(self._logits(tokens, got, rows, grid=grid), rows)
-            logits = self._logits(tokens, got, rows, grid=grid, sc=sc)  # [B*m, K]
+            first = self.sc_proj is not None  # the bound of the model that samples
+            logits = self._two_pass_logits(tokens, got, rows, grid, first)  # [B*m, K]
             lp = logits.view(b, -1, logits.shape[-1]).float().log_softmax(-1)  # [B, m, K]
             lp = lp.gather(-1, flat[:, mask, None]).squeeze(-1).sum(-1)  # [B]
             # Unbiased for the sum over m = 1..N of the mean over masked codes.
