@@ -178,7 +178,7 @@ def test_shipped_configs_validate() -> None:
     from latentgen.training.config import load_train_config
 
     root = Path(__file__).resolve().parents[1] / "src" / "latentgen" / "configs"
-    for name in ("shapes-classifier.yaml", "fashion-mnist-classifier.yaml"):
+    for name in ("shapes-classifier.yaml", "shapes-ranker.yaml", "fashion-mnist-classifier.yaml"):
         cfg = load_train_config(root / name, ClassifierTrainConfig)
         assert cfg.classifier.type == "cnn", name
 

@@ -45,10 +45,12 @@ def test_demo_trains_one_pipeline_measures_it_and_ends_with_a_large_image(
     out = tmp_path / "demo"
     written = demo.run_demo(out, classifier=tmp_path / "clf", samples_per_class=2, large_size=64)
 
-    for name in ("samples", "reconstructions", "large", "segmentation_map", "metrics"):
+    names = ("samples", "samples_rejection", "reconstructions", "large", "segmentation_map")
+    for name in (*names, "metrics"):
         assert written[name].is_file() and written[name].parent == out, name
-    grid = Image.open(written["samples"])
-    assert grid.size == (2 * 34 + 2, 6 * 34 + 2)  # six rows (classes) of two 32px samples
+    for name in ("samples", "samples_rejection"):
+        grid = Image.open(written[name])
+        assert grid.size == (2 * 34 + 2, 6 * 34 + 2)  # six rows (classes) of two 32px samples
 
     metrics = json.loads(written["metrics"].read_text())
     assert metrics["samples"] == 12
@@ -61,8 +63,17 @@ def test_demo_trains_one_pipeline_measures_it_and_ends_with_a_large_image(
     assert metrics["large_image"]["cells"] == 4
     assert metrics["large_image"]["cells_following_the_map"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert metrics["seconds"]["total"] > 0
+    # rejection sampling: the best 12 of 48 candidates under the shipped second classifier,
+    # scored by the same classifier as the plain samples
+    rej = metrics["rejection"]
+    assert rej["acceptance_rate"] == 0.25 and rej["candidates"] == 48
+    assert rej["realised_rate"] == 0.25
+    assert rej["ranker_held_out_accuracy"] > 0.98  # the shipped ranker, not the test's classifier
+    assert set(rej["class_accuracy_per_class"]) == set(CLASSES)
+    assert rej["kid"]["subset_size"] == 12
     line = capsys.readouterr().out.splitlines()[-1]
     assert f"class accuracy {metrics['class_accuracy']:.1%} of 12 samples" in line
+    assert f"; {rej['class_accuracy']:.1%} keeping the best of 4 by a second classifier" in line
     assert f"reconstruction PSNR {metrics['reconstruction_psnr_db']:.2f} dB" in line
 
     # the map beside the image is the scene it was drawn from
@@ -85,8 +96,38 @@ def test_demo_trains_one_pipeline_measures_it_and_ends_with_a_large_image(
     assert both[0].size == (32, 32)
 
 
-def test_shipped_classifier_is_above_98_percent_on_fresh_held_out_shapes():
-    path = demo.shapes_classifier_path()
+def test_demo_without_rejection_writes_no_rejected_grid(tmp_path, monkeypatch, capsys):
+    _tiny_configs(monkeypatch)
+    out = tmp_path / "demo"
+    written = demo.run_demo(out, samples_per_class=1, large_size=32, acceptance_rate=1)
+    assert "samples_rejection" not in written and not (out / "samples-rejection.png").exists()
+    assert "rejection" not in json.loads(written["metrics"].read_text())
+    assert "second classifier" not in capsys.readouterr().out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.5])
+def test_demo_refuses_a_bad_acceptance_rate_before_training(tmp_path, rate):
+    from latentgen.errors import InputError
+
+    with pytest.raises(InputError, match=r"acceptance_rate must lie in \(0, 1\]"):
+        demo.run_demo(tmp_path / "demo", acceptance_rate=rate)
+    assert not (tmp_path / "demo").exists()  # refused before anything was written
+
+
+def test_demo_cli_refuses_a_bad_acceptance_rate(tmp_path):
+    from click.testing import CliRunner
+
+    from latentgen.cli import main
+
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--acceptance", "2"])
+    assert result.exit_code != 0
+    assert "acceptance_rate must lie in (0, 1], got 2.0" in result.output
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("which", ["shapes_classifier_path", "shapes_ranker_path"])
+def test_shipped_classifiers_are_above_98_percent_on_fresh_held_out_shapes(which):
+    path = getattr(demo, which)()
     if not (path / "component.json").is_file():
         pytest.fail(f"the shipped shapes classifier is missing at {path}")
     from latentgen.classifiers import load_classifier
@@ -98,6 +139,24 @@ def test_shipped_classifier_is_above_98_percent_on_fresh_held_out_shapes():
     # shapes it never saw, from seeds beyond both its training and its held-out data
     fresh = demo.ShapesDataset(demo.ShapesConfig(size=400, image_size=32, seed=5 * 10**6))
     assert accuracy(clf, LabelledImages(fresh, range(400), 6, "fresh")) > 0.97
+
+
+def test_the_ranker_is_another_classifier_than_the_reference():
+    """Trained on other items with another seed: other weights, and other calls on samples
+    that are hard to read (here: real shapes blurred), where the two can disagree."""
+    from latentgen.classifiers import load_classifier
+
+    ref = load_classifier(demo.shapes_classifier_path())
+    rank = load_classifier(demo.shapes_ranker_path())
+    w_ref, w_rank = ref.state_dict(), rank.state_dict()
+    assert w_ref.keys() == w_rank.keys()
+    assert all(not torch.equal(w_ref[k], w_rank[k]) for k in w_ref if w_ref[k].is_floating_point())
+    data = demo.ShapesDataset(demo.ShapesConfig(size=200, image_size=32, seed=6 * 10**6))
+    images = torch.stack([data[i]["image"] for i in range(200)])
+    blurred = torch.nn.functional.avg_pool2d(images, 5, stride=1, padding=2)
+    with torch.no_grad():
+        p_ref, p_rank = ref.probs(blurred), rank.probs(blurred)
+    assert (p_ref - p_rank).abs().max() > 0.1
 
 
 def test_map_agreement_reads_each_cell_as_its_maps_main_shape(tmp_path):

@@ -270,14 +270,22 @@ def sample(
     default=None,
     help="Classifier that scores the samples (default: the shipped shapes classifier).",
 )
-def demo(out: Path, seed: int, toy: bool, classifier: Path | None) -> None:
+@click.option(
+    "--acceptance",
+    type=float,
+    default=0.25,
+    show_default=True,
+    help="Rejection sampling keeps this share of the candidates, ranked by a second shipped "
+    "classifier (samples-rejection.png); 1 draws no rejection-sampled images.",
+)
+def demo(out: Path, seed: int, toy: bool, classifier: Path | None, acceptance: float) -> None:
     """Train a VQGAN and one prior on the built-in shapes data; measure it; write images."""
     from latentgen.demo import run_demo, run_toy_demo
 
     if toy:
         run_toy_demo(out, seed=seed)
     else:
-        run_demo(out, seed=seed, classifier=classifier)
+        run_demo(out, seed=seed, classifier=classifier, acceptance_rate=acceptance)
 
 
 @main.command()

@@ -7,6 +7,10 @@ each dropped on its own in training (``cond_dropout_each``), so the one pipeline
 
 - class-conditional samples (label alone): ``samples.png``, one row per class, scored by the
   shipped shapes classifier (class accuracy, KID in its feature space);
+- the same with classifier rejection sampling (the paper's sec. 4.4): ``samples-rejection.png``
+  keeps the best of 4 candidates per image as ranked by a *second* shipped classifier
+  (``shapes_ranker_path()``), scored by the reference one, so the figure is not one classifier
+  agreeing with itself;
 - held-out originals over their reconstructions (``reconstructions.png``, PSNR);
 - a 512x512 image from a 512x512 segmentation map (map alone) with the KV-cached sliding
   window, far beyond the 32x32 images it was trained on (``large-512.png``, the map beside it
@@ -38,10 +42,14 @@ __all__ = [
     "run_demo",
     "run_toy_demo",
     "shapes_classifier_path",
+    "shapes_ranker_path",
 ]
 
 #: Held-out items are rendered from seeds far from the training data's.
 HELD_OUT_SEED = 10**6
+
+#: The demo's rejection sampling keeps one candidate in four.
+ACCEPTANCE_RATE = 0.25
 
 
 def shapes_classifier_path() -> Path:
@@ -52,6 +60,18 @@ def shapes_classifier_path() -> Path:
     with the same instrument, and the demo does not spend minutes training it.
     """
     return Path(str(resources.files("latentgen") / "weights" / "shapes-classifier"))
+
+
+def shapes_ranker_path() -> Path:
+    """A second shapes classifier, which ranks the candidates of the demo's rejection sampling.
+
+    Trained by ``latentgen train classifier --config src/latentgen/configs/shapes-ranker.yaml``:
+    the reference classifier's recipe on other items and another seed (99.8% held out). The
+    demo keeps the candidates this one prefers and scores them with the reference classifier:
+    ranked and scored by the same one, rejection measures its agreement with itself
+    (docs/evaluation.md, "Rejection sampling on the demo pipeline").
+    """
+    return Path(str(resources.files("latentgen") / "weights" / "shapes-ranker"))
 
 
 def demo_configs(out: Path) -> tuple[Path, Path]:
@@ -75,13 +95,27 @@ def run_demo(
     classifier: str | Path | None = None,
     samples_per_class: int = 20,
     large_size: int = 512,
+    ranker: str | Path | None = None,
+    acceptance_rate: float = ACCEPTANCE_RATE,
 ) -> dict[str, Path]:
     """Train the VQGAN, then the prior on its codes; sample, measure and write the images.
 
-    ``classifier`` defaults to the shipped shapes classifier; ``large_size`` is the side of
-    the image drawn from a segmentation map with the sliding window. Returns the paths written.
+    ``classifier`` (default: the shipped shapes classifier) scores the samples; ``ranker``
+    (default: the shipped second one) ranks the candidates of the rejection-sampled ones, of
+    which ``acceptance_rate`` are kept (1: no rejection sampling, and no
+    ``samples-rejection.png``); ``large_size`` is the side of the image drawn from a
+    segmentation map with the sliding window. Returns the paths written.
     """
     from latentgen.classifiers import load_classifier
+    from latentgen.rejection import RejectionConfig
+
+    # Checked before minutes of training: a bad rate or ranker fails now.
+    rejection = None
+    if acceptance_rate != 1:
+        rejection = RejectionConfig(
+            classifier=ranker if ranker is not None else shapes_ranker_path(),
+            acceptance_rate=acceptance_rate,
+        )
     from latentgen.files import atomic_write_json
     from latentgen.training.cli import train_prior, train_tokenizer
 
@@ -105,6 +139,10 @@ def run_demo(
     paths: dict[str, Path] = {"pipeline": final}
     metrics: dict[str, Any] = {}
     paths |= _class_samples(pipe, clf, out, image_size, seed, samples_per_class, metrics)
+    if rejection is not None:
+        paths |= _rejected_samples(
+            pipe, rejection, clf, out, image_size, seed, samples_per_class, metrics
+        )
     paths |= _reconstructions(pipe, out, image_size, seed, metrics)
     sampled = time.perf_counter()
     paths |= _large_from_segmentation(pipe, clf, out, image_size, large_size, seed, metrics)
@@ -122,9 +160,16 @@ def run_demo(
     acc, kid, rec = metrics["class_accuracy"], metrics["kid"], metrics["reconstruction_psnr_db"]
     own = metrics["classifier_held_out_accuracy"]
     own_text = "not measured" if own is None else f"{own:.1%}"
+    rej = metrics.get("rejection")
+    rej_text = (
+        ""
+        if rej is None
+        else f"; {rej['class_accuracy']:.1%} keeping the best of "
+        f"{round(1 / rej['acceptance_rate'])} by a second classifier"
+    )
     print(
-        f"class accuracy {acc:.1%} of {metrics['samples']} samples (classifier: {own_text} on "
-        f"held-out shapes) | KID "
+        f"class accuracy {acc:.1%} of {metrics['samples']} samples{rej_text} (classifier: "
+        f"{own_text} on held-out shapes) | KID "
         f"{kid['value']:.4f} +- {kid['std_error']:.4f} | reconstruction PSNR "
         f"{rec:.2f} dB | {done - start:.0f} s -> {paths['metrics']}"
     )
@@ -141,6 +186,50 @@ def _class_samples(
     metrics: dict[str, Any],
 ) -> dict[str, Path]:
     """Samples from the label alone: a grid (one row per class), class accuracy and KID."""
+    scored = _draw_and_score(pipe, clf, out / "samples.png", image_size, seed, per_class)
+    metrics.update(
+        scored,
+        samples=per_class * len(CLASSES),
+        classifier_held_out_accuracy=clf.held_out_accuracy,
+    )
+    print(f"samples   -> {out / 'samples.png'} (one row per class: {', '.join(CLASSES)})")
+    return {"samples": out / "samples.png"}
+
+
+def _rejected_samples(
+    pipe: Pipeline,
+    rejection: Any,
+    clf: Any,
+    out: Path,
+    image_size: int,
+    seed: int,
+    per_class: int,
+    metrics: dict[str, Any],
+) -> dict[str, Path]:
+    """The same draw with classifier rejection sampling: each image is the best of
+    ``1 / acceptance_rate`` candidates under ``rejection.classifier``, scored by ``clf``."""
+    path = out / "samples-rejection.png"
+    ranked = pipe.replace(rejection=rejection)
+    scored = _draw_and_score(ranked, clf, path, image_size, seed, per_class)
+    report = ranked.last_rejection
+    assert report is not None
+    metrics["rejection"] = {
+        "acceptance_rate": rejection.acceptance_rate,
+        "realised_rate": report.realised_rate,
+        "candidates": report.candidates,
+        "ranker_held_out_accuracy": getattr(rejection.classifier, "held_out_accuracy", None),
+        **scored,
+    }
+    print(f"samples, best of {report.candidates // report.kept} by a second classifier -> {path}")
+    return {"samples_rejection": path}
+
+
+def _draw_and_score(
+    pipe: Pipeline, clf: Any, path: Path, image_size: int, seed: int, per_class: int
+) -> dict[str, Any]:
+    """Draw ``per_class`` images of each class from the label alone, write them to ``path``
+    (one row per class) and score them: class accuracy (overall and per class) and KID
+    against as many held-out real images."""
     from latentgen.metrics.kid import kernel_inception_distance
 
     k = len(CLASSES)
@@ -153,7 +242,7 @@ def _class_samples(
     )  # [k * per_class, 3, S, S]
     shown = min(per_class, 8)
     rows = images.view(k, per_class, *images.shape[1:])[:, :shown].flatten(0, 1)
-    image_grid(to_pil(rows), nrow=shown).save(out / "samples.png")  # row r holds class r
+    _save_png(image_grid(to_pil(rows), nrow=shown), path)  # row r holds class r
     with torch.no_grad():
         fake = clf.features(images)  # [N, D]
         pred = clf.logits(images).argmax(-1)  # [N]
@@ -165,15 +254,22 @@ def _class_samples(
     want = torch.tensor(labels)
     per = {CLASSES[c]: float((pred[want == c] == c).float().mean()) for c in range(k)}
     kid = kernel_inception_distance(real, fake, subset_size=min(100, len(labels)), seed=seed)
-    metrics.update(
-        class_accuracy=float((pred == want).float().mean()),
-        class_accuracy_per_class=per,
-        samples=len(labels),
-        kid={"value": kid.value, "std_error": kid.std_error, "subset_size": kid.subset_size},
-        classifier_held_out_accuracy=clf.held_out_accuracy,
-    )
-    print(f"samples   -> {out / 'samples.png'} (one row per class: {', '.join(CLASSES)})")
-    return {"samples": out / "samples.png"}
+    return {
+        "class_accuracy": float((pred == want).float().mean()),
+        "class_accuracy_per_class": per,
+        "kid": {"value": kid.value, "std_error": kid.std_error, "subset_size": kid.subset_size},
+    }
+
+
+def _save_png(image: Any, path: Path) -> None:
+    """Write a PIL image as PNG atomically (a stopped demo leaves no half-written file)."""
+    import io
+
+    from latentgen.files import atomic_write_bytes
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _reconstructions(
@@ -188,7 +284,7 @@ def _reconstructions(
     metrics["reconstruction_psnr_db"] = float(psnr(recon, test).mean())
     metrics["reconstruction_images"] = len(held)
     pairs = torch.cat([test[:8], recon[:8]])
-    image_grid(to_pil(pairs), nrow=8).save(out / "reconstructions.png")
+    _save_png(image_grid(to_pil(pairs), nrow=8), out / "reconstructions.png")
     print(f"originals over reconstructions -> {out / 'reconstructions.png'}")
     return {"reconstructions": out / "reconstructions.png"}
 
@@ -269,11 +365,11 @@ def _write_grids(pipe: Pipeline, out: Path, image_size: int, seed: int) -> dict[
         size=image_size,
         generator=torch.Generator().manual_seed(seed),
     )
-    image_grid(samples, nrow=per_class).save(out / "samples.png")  # row r holds class r
+    _save_png(image_grid(samples, nrow=per_class), out / "samples.png")  # row r holds class r
     held_out = ShapesDataset(ShapesConfig(size=8, image_size=image_size, seed=seed + 10**6))
     test = torch.stack([held_out[i]["image"] for i in range(8)])  # [8, 3, S, S]
     pairs = torch.cat([test, pipe.reconstruct(test)])
-    image_grid(to_pil(pairs), nrow=8).save(out / "reconstructions.png")
+    _save_png(image_grid(to_pil(pairs), nrow=8), out / "reconstructions.png")
     print(f"samples   -> {out / 'samples.png'} (one row per class: {', '.join(CLASSES)})")
     print(f"originals over reconstructions -> {out / 'reconstructions.png'}")
     return {"samples": out / "samples.png", "reconstructions": out / "reconstructions.png"}
