@@ -140,8 +140,8 @@ def run_demo(
     metrics: dict[str, Any] = {}
     paths |= _class_samples(pipe, clf, out, image_size, seed, samples_per_class, metrics)
     if rejection is not None:
-        paths |= _rejected_samples(
-            pipe, rejection, clf, out, image_size, seed, samples_per_class, metrics
+        paths |= _class_samples(
+            pipe, clf, out, image_size, seed, samples_per_class, metrics, rejection
         )
     paths |= _reconstructions(pipe, out, image_size, seed, metrics)
     sampled = time.perf_counter()
@@ -184,30 +184,25 @@ def _class_samples(
     seed: int,
     per_class: int,
     metrics: dict[str, Any],
+    rejection: Any = None,
 ) -> dict[str, Path]:
-    """Samples from the label alone: a grid (one row per class), class accuracy and KID."""
-    scored = _draw_and_score(pipe, clf, out / "samples.png", image_size, seed, per_class)
-    metrics.update(
-        scored,
-        samples=per_class * len(CLASSES),
-        classifier_held_out_accuracy=clf.held_out_accuracy,
-    )
-    print(f"samples   -> {out / 'samples.png'} (one row per class: {', '.join(CLASSES)})")
-    return {"samples": out / "samples.png"}
+    """Samples from the label alone: a grid (one row per class), class accuracy and KID.
 
-
-def _rejected_samples(
-    pipe: Pipeline,
-    rejection: Any,
-    clf: Any,
-    out: Path,
-    image_size: int,
-    seed: int,
-    per_class: int,
-    metrics: dict[str, Any],
-) -> dict[str, Path]:
-    """The same draw with classifier rejection sampling: each image is the best of
-    ``1 / acceptance_rate`` candidates under ``rejection.classifier``, scored by ``clf``."""
+    With ``rejection`` (a ``RejectionConfig``), the same draw with classifier rejection
+    sampling: each image is the best of ``1 / acceptance_rate`` candidates under
+    ``rejection.classifier``, scored by ``clf``, into ``samples-rejection.png`` and
+    ``metrics["rejection"]``.
+    """
+    if rejection is None:
+        path = out / "samples.png"
+        scored = _draw_and_score(pipe, clf, path, image_size, seed, per_class)
+        metrics.update(
+            scored,
+            samples=per_class * len(CLASSES),
+            classifier_held_out_accuracy=clf.held_out_accuracy,
+        )
+        print(f"samples   -> {path} (one row per class: {', '.join(CLASSES)})")
+        return {"samples": path}
     path = out / "samples-rejection.png"
     ranked = pipe.replace(rejection=rejection)
     scored = _draw_and_score(ranked, clf, path, image_size, seed, per_class)
