@@ -233,3 +233,43 @@ def test_a_warmup_longer_than_the_timing_run(tokenizer_dir, tmp_path):
     assert lrs[0] < lrs[4]  # the warmup ran: the rate rose over the first steps
     with pytest.raises(SpecError, match="warmup_steps=6 is longer than the cosine decay \\(5"):
         load_compare_config({**cfg, "budgets": [{"steps": 5}, {"seconds": 1.0}]})
+
+
+def test_a_segmentation_comparison_reports_how_well_samples_follow_their_map(
+    tokenizer_dir, tmp_path
+):
+    """A spatially conditioned comparison has no class accuracy, but eval samples' agreement
+    of each sample with its condition becomes a column of the table."""
+    from latentgen.artifact import save_component as save
+
+    clf = registry.build(
+        "classifier", {"type": "cnn", "num_classes": 6, "image_size": 16, "widths": [8, 16]}
+    )
+    seg = {"vocab_size": 7, "num_tokens": 16}
+    cfg = config(
+        tokenizer_dir,
+        tmp_path,
+        budgets=[{"steps": 2}],
+        conditioners={"segmentation": {"type": "segmentation", "num_classes": 7, "downsample": 4}},
+        evaluation={
+            "held_out_images": 8,
+            "sample_batch": 2,
+            "classifier": str(save(clf, "classifier", tmp_path / "clf")),
+            "num_samples": 6,
+            "kid_subset_size": 6,
+            "kid_subsets": 3,
+            "steps": [2],
+        },
+    )
+    gpt = cfg["priors"]["gpt"]
+    gpt["conditions"] = {"segmentation": seg}
+    cfg["priors"] = {
+        "gpt": gpt,
+        "masked": {**gpt, "type": "masked", "local_conv": 3},
+    }
+    result = run_compare(cfg)
+    assert [r["prior"] for r in result.rows] == ["gpt", "masked"]
+    for row in result.rows:
+        assert "class_accuracy" not in row  # no class condition
+        assert 0 <= row["segmentation_main_class_accuracy"] <= 1
+        assert "kid" in row and "fid" in row

@@ -422,7 +422,9 @@ class _Runner:
             for r in results:
                 tag = "" if r.name == "plain" else f"{r.name}_"
                 d = r.as_dict()
-                for key in ("class_accuracy", "kid", "kid_std_error", "fid"):
+                # the condition agreement measures (e.g. segmentation_main_class_accuracy)
+                # follow, so a spatially conditioned comparison has its own quality column
+                for key in ("class_accuracy", "kid", "kid_std_error", "fid", *r.agreement):
                     if key in d:
                         row[tag + key] = d[key]
         return row
