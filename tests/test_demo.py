@@ -73,7 +73,7 @@ def test_demo_trains_one_pipeline_measures_it_and_ends_with_a_large_image(
     assert rej["kid"]["subset_size"] == 12
     line = capsys.readouterr().out.splitlines()[-1]
     assert f"class accuracy {metrics['class_accuracy']:.1%} of 12 samples" in line
-    assert f"; {rej['class_accuracy']:.1%} keeping the best of 4 by a second classifier" in line
+    assert f"; {rej['class_accuracy']:.1%} keeping the best 12 of 48 candidates by a " in line
     assert f"reconstruction PSNR {metrics['reconstruction_psnr_db']:.2f} dB" in line
 
     # the map beside the image is the scene it was drawn from

@@ -107,7 +107,9 @@ def run_demo(
     segmentation map with the sliding window. Returns the paths written.
     """
     from latentgen.classifiers import load_classifier
+    from latentgen.files import atomic_write_json
     from latentgen.rejection import RejectionConfig
+    from latentgen.training.cli import train_prior, train_tokenizer
 
     # Checked before minutes of training: a bad rate or ranker fails now.
     rejection = None
@@ -116,8 +118,6 @@ def run_demo(
             classifier=ranker if ranker is not None else shapes_ranker_path(),
             acceptance_rate=acceptance_rate,
         )
-    from latentgen.files import atomic_write_json
-    from latentgen.training.cli import train_prior, train_tokenizer
 
     start = time.perf_counter()
     out = Path(out)
@@ -164,8 +164,8 @@ def run_demo(
     rej_text = (
         ""
         if rej is None
-        else f"; {rej['class_accuracy']:.1%} keeping the best of "
-        f"{round(1 / rej['acceptance_rate'])} by a second classifier"
+        else f"; {rej['class_accuracy']:.1%} keeping the best {metrics['samples']} of "
+        f"{rej['candidates']} candidates by a second classifier"
     )
     print(
         f"class accuracy {acc:.1%} of {metrics['samples']} samples{rej_text} (classifier: "
@@ -215,7 +215,10 @@ def _class_samples(
         "ranker_held_out_accuracy": getattr(rejection.classifier, "held_out_accuracy", None),
         **scored,
     }
-    print(f"samples, best of {report.candidates // report.kept} by a second classifier -> {path}")
+    print(
+        f"samples, the best {report.kept} of {report.candidates} candidates by a second "
+        f"classifier -> {path}"
+    )
     return {"samples_rejection": path}
 
 
