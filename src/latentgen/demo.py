@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch import Tensor
 
 from latentgen.data.base import to_pil
 from latentgen.data.shapes import CLASSES, ShapesConfig, ShapesDataset
@@ -138,11 +139,7 @@ def run_demo(
 
     paths: dict[str, Path] = {"pipeline": final}
     metrics: dict[str, Any] = {}
-    paths |= _class_samples(pipe, clf, out, image_size, seed, samples_per_class, metrics)
-    if rejection is not None:
-        paths |= _class_samples(
-            pipe, clf, out, image_size, seed, samples_per_class, metrics, rejection
-        )
+    paths |= _class_samples(pipe, clf, out, image_size, seed, samples_per_class, metrics, rejection)
     paths |= _reconstructions(pipe, out, image_size, seed, metrics)
     sampled = time.perf_counter()
     paths |= _large_from_segmentation(pipe, clf, out, image_size, large_size, seed, metrics)
@@ -188,24 +185,43 @@ def _class_samples(
 ) -> dict[str, Path]:
     """Samples from the label alone: a grid (one row per class), class accuracy and KID.
 
-    With ``rejection`` (a ``RejectionConfig``), the same draw with classifier rejection
+    With ``rejection`` (a ``RejectionConfig``), the same draw again with classifier rejection
     sampling: each image is the best of ``1 / acceptance_rate`` candidates under
-    ``rejection.classifier``, scored by ``clf``, into ``samples-rejection.png`` and
-    ``metrics["rejection"]``.
+    ``rejection.classifier``, scored by ``clf`` against the same real images, into
+    ``samples-rejection.png`` and ``metrics["rejection"]``.
     """
-    if rejection is None:
-        path = out / "samples.png"
-        scored = _draw_and_score(pipe, clf, path, image_size, seed, per_class)
-        metrics.update(
-            scored,
-            samples=per_class * len(CLASSES),
-            classifier_held_out_accuracy=clf.held_out_accuracy,
+    k = len(CLASSES)
+    labels = [c for c in range(k) for _ in range(per_class)]  # class-major
+    with torch.no_grad():  # KID's real side: as many held-out images, shared by both draws
+        held = ShapesDataset(
+            ShapesConfig(size=len(labels), image_size=image_size, seed=seed + HELD_OUT_SEED)
         )
-        print(f"samples   -> {path} (one row per class: {', '.join(CLASSES)})")
-        return {"samples": path}
-    path = out / "samples-rejection.png"
+        real = clf.features(torch.stack([held[i]["image"] for i in range(len(held))]))  # [N, D]
+
+    def draw_and_score(p: Pipeline, path: Path) -> dict[str, Any]:
+        images = p(
+            label=labels,
+            size=image_size,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="tensor",
+        )  # [k * per_class, 3, S, S]
+        shown = min(per_class, 8)
+        rows = images.view(k, per_class, *images.shape[1:])[:, :shown].flatten(0, 1)
+        _save_png(image_grid(to_pil(rows), nrow=shown), path)  # row r holds class r
+        return _score(clf, images, torch.tensor(labels), real, seed)
+
+    paths = {"samples": out / "samples.png"}
+    metrics.update(
+        draw_and_score(pipe, paths["samples"]),
+        samples=len(labels),
+        classifier_held_out_accuracy=clf.held_out_accuracy,
+    )
+    print(f"samples   -> {paths['samples']} (one row per class: {', '.join(CLASSES)})")
+    if rejection is None:
+        return paths
+    paths["samples_rejection"] = path = out / "samples-rejection.png"
     ranked = pipe.replace(rejection=rejection)
-    scored = _draw_and_score(ranked, clf, path, image_size, seed, per_class)
+    scored = draw_and_score(ranked, path)
     report = ranked.last_rejection
     assert report is not None
     metrics["rejection"] = {
@@ -219,39 +235,19 @@ def _class_samples(
         f"samples, the best {report.kept} of {report.candidates} candidates by a second "
         f"classifier -> {path}"
     )
-    return {"samples_rejection": path}
+    return paths
 
 
-def _draw_and_score(
-    pipe: Pipeline, clf: Any, path: Path, image_size: int, seed: int, per_class: int
-) -> dict[str, Any]:
-    """Draw ``per_class`` images of each class from the label alone, write them to ``path``
-    (one row per class) and score them: class accuracy (overall and per class) and KID
-    against as many held-out real images."""
+def _score(clf: Any, images: Tensor, want: Tensor, real: Tensor, seed: int) -> dict[str, Any]:
+    """Class accuracy (overall and per class) of ``images`` asked for classes ``want``, and
+    KID of their features against ``real`` ones."""
     from latentgen.metrics.kid import kernel_inception_distance
 
-    k = len(CLASSES)
-    labels = [c for c in range(k) for _ in range(per_class)]  # class-major
-    images = pipe(
-        label=labels,
-        size=image_size,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="tensor",
-    )  # [k * per_class, 3, S, S]
-    shown = min(per_class, 8)
-    rows = images.view(k, per_class, *images.shape[1:])[:, :shown].flatten(0, 1)
-    _save_png(image_grid(to_pil(rows), nrow=shown), path)  # row r holds class r
     with torch.no_grad():
         fake = clf.features(images)  # [N, D]
         pred = clf.logits(images).argmax(-1)  # [N]
-        held = ShapesDataset(
-            ShapesConfig(size=len(labels), image_size=image_size, seed=seed + HELD_OUT_SEED)
-        )
-        real_images = torch.stack([held[i]["image"] for i in range(len(held))])
-        real = clf.features(real_images)  # [N, D]
-    want = torch.tensor(labels)
-    per = {CLASSES[c]: float((pred[want == c] == c).float().mean()) for c in range(k)}
-    kid = kernel_inception_distance(real, fake, subset_size=min(100, len(labels)), seed=seed)
+    per = {name: float((pred[want == c] == c).float().mean()) for c, name in enumerate(CLASSES)}
+    kid = kernel_inception_distance(real, fake, subset_size=min(100, len(want)), seed=seed)
     return {
         "class_accuracy": float((pred == want).float().mean()),
         "class_accuracy_per_class": per,
