@@ -157,6 +157,12 @@ def test_prior_of_another_vocabulary(tokenizer_dir, tmp_path):
 
 
 def test_tokenizers_at_equal_steps(tmp_path):
+    torch.manual_seed(0)
+    clf = registry.build(
+        "classifier", {"type": "cnn", "num_classes": 6, "image_size": 16, "widths": [8, 16]}
+    )
+    clf_dir = save_component(clf, "classifier", tmp_path / "clf")
+    held = registry.build("dataset", {"type": "shapes", "size": 8, "image_size": 16, "seed": 999})
     vqvae = {
         "type": "vqvae",
         "ch": 8,
@@ -177,13 +183,22 @@ def test_tokenizers_at_equal_steps(tmp_path):
         },
         "budgets": [{"steps": 3}],
         "trainer": {"batch_size": 4, "lr": 0.001},
-        "evaluation": {"held_out_images": 8},
+        "evaluation": {"held_out_images": 8, "classifier": str(clf_dir)},
     }
     result = run_compare(cfg)
     assert [(r["tokenizer"], r["steps"]) for r in result.rows] == [("k16", 3), ("k64", 3)]
     assert {r["codebook_size"] for r in result.rows} == {16, 64}
     for r in result.rows:
         assert r["psnr_db"] > 0 and 0 < r["codebook_usage"] <= 1
+        assert 0 <= r["class_accuracy"] <= 1  # reconstructions read as their class
+        assert not any(k.startswith("class_accuracy/") for k in r)  # per class: eval tokenizer
+    # both tokenizers' originals are the same held-out images under the same classifier
+    (real,) = {r["real_class_accuracy"] for r in result.rows}
+    clf.eval()
+    x = torch.stack([held[i]["image"] for i in range(8)])
+    y = torch.tensor([held[i]["label"] for i in range(8)])
+    with torch.no_grad():
+        assert real == pytest.approx(float((clf.logits(x).argmax(-1) == y).float().mean()))
     assert not (tmp_path / "toks" / "code_cache").exists()
     with pytest.raises(SpecError, match="conditioners condition priors"):
         load_compare_config(

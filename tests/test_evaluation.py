@@ -109,6 +109,85 @@ def test_tokenizer_from_a_path_matches_the_command_line(saved: Path, tmp_path: P
     assert json.loads(res.output) == pytest.approx(api.as_dict())
 
 
+def _classifier(num_classes: int = 6, image_size: int = 16):
+    torch.manual_seed(0)  # untrained: its readings are arbitrary, but fixed
+    return registry.build(
+        "classifier",
+        {"type": "cnn", "num_classes": num_classes, "image_size": image_size, "widths": [8, 16],
+         "class_names": ["circle", "square", "triangle", "diamond", "cross", "ring"][:num_classes]},
+    )  # fmt: skip
+
+
+def test_tokenizer_class_accuracy_equals_direct_counts(pipe: Pipeline) -> None:
+    # A third of the items are unlabelled scene windows (label -1): left out of the counts.
+    data = registry.build("dataset", {**DATA, "size": 24, "scene_fraction": 0.34})
+    clf = _classifier()
+    clf.train()
+    result = evaluate_tokenizer(pipe.tokenizer, data, batch_size=5, lpips=False, classifier=clf)
+    assert clf.training  # evaluation leaves the caller's mode as it was
+    clf.eval()
+    items = [data[i] for i in range(len(data))]
+    keep = [i for i, it in enumerate(items) if it["label"] >= 0]
+    assert 0 < len(keep) < len(items)
+    x = torch.stack([items[i]["image"] for i in keep])
+    y = torch.tensor([items[i]["label"] for i in keep])
+    with torch.no_grad():
+        recon = pipe.tokenizer.decode(pipe.tokenizer.encode(x)).clamp(-1, 1)
+        hit_recon = clf.logits(recon).argmax(-1) == y
+        hit_real = clf.logits(x).argmax(-1) == y
+    assert result.images == len(items) and result.labelled_images == len(keep)
+    assert result.class_accuracy == pytest.approx(float(hit_recon.float().mean()))
+    assert result.real_class_accuracy == pytest.approx(float(hit_real.float().mean()))
+    expected = {
+        f"class_accuracy/{clf.class_names[c]}": float(hit_recon[y == c].float().mean())
+        for c in sorted(set(y.tolist()))
+    }
+    out = result.as_dict()
+    assert {k: v for k, v in out.items() if k.startswith("class_accuracy/")} == pytest.approx(
+        expected
+    )
+    assert {"class_accuracy", "real_class_accuracy", "labelled_images"} <= set(out)
+
+
+@pytest.mark.parametrize(
+    ("items", "clf", "error", "message"),
+    [
+        ("plain", _classifier(num_classes=4), InputError, "label 5, but the classifier knows 4"),
+        ("plain", _classifier(image_size=32), InputError, r"images \[B, 3, 32, 32\]"),
+        ("unlabelled", _classifier(), DataError, "no item has a class label"),
+        ("no_label_key", _classifier(), DataError, "items have no 'label'"),
+    ],
+)
+def test_tokenizer_class_accuracy_bad_input(
+    pipe: Pipeline, dataset, items: str, clf, error: type, message: str
+) -> None:
+    data: object = dataset
+    if items == "unlabelled":
+        data = registry.build("dataset", {**DATA, "scene_fraction": 1.0})
+    elif items == "no_label_key":
+        data = [{"image": dataset[i]["image"]} for i in range(4)]
+    with pytest.raises(error, match=message):
+        evaluate_tokenizer(pipe.tokenizer, data, lpips=False, classifier=clf)
+
+
+def test_tokenizer_class_accuracy_from_the_command_line(saved: Path, tmp_path: Path) -> None:
+    from latentgen.artifact import save_component
+
+    clf_dir = save_component(_classifier(), "classifier", tmp_path / "clf")
+    data_file = tmp_path / "data.json"
+    data_file.write_text(json.dumps(DATA))
+    args = ["eval", "tokenizer", str(saved), "--data", str(data_file), "--no-lpips"]
+    res = CliRunner().invoke(main, [*args, "--classifier", str(clf_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    api = evaluate_tokenizer(
+        saved, registry.build("dataset", DATA), lpips=False, classifier=clf_dir, device="cpu"
+    )
+    assert json.loads(res.output) == pytest.approx(api.as_dict())
+    assert "class_accuracy/circle" in json.loads(res.output)
+    table = CliRunner().invoke(main, [*args, "--classifier", str(clf_dir)])
+    assert table.exit_code == 0 and "real_class_accuracy:" in table.output
+
+
 def test_prior_nll_equals_the_pipeline_log_likelihood(pipe: Pipeline, dataset) -> None:
     result = evaluate_prior(pipe, dataset, batch_size=4)
     x = torch.stack([dataset[i]["image"] for i in range(len(dataset))])

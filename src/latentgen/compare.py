@@ -117,7 +117,9 @@ class Evaluation(BaseModel):
     sample_batch: int = Field(16, ge=1, description="Samples drawn at once to time sampling.")
     classifier: Path | None = Field(
         None,
-        description="Saved classifier: adds eval-samples figures (accuracy, KID, FID). "
+        description="Saved classifier: adds eval-samples figures (accuracy, KID, FID) to a "
+        "comparison of priors, and the share of reconstructions read as their class to one of "
+        "tokenizers. "
         "`latentgen:NAME` names one shipped with latentgen (latentgen:shapes-classifier, the "
         "reference for the shapes data).",
     )
@@ -360,11 +362,21 @@ class _Runner:
         held = _dataset(self.cfg.held_out)
         tok = load_component(path, "tokenizer").to(self.device).eval()
         t0 = time.perf_counter()
+        # With a classifier, also the share of reconstructions it reads as their class (the
+        # per-class figures stay out of the table: `latentgen eval tokenizer` prints them).
         scores = evaluate_tokenizer(
-            tok, held, limit=ev.held_out_images, lpips=False, device=self.device
+            tok,
+            held,
+            limit=ev.held_out_images,
+            lpips=False,
+            classifier=ev.classifier,
+            device=self.device,
         )
-        out = scores.as_dict()
-        out.pop("images", None)
+        out = {
+            k: v
+            for k, v in scores.as_dict().items()
+            if k not in ("images", "labelled_images") and not k.startswith("class_accuracy/")
+        }
         out["eval_images_per_s"] = scores.images / (time.perf_counter() - t0)
         return out
 

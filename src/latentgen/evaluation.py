@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from latentgen.errors import DataError, InputError
 
 if TYPE_CHECKING:
+    from latentgen.classifiers.base import Classifier
     from latentgen.metrics.fid import InceptionFeatures
     from latentgen.metrics.lpips import LPIPS
     from latentgen.pipeline import Pipeline
@@ -48,13 +49,24 @@ class TokenizerEvaluation:
     perplexity: float
     dead_codes: int
     codebook_size: int
+    # With a classifier (None: none given): the share of the labelled images whose
+    # reconstruction it reads as their label, the same for the originals (what the tokenizer's
+    # loss is measured against), and the reconstructions' share by class name.
+    class_accuracy: float | None = None
+    real_class_accuracy: float | None = None
+    labelled_images: int | None = None
+    class_accuracy_by_class: dict[str, float] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()  # why a metric was skipped
 
     def as_dict(self) -> dict[str, Any]:
-        """The measured metrics by name (what ``latentgen eval tokenizer --json`` prints)."""
+        """The measured metrics by name (what ``latentgen eval tokenizer --json`` prints); the
+        per-class accuracies as ``class_accuracy/<class name>``."""
         out = dataclasses.asdict(self)
         del out["notes"]
-        return {k: v for k, v in out.items() if v is not None}
+        by_class = out.pop("class_accuracy_by_class")
+        out = {k: v for k, v in out.items() if v is not None}
+        out.update({f"class_accuracy/{name}": acc for name, acc in by_class.items()})
+        return out
 
 
 @dataclass(frozen=True)
@@ -142,9 +154,15 @@ def evaluate_tokenizer(
     limit: int | None = None,
     lpips: bool | Literal["auto"] | LPIPS = "auto",
     inception: str | Path | InceptionFeatures | None = None,
+    classifier: Classifier | str | Path | None = None,
     device: str | torch.device | None = None,
 ) -> TokenizerEvaluation:
     """PSNR, SSIM, LPIPS, rFID and codebook usage of ``decode(encode(x))`` over ``dataset``.
+
+    With a ``classifier``, also how often it reads a reconstruction as the item's ``"label"``
+    (overall and per class) beside how often it reads the original so: whether the codes keep
+    what tells the classes apart, which PSNR does not say. Items labelled -1 (unlabelled, such
+    as shapes' scene windows) are left out of those figures.
 
     Args:
         tokenizer: a tokenizer, or the path of a pipeline, tokenizer export or run directory.
@@ -154,6 +172,8 @@ def evaluate_tokenizer(
         lpips: ``"auto"`` measures LPIPS when its weights are on disk (else ``notes`` says why
             not), ``True`` requires them, ``False`` skips it; or pass an ``LPIPS`` model.
         inception: Inception-v3 weights (a path or ``InceptionFeatures``) for rFID; None skips.
+        classifier: a ``Classifier`` or the path of a saved one (``latentgen train
+            classifier``) for the class accuracies; the dataset's items need a ``"label"``.
         device: where to run; None keeps the tokenizer where it is.
     """
     from latentgen.metrics.codebook import CodebookUsage
@@ -172,11 +192,12 @@ def evaluate_tokenizer(
             if isinstance(inception, InceptionFeatures)
             else InceptionFeatures.from_pretrained(inception)
         ).to(dev)
+    reader = None if classifier is None else _ClassReadings(classifier, dev)
     real, recon_stats = GaussianStats(), GaussianStats()
     usage = CodebookUsage(tok.vocab_size)
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     count = 0
-    with _evaluating(tok):
+    with _evaluating(tok), _evaluating(reader.classifier if reader else nn.Identity()):
         for batch in batches:
             x = batch["image"].to(dev).float()  # [B, C, H, W]
             codes = tok.encode(x)  # [B, h, w]
@@ -189,8 +210,11 @@ def evaluate_tokenizer(
             if features is not None:
                 real.update(features(x))
                 recon_stats.update(features(recon))
+            if reader is not None:
+                reader.update(batch, x, recon)
             count += int(x.shape[0])
     stats = usage.compute()
+    read = {} if reader is None else reader.compute()
     return TokenizerEvaluation(
         images=count,
         psnr_db=sums["psnr"] / count,
@@ -204,7 +228,69 @@ def evaluate_tokenizer(
         dead_codes=int(stats["dead_codes"]),
         codebook_size=tok.vocab_size,
         notes=(note,) if note else (),
+        **read,
     )
+
+
+class _ClassReadings:
+    """Counts, by class, the labelled images whose original and reconstruction a classifier
+    reads as their label (``evaluate_tokenizer(classifier=...)``)."""
+
+    def __init__(self, classifier: Classifier | str | Path, device: torch.device) -> None:
+        if isinstance(classifier, (str, Path)):
+            from latentgen.classifiers import load_classifier
+
+            classifier = load_classifier(classifier)
+        self.classifier = classifier.to(device)
+        k = classifier.num_classes
+        self.seen = torch.zeros(k, dtype=torch.long)
+        self.real = torch.zeros(k, dtype=torch.long)
+        self.recon = torch.zeros(k, dtype=torch.long)
+
+    def update(self, batch: Mapping[str, Any], x: Tensor, recon: Tensor) -> None:
+        if "label" not in batch:
+            raise DataError(
+                f"a classifier was given, but the dataset's items have no 'label' (they have "
+                f"{sorted(batch)}); evaluate on labelled data (shapes, Fashion-MNIST, a folder "
+                "with one subfolder per class), or leave the classifier out."
+            )
+        y = torch.as_tensor(batch["label"]).long().flatten().to(x.device)  # [B]
+        keep = y >= 0  # -1: unlabelled (a shapes scene window)
+        if not bool(keep.any()):
+            return
+        y, x, recon = y[keep], x[keep], recon[keep]
+        k = self.classifier.num_classes
+        if int(y.max()) >= k:
+            raise InputError(
+                f"the dataset has label {int(y.max())}, but the classifier knows {k} classes; "
+                f"give a classifier trained on this dataset's classes (`latentgen train "
+                "classifier`)."
+            )
+        self.classifier.check_images(x)
+        hits_real = self.classifier.logits(x).argmax(-1) == y
+        hits_recon = self.classifier.logits(recon).argmax(-1) == y
+        self.seen += torch.bincount(y, minlength=k).cpu()
+        self.real += torch.bincount(y[hits_real], minlength=k).cpu()
+        self.recon += torch.bincount(y[hits_recon], minlength=k).cpu()
+
+    def compute(self) -> dict[str, Any]:
+        n = int(self.seen.sum())
+        if n == 0:
+            raise DataError(
+                "a classifier was given, but no item has a class label (all are -1, "
+                "unlabelled); evaluate on labelled items, e.g. shapes with scene_fraction: 0."
+            )
+        names = self.classifier.class_names
+        return {
+            "class_accuracy": int(self.recon.sum()) / n,
+            "real_class_accuracy": int(self.real.sum()) / n,
+            "labelled_images": n,
+            "class_accuracy_by_class": {
+                names[c]: int(self.recon[c]) / int(self.seen[c])
+                for c in range(len(self.seen))
+                if self.seen[c] > 0
+            },
+        }
 
 
 def evaluate_prior(

@@ -521,6 +521,14 @@ def _data_options(f: Any) -> Any:
     help="Also rFID, with these Inception-v3 weights (NVIDIA's TorchScript "
     "inception-2015-12-05.pt; latentgen never downloads them).",
 )
+@click.option(
+    "--classifier",
+    "classifier_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Also the share of reconstructions (and of the originals) this saved classifier reads "
+    "as their label, overall and per class; the data must be labelled.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def eval_tokenizer(
     source: Path,
@@ -530,9 +538,11 @@ def eval_tokenizer(
     lpips: bool,
     device: str,
     inception: Path | None,
+    classifier_dir: Path | None,
     as_json: bool,
 ) -> None:
-    """Reconstruction quality (PSNR, SSIM, LPIPS) and codebook usage of SOURCE's tokenizer."""
+    """Reconstruction quality (PSNR, SSIM, LPIPS, with --classifier class accuracy) and
+    codebook usage of SOURCE's tokenizer."""
     from latentgen.artifact import load_component
     from latentgen.evaluation import evaluate_tokenizer
 
@@ -543,6 +553,7 @@ def eval_tokenizer(
         limit=limit,
         lpips="auto" if lpips else False,
         inception=inception,
+        classifier=classifier_dir,
         device=_device(device),
     )
     if not as_json:
