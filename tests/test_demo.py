@@ -14,7 +14,7 @@ from PIL import Image
 import latentgen.demo as demo
 from latentgen import Pipeline, registry
 from latentgen.artifact import save_component
-from latentgen.data.shapes import CLASSES
+from latentgen.data.shapes import CLASSES, ShapesConfig, ShapesDataset
 
 
 def _tiny_configs(monkeypatch) -> None:
@@ -58,6 +58,18 @@ def test_demo_trains_one_pipeline_measures_it_and_ends_with_a_large_image(
     assert 0.0 <= metrics["class_accuracy"] <= 1.0
     assert metrics["kid"]["subset_size"] == 12 and metrics["kid"]["std_error"] >= 0
     assert 0 < metrics["reconstruction_psnr_db"] < 100
+    # the share of 256 held-out reconstructions the scoring classifier reads as their class
+    from latentgen.classifiers import load_classifier
+
+    held = ShapesDataset(ShapesConfig(size=256, image_size=32, seed=demo.HELD_OUT_SEED))
+    x = torch.stack([held[i]["image"] for i in range(256)])
+    y = torch.tensor([held[i]["label"] for i in range(256)])
+    with torch.no_grad():
+        recon = Pipeline.from_pretrained(written["pipeline"]).reconstruct(x).clamp(-1, 1)
+        read = load_classifier(tmp_path / "clf").logits(recon).argmax(-1)
+    assert metrics["reconstruction_images"] == 256
+    direct = float((read == y).float().mean())
+    assert metrics["reconstruction_class_accuracy"] == pytest.approx(direct)
     assert metrics["large_image"]["size"] == [64, 64] and metrics["large_image"]["codes"] == 256
     assert metrics["large_image"]["window"] == "cached"
     assert metrics["large_image"]["cells"] == 4
@@ -74,7 +86,8 @@ def test_demo_trains_one_pipeline_measures_it_and_ends_with_a_large_image(
     line = capsys.readouterr().out.splitlines()[-1]
     assert f"class accuracy {metrics['class_accuracy']:.1%} of 12 samples" in line
     assert f"; {rej['class_accuracy']:.1%} keeping the best 12 of 48 candidates by a " in line
-    assert f"reconstruction PSNR {metrics['reconstruction_psnr_db']:.2f} dB" in line
+    assert f"reconstruction PSNR {metrics['reconstruction_psnr_db']:.2f} dB, " in line
+    assert f"{metrics['reconstruction_class_accuracy']:.1%} read as their class" in line
 
     # the map beside the image is the scene it was drawn from
     from latentgen.conditioners.scene import colour_segmentation, shapes_scene
