@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -197,7 +197,7 @@ def evaluate_tokenizer(
     usage = CodebookUsage(tok.vocab_size)
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     count = 0
-    with _evaluating(tok), _evaluating(reader.classifier if reader else nn.Identity()):
+    with _evaluating(tok), (_evaluating(reader.classifier) if reader else nullcontext()):
         for batch in batches:
             x = batch["image"].to(dev).float()  # [B, C, H, W]
             codes = tok.encode(x)  # [B, h, w]
@@ -263,7 +263,7 @@ class _ClassReadings:
         if int(y.max()) >= k:
             raise InputError(
                 f"the dataset has label {int(y.max())}, but the classifier knows {k} classes; "
-                f"give a classifier trained on this dataset's classes (`latentgen train "
+                "give a classifier trained on this dataset's classes (`latentgen train "
                 "classifier`)."
             )
         self.classifier.check_images(x)
