@@ -64,6 +64,19 @@ def test_rows_without_and_with_rejection(pipe, held_out):
     assert plain.kid is not None and plain.kid_std_error > 0 and plain.fid >= 0
     d = plain.as_dict()
     assert {"class_accuracy", "kid", "kid_std_error", "fid", "samples_per_s"} <= set(d)
+    # per class: 10 samples of each requested class, so the overall figure is their mean; the
+    # label conditioner names none, so the names are the classifier's
+    for row in rows:
+        by_class = row.class_accuracy_by_class
+        assert list(by_class) == [f"c{i}" for i in range(6)]
+        assert sum(by_class.values()) / 6 == pytest.approx(row.class_accuracy)
+        assert all(abs(v * 10 - round(v * 10)) < 1e-5 for v in by_class.values())  # k of 10
+        assert row.as_dict()["class_accuracy/c2"] == by_class["c2"]
+    # a classifier that always says class 0 is right on class 0 only
+    (zero,) = evaluate_samples(
+        pipe, AlwaysZero(), held_out, num_samples=4, metrics=["accuracy"], batch_size=8
+    )
+    assert zero.class_accuracy_by_class == {f"c{i}": float(i == 0) for i in range(6)}
     table = format_table([r.as_dict() for r in rows])
     assert "rejection@0.25" in table.splitlines()[3] and "class_accuracy" in table.splitlines()[0]
 
@@ -326,6 +339,12 @@ def test_cli_eval_samples_table_and_json_lines(pipe, saved_classifier, tmp_path)
     assert header[:3] == ["name", "samples", "samples_per_s"] and "kid_std_error" in header
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == ["plain", "rejection@0.5"]
+    # the per-class figures are in the JSON lines, and in a table of their own
+    assert {f"class_accuracy/class_{i}" for i in range(6)} <= set(rows[0])
+    assert "class_accuracy/" not in res.stdout.splitlines()[0]
+    by_class = res.stdout.split("class accuracy by class:\n")[1].splitlines()
+    assert by_class[0].split() == ["name", *(f"class_{i}" for i in range(6))]
+    assert by_class[2].split()[0] == "plain"
     assert rows[1]["realised_rate"] == 0.5 and rows[0]["samples"] == 30
     res = CliRunner().invoke(main, [*args, "--json"])
     assert [json.loads(line)["name"] for line in res.stdout.splitlines()] == [

@@ -178,7 +178,17 @@ def eval_samples(
         for d in dicts:
             click.echo(json.dumps(d))
         return
-    click.echo(format_table(dicts))
+    # The per-class accuracies get a table of their own: one column per class.
+    per = "class_accuracy/"
+    columns = [k for k in dict.fromkeys(k for d in dicts for k in d) if not k.startswith(per)]
+    click.echo(format_table(dicts, columns))
+    by_class = [
+        {"name": d["name"], **{k[len(per) :]: v for k, v in d.items() if k.startswith(per)}}
+        for d in dicts
+    ]
+    if any(len(r) > 1 for r in by_class):
+        click.echo("\nclass accuracy by class:")
+        click.echo(format_table(by_class))
     for note in dict.fromkeys(n for r in rows for n in r.notes):
         click.echo(f"note: {note}", err=True)
 

@@ -58,15 +58,21 @@ class SampleEvaluation:
     realised_rate: float | None = None  # kept / candidates
     ranked_by_scorer: bool | None = None  # rejection: the scoring classifier chose the samples
     agreement: dict[str, float] = dataclasses.field(default_factory=dict)  # per condition
+    # class accuracy of each requested class, by its name (the label conditioner's
+    # class_names, else the classifier's)
+    class_accuracy_by_class: dict[str, float] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        """The measured figures by name (a JSON line of ``latentgen eval samples``)."""
+        """The measured figures by name (a JSON line of ``latentgen eval samples``); the
+        per-class accuracies as ``class_accuracy/<class name>``."""
         out = dataclasses.asdict(self)
         agreement = out.pop("agreement")
+        by_class = out.pop("class_accuracy_by_class")
         out.pop("notes")
         out = {k: v for k, v in out.items() if v is not None}
         out.update(agreement)
+        out.update({f"class_accuracy/{name}": acc for name, acc in by_class.items()})
         return out
 
 
@@ -76,6 +82,11 @@ def _load_classifier(classifier: Any) -> Any:
 
         return load_classifier(classifier)
     return classifier
+
+
+def _class_names(clf: Any) -> tuple[str, ...]:
+    """A classifier's class names; () for a plain callable (``images -> probabilities``)."""
+    return tuple(getattr(clf, "class_names", ()) or ())
 
 
 def _class_conditions(pipe: Any) -> list[str]:
@@ -458,7 +469,7 @@ def _evaluate_mode(
     from latentgen.rejection import class_probs
 
     generator = torch.Generator(pipe.device).manual_seed(seed)
-    feats, incep_feats, incep_probs, correct = [], [], [], []
+    feats, incep_feats, incep_probs, correct, requested = [], [], [], [], []
     agree: dict[str, list[Tensor]] = {}
     notes: list[str] = []
     candidates, seconds = 0, 0.0
@@ -493,6 +504,7 @@ def _evaluate_mode(
             want = pipe.conditioners[classes[0]].encode(raw[classes[0]]).tokens[:, 0]
             got = class_probs(clf, images, num_classes).argmax(1).cpu()
             correct.append((got == want.cpu()).float())
+            requested.append(want.cpu())
         if wanted & {"kid", "fid"}:
             feats.append(_features(clf, images))
         if incep is not None:
@@ -520,7 +532,13 @@ def _evaluate_mode(
         row["realised_rate"] = total / candidates
         row["ranked_by_scorer"] = cfg.classifier is clf
     if correct:
-        row["class_accuracy"] = float(torch.cat(correct).mean())
+        hits, want = torch.cat(correct), torch.cat(requested)  # [N], [N]
+        row["class_accuracy"] = float(hits.mean())
+        names = pipe.conditioners[classes[0]].config.class_names or _class_names(clf)
+        row["class_accuracy_by_class"] = {
+            (names[c] if c < len(names) else f"class_{c}"): float(hits[want == c].mean())
+            for c in want.unique().tolist()
+        }
     if feats and real_feats is not None:
         fake = torch.cat(feats)
         if "kid" in wanted:
