@@ -243,11 +243,12 @@ def _score(clf: Any, images: Tensor, want: Tensor, real: Tensor, seed: int) -> d
     """Class accuracy (overall and per class) of ``images`` asked for classes ``want``, and
     KID of their features against ``real`` ones."""
     from latentgen.metrics.kid import kernel_inception_distance
+    from latentgen.sample_eval import accuracy_by_class
 
     with torch.no_grad():
         fake = clf.features(images)  # [N, D]
         pred = clf.logits(images).argmax(-1)  # [N]
-    per = {name: float((pred[want == c] == c).float().mean()) for c, name in enumerate(CLASSES)}
+    per = accuracy_by_class(pred == want, want, CLASSES)
     kid = kernel_inception_distance(real, fake, subset_size=min(100, len(want)), seed=seed)
     return {
         "class_accuracy": float((pred == want).float().mean()),

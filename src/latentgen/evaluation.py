@@ -233,8 +233,8 @@ def evaluate_tokenizer(
 
 
 class _ClassReadings:
-    """Counts, by class, the labelled images whose original and reconstruction a classifier
-    reads as their label (``evaluate_tokenizer(classifier=...)``)."""
+    """The labelled images' labels, and whether a classifier reads each original and each
+    reconstruction as its label (``evaluate_tokenizer(classifier=...)``)."""
 
     def __init__(self, classifier: Classifier | str | Path, device: torch.device) -> None:
         if isinstance(classifier, (str, Path)):
@@ -242,10 +242,9 @@ class _ClassReadings:
 
             classifier = load_classifier(classifier)
         self.classifier = classifier.to(device)
-        k = classifier.num_classes
-        self.seen = torch.zeros(k, dtype=torch.long)
-        self.real = torch.zeros(k, dtype=torch.long)
-        self.recon = torch.zeros(k, dtype=torch.long)
+        self.labels: list[Tensor] = []
+        self.hits_real: list[Tensor] = []
+        self.hits_recon: list[Tensor] = []
 
     def update(self, batch: Mapping[str, Any], x: Tensor, recon: Tensor) -> None:
         if "label" not in batch:
@@ -267,29 +266,24 @@ class _ClassReadings:
                 "classifier`)."
             )
         self.classifier.check_images(x)
-        hits_real = self.classifier.logits(x).argmax(-1) == y
-        hits_recon = self.classifier.logits(recon).argmax(-1) == y
-        self.seen += torch.bincount(y, minlength=k).cpu()
-        self.real += torch.bincount(y[hits_real], minlength=k).cpu()
-        self.recon += torch.bincount(y[hits_recon], minlength=k).cpu()
+        self.labels.append(y.cpu())
+        self.hits_real.append((self.classifier.logits(x).argmax(-1) == y).cpu())
+        self.hits_recon.append((self.classifier.logits(recon).argmax(-1) == y).cpu())
 
     def compute(self) -> dict[str, Any]:
-        n = int(self.seen.sum())
-        if n == 0:
+        from latentgen.sample_eval import accuracy_by_class
+
+        if not self.labels:
             raise DataError(
                 "a classifier was given, but no item has a class label (all are -1, "
                 "unlabelled); evaluate on labelled items, e.g. shapes with scene_fraction: 0."
             )
-        names = self.classifier.class_names
+        y, real, recon = (torch.cat(t) for t in (self.labels, self.hits_real, self.hits_recon))
         return {
-            "class_accuracy": int(self.recon.sum()) / n,
-            "real_class_accuracy": int(self.real.sum()) / n,
-            "labelled_images": n,
-            "class_accuracy_by_class": {
-                names[c]: int(self.recon[c]) / int(self.seen[c])
-                for c in range(len(self.seen))
-                if self.seen[c] > 0
-            },
+            "class_accuracy": float(recon.float().mean()),
+            "real_class_accuracy": float(real.float().mean()),
+            "labelled_images": int(y.numel()),
+            "class_accuracy_by_class": accuracy_by_class(recon, y, self.classifier.class_names),
         }
 
 

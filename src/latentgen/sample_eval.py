@@ -89,6 +89,16 @@ def _class_names(clf: Any) -> tuple[str, ...]:
     return tuple(getattr(clf, "class_names", ()) or ())
 
 
+def accuracy_by_class(hits: Tensor, want: Tensor, names: Sequence[str]) -> dict[str, float]:
+    """The share of ``hits`` (``[N]`` bool or 0/1) among the items of each class in ``want``
+    (``[N]`` class ids), by class name (``class_<id>`` past the end of ``names``), in class
+    order. The demo, ``eval samples`` and ``eval tokenizer`` report per-class figures with it."""
+    return {
+        (names[c] if c < len(names) else f"class_{c}"): float(hits[want == c].float().mean())
+        for c in want.unique().tolist()
+    }
+
+
 def _class_conditions(pipe: Any) -> list[str]:
     from latentgen.conditioners.label import ClassLabelConditioner
 
@@ -535,10 +545,7 @@ def _evaluate_mode(
         hits, want = torch.cat(correct), torch.cat(requested)  # [N], [N]
         row["class_accuracy"] = float(hits.mean())
         names = pipe.conditioners[classes[0]].config.class_names or _class_names(clf)
-        row["class_accuracy_by_class"] = {
-            (names[c] if c < len(names) else f"class_{c}"): float(hits[want == c].mean())
-            for c in want.unique().tolist()
-        }
+        row["class_accuracy_by_class"] = accuracy_by_class(hits, want, names)
     if feats and real_feats is not None:
         fake = torch.cat(feats)
         if "kid" in wanted:
