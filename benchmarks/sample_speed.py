@@ -8,7 +8,8 @@ absolute figures drift with the load of a shared machine. PixelSNAIL rows (``--k
 pixelsnail``; s = 2 blocks of 64 channels, m = 4 of 128, as in benchmarks/prior_step.py) compare
 its activation cache with one cropped forward per code. Masked-prior rows (``--kinds masked``,
 the transformer's s and m shapes, bidirectional) fill the grid in T passes (modes ``T=8``,
-``T=12``); ``--tokens 1024`` gives the 32x32 grid where the GPT prior's serial cost grows.
+``T=12``; ``T=8+2`` adds 2 refinement passes of 3 passes each); ``--tokens 1024`` gives the
+32x32 grid where the GPT prior's serial cost grows.
 
     LG_THREADS=2 lg python benchmarks/sample_speed.py
     lg python benchmarks/sample_speed.py --configs s --batches 1 --modes cached --rounds 5
@@ -23,7 +24,7 @@ Columns:
 - tok/s and tok/cpu-s: codes per wall second and per CPU second of the sampling process (on a
   shared machine wall time swings with the neighbours; CPU time less so);
 - peak: CPU, growth of the process's max RSS over the timed runs; CUDA, max allocated;
-- passes: sequential steps of one draw (h*w, or the masked prior's T); x gpt: the KV-cached
+- passes: sequential steps of one draw (h*w, or the masked prior's T + 3K); x gpt: the KV-cached
   transformer's time over this row's, at the same config and batch.
 
 Each (config, batch, mode) runs in a fresh subprocess, so its peak memory is its own; the rows
@@ -149,7 +150,8 @@ def masked_sampler(
     name: str, batch: int, mode: str, args: argparse.Namespace
 ) -> Callable[[tuple[int, int]], object]:
     """Like ``transformer_sampler`` for the masked prior of the same width and depth; ``mode``
-    "T=12" is 12 passes (fewer on the small grids of the warm-up and the op count). The
+    "T=12" is 12 passes (fewer on the small grids of the warm-up and the op count), "T=8+2"
+    8 passes and 2 refinement passes (``SamplerConfig.refine_steps``, 3 passes each). The
     returned draw has ``passes``: its sequential forward passes on the full grid."""
     import torch
 
@@ -157,7 +159,8 @@ def masked_sampler(
     from latentgen.specs import SamplerConfig
 
     torch.manual_seed(0)
-    steps = int(mode.removeprefix("T="))
+    t, _, k = mode.removeprefix("T=").partition("+")
+    steps, refine = int(t), int(k or 0)
     config = MaskedPriorConfig(
         vocab_size=1024, block_size=args.tokens, steps=min(steps, args.tokens), **CONFIGS[name]
     )
@@ -166,10 +169,11 @@ def masked_sampler(
 
     def go(grid: tuple[int, int]) -> object:
         gen = torch.Generator(device=device).manual_seed(0)
-        sampler = SamplerConfig(top_k=100, steps=min(steps, grid[0] * grid[1]))
+        t = min(steps, grid[0] * grid[1])
+        sampler = SamplerConfig(top_k=100, steps=t, refine_steps=refine)
         return model.sample(grid=grid, sampler=sampler, generator=gen, num_samples=batch)
 
-    go.passes = steps  # type: ignore[attr-defined]
+    go.passes = steps + 3 * refine  # type: ignore[attr-defined]
     return go
 
 
@@ -179,7 +183,7 @@ def masked_sampler(
 ROWS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[..., Any]]] = {
     "transformer": (("s", "m"), ("cached", "uncached"), transformer_sampler),
     "pixelsnail": (("s", "m"), ("cached", "uncached"), pixelsnail_sampler),
-    "masked": (("s", "m"), ("T=8", "T=12"), masked_sampler),
+    "masked": (("s", "m"), ("T=8", "T=12", "T=8+2"), masked_sampler),
 }
 
 

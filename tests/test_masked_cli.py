@@ -20,6 +20,8 @@ from latentgen import Pipeline, registry
 from latentgen.artifact import save_component
 from latentgen.cli import main
 from latentgen.data.shapes import ShapesConfig, ShapesDataset
+from latentgen.demo import shapes_classifier_path
+from latentgen.priors.masked import MaskedPrior
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "latentgen" / "configs"
 
@@ -55,7 +57,7 @@ def tokenizers(tmp_path_factory):
     return tmp
 
 
-def test_class_conditional_masked_prior_trains_samples_and_scores(tokenizers):
+def test_class_conditional_masked_prior_trains_samples_and_scores(tokenizers, monkeypatch):
     tmp = tokenizers
     cfg = _shrink("shapes-masked.yaml", tmp)
     runner = CliRunner()
@@ -73,7 +75,33 @@ def test_class_conditional_masked_prior_trains_samples_and_scores(tokenizers):
     res = runner.invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "wrote 2 images" in res.output and Image.open(out).size[0] >= 32
-    assert "sampling (masked, 4 steps)" in res.output  # the progress bar (stderr mixed in)
+    # the progress bar (stderr mixed in), with the shipped sampler's two refinement passes
+    assert pipe.sampler.refine_steps == 2
+    assert "sampling (masked, 4 steps + 2 refinements)" in res.output
+
+    refined = []
+    refine = MaskedPrior._refine
+
+    def spy(self, codes, free, j, request):
+        refined.append((request.sampler.steps, j))
+        return refine(self, codes, free, j, request)
+
+    monkeypatch.setattr(MaskedPrior, "_refine", spy)
+    res = runner.invoke(main, [*args, "--refine", "1"])
+    assert res.exit_code == 0, res.output
+    assert "sampling (masked, 4 steps + 1 refinement)" in res.output and refined == [(4, 0)]
+    refined.clear()
+    res = runner.invoke(main, [*args, "--refine", "0"])
+    assert res.exit_code == 0, res.output
+    assert "sampling (masked, 4 steps)" in res.output and refined == []
+    res = runner.invoke(main, [*args, "--refine", "-1"])
+    assert res.exit_code != 0 and "--refine" in res.output
+    refined.clear()
+    clf = shapes_classifier_path()
+    ev = ["eval", "samples", str(final), "--classifier", str(clf), "--data", str(cfg), "-n", "1"]
+    res = runner.invoke(main, [*ev, "--metric", "accuracy", "--steps", "3", "--refine", "1"])
+    assert res.exit_code == 0, res.output
+    assert set(refined) == {(3, 0)} and "class_accuracy" in res.output
 
     res = runner.invoke(main, [*args[:-2], "--steps", "65", "-o", str(tmp / "no.png")])
     assert res.exit_code != 0
@@ -113,7 +141,8 @@ def test_segmentation_masked_prior_trains_and_samples_from_a_map(tokenizers):
 
 def test_compare_puts_the_masked_bound_beside_the_gpt_nll(tmp_path, monkeypatch):
     """`compare` trains both on one code cache, marks the masked prior's NLL as a bound and
-    measures the masked prior once per T of `evaluation.steps` (the GPT prior once); the
+    measures the masked prior once per T of `evaluation.steps` and K of `refine_steps` (the
+    GPT prior once); the
     shipped GPT-vs-masked config names the shipped classifier and T = 8, 12, 16."""
     from latentgen.compare import load_compare_config, run_compare
     from latentgen.demo import shapes_classifier_path
@@ -123,7 +152,8 @@ def test_compare_puts_the_masked_bound_beside_the_gpt_nll(tmp_path, monkeypatch)
     generate = MaskedPrior.generate
 
     def spy(self, request):
-        passes.append(self.num_steps(request.sampler.steps, request.grid))
+        steps = self.num_steps(request.sampler.steps, request.grid)
+        passes.append((steps, request.sampler.refine_steps))
         return generate(self, request)
 
     monkeypatch.setattr(MaskedPrior, "generate", spy)
@@ -161,15 +191,18 @@ def test_compare_puts_the_masked_bound_beside_the_gpt_nll(tmp_path, monkeypatch)
                 "kid_subset_size": 6,
                 "kid_subsets": 2,
                 "steps": [2, 5],
+                "refine_steps": [0, 1],
             },
         }
     )
-    assert [(r["prior"], r["sample_steps"]) for r in result.rows] == [
-        ("gpt", None),
-        ("masked", 2),
-        ("masked", 5),
+    assert [(r["prior"], r["sample_steps"], r["refine_steps"]) for r in result.rows] == [
+        ("gpt", None, None),
+        ("masked", 2, 0),
+        ("masked", 2, 1),
+        ("masked", 5, 0),
+        ("masked", 5, 1),
     ]
-    gpt, masked2, masked5 = result.rows
+    gpt, masked2, masked2r, masked5, _ = result.rows
     assert gpt["nll_is_upper_bound"] is False
     assert masked2["nll_is_upper_bound"] is True
     assert 0 < masked2["held_out_bits_per_code"] < 10
@@ -177,11 +210,14 @@ def test_compare_puts_the_masked_bound_beside_the_gpt_nll(tmp_path, monkeypatch)
     for row in result.rows:
         assert row["sample_codes_per_s"] > 0 and 0 <= row["class_accuracy"] <= 1
         assert row["kid"] is not None
-    # every draw of the T=2 row (timing, then eval samples) ran 2 passes, of the T=5 row 5
-    assert passes[0] == 2 and passes[-1] == 5 and sorted(set(passes)) == [2, 5]
-    assert passes == sorted(passes)
+    # every draw of the T=2 rows (timing, then eval samples) ran 2 passes, of the T=5 rows 5;
+    # the rows with K=1 one refinement pass after them
+    assert [t for t, _ in passes] == sorted(t for t, _ in passes)
+    assert sorted(set(passes)) == [(2, 0), (2, 1), (5, 0), (5, 1)]
+    assert masked2r["held_out_bits_per_code"] == masked2["held_out_bits_per_code"]
     header = result.table().splitlines()[0]
     assert "nll_is_upper_bound" in header and "sample_steps" in header
+    assert header.index("sample_steps") < header.index("refine_steps") < header.index("kid")
 
     shipped = load_compare_config(CONFIGS / "compare-shapes-masked.yaml")
     assert {p.type for p in shipped.priors.values()} == {"transformer", "masked"}

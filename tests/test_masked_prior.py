@@ -13,6 +13,7 @@ from torch import Tensor
 from latentgen import registry
 from latentgen.conditioners.base import Conditioning
 from latentgen.errors import InputError
+from latentgen.priors.base import SampleRequest
 from latentgen.priors.masked import MASK_SCHEDULES, MaskedPrior, MaskedPriorConfig, mask_ratio
 from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig, _Block
 from latentgen.specs import SamplerConfig
@@ -211,6 +212,110 @@ def test_on_code_counts_every_code_and_can_cancel():
 
     with pytest.raises(Stop):
         prior.sample(grid=(4, 4), sampler=SamplerConfig(steps=4), on_code=stop)
+
+
+def _request(prior: MaskedPrior, sampler: SamplerConfig) -> SampleRequest:
+    """An unconditional one-grid 4x4 request, as ``Prior.sample`` builds it."""
+    return SampleRequest((4, 4), 1, sampler, torch.Generator().manual_seed(0), {}, None)
+
+
+# -- refinement: the prior as its own critic ----------------------------------------------------
+def test_refinement_adds_three_passes_each_and_masks_fewer_codes_each_time(monkeypatch):
+    prior = _prior()
+    passes = _Passes(prior, monkeypatch)
+    sampler = SamplerConfig(steps=4, refine_steps=2, refine_fraction=0.5)
+    prior.sample(grid=(4, 4), sampler=sampler, generator=torch.Generator().manual_seed(0))
+    assert len(passes.masked) == 4 + 3 * 2
+    score = passes.masked[4:6] + passes.masked[7:9]  # the two halves of each pass
+    assert all(sum(m) == 16 for m in zip(score[0], score[1], strict=True))
+    assert all(sum(m) == 16 for m in zip(score[2], score[3], strict=True))
+    # the redraws: half of the 16 codes, then half of that (fraction * (1 - j / K))
+    assert passes.masked[6] == [8] and passes.masked[9] == [4]
+
+
+def test_refinement_redraws_the_codes_the_prior_finds_least_likely(monkeypatch):
+    """A prior sure that every code is 0: the one code that is not gets re-masked and redrawn."""
+    prior = _prior(vocab_size=4)
+    codes = torch.zeros(1, 16, dtype=torch.long)
+    codes[0, 5] = 3
+    big = torch.tensor([20.0, 0.0, 0.0, 0.0])
+
+    def logits(tokens, conds, positions=None, **kw):
+        return big.expand(int(positions.sum()), 4)
+
+    monkeypatch.setattr(prior, "_logits", logits)
+    request = _request(prior, SamplerConfig(refine_steps=1, refine_fraction=1 / 16))
+    free = torch.ones(1, 16, dtype=torch.bool)
+    assert torch.equal(prior._refine(codes, free, 0, request), torch.zeros(1, 16).long())
+    free[0, 5] = False  # a given code is never re-masked, however unlikely
+    out = prior._refine(codes, free, 0, request)
+    assert int(out[0, 5]) == 3 and int((out != codes).sum()) == 0  # one 0 redrawn as 0
+
+
+def test_refinement_keeps_the_given_codes_and_the_seed_decides(monkeypatch):
+    prior = _prior()
+    given = torch.randint(8, (2, 4, 4), generator=torch.Generator().manual_seed(3))
+    prefix = given.clone()
+    prefix[:, 2:] = -1
+    sampler = SamplerConfig(steps=4, refine_steps=3, refine_fraction=1.0)
+
+    def draw(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return prior.sample(prefix=prefix, grid=(4, 4), sampler=sampler, generator=g)
+
+    out = draw(0)
+    assert torch.equal(out[:, :2], given[:, :2]) and torch.equal(out, draw(0))
+    assert not torch.equal(out, draw(1))
+    plain = prior.sample(
+        prefix=prefix,
+        grid=(4, 4),
+        sampler=SamplerConfig(steps=4),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert not torch.equal(out, plain)  # the refinement passes drew codes again
+    full = prior.sample(prefix=given, grid=(4, 4), sampler=sampler)  # nothing free
+    assert torch.equal(full, given)
+
+
+def test_refinement_repairs_what_one_pass_cannot_keep_consistent():
+    """Every training grid is one code repeated. Drawn in one pass, each code is drawn alone,
+    so a grid mixes codes; refinement redraws the odd ones given the rest, and grids agree."""
+    prior = _prior(vocab_size=4, steps=1).train()
+    opt = torch.optim.AdamW(prior.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        c = torch.randint(4, (16, 1, 1), generator=g).expand(-1, 4, 4).contiguous()
+        opt.zero_grad()
+        prior.loss(c).backward()
+        opt.step()
+    prior.eval()
+
+    def agreement(sampler: SamplerConfig) -> float:
+        out = prior.sample(
+            grid=(4, 4),
+            num_samples=64,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(1),
+        ).view(64, 16)
+        return float((out == out.mode(-1).values[:, None]).float().mean())
+
+    one_pass = agreement(SamplerConfig(steps=1))
+    refined = agreement(SamplerConfig(steps=1, refine_steps=4, refine_fraction=0.5))
+    assert one_pass < 0.6 and refined > 0.9
+
+
+def test_refinement_shows_on_the_progress_bar(capsys):
+    _prior().sample(grid=(4, 4), sampler=SamplerConfig(steps=5, refine_steps=2), progress=True)
+    err = capsys.readouterr().err
+    assert "sampling (masked, 5 steps + 2 refinements)" in err and "7/7" in err
+
+
+def test_refinement_settings_out_of_range_name_the_limits():
+    with pytest.raises(ValidationError, match="refine_steps"):
+        SamplerConfig(refine_steps=-1)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValidationError, match="refine_fraction"):
+            SamplerConfig(refine_fraction=bad)
 
 
 # -- the likelihood bound -------------------------------------------------------------------------
@@ -435,14 +540,17 @@ def test_a_grid_beyond_the_trained_positions_is_refused():
 
 
 def test_the_gpt_prior_reads_no_steps():
-    """SamplerConfig.steps is for priors that decode in passes; the GPT prior draws the same."""
+    """SamplerConfig.steps and refine_steps are for priors that decode in passes; the GPT prior
+    draws the same."""
     torch.manual_seed(0)
     gpt = TransformerPrior(
         TransformerPriorConfig(vocab_size=8, block_size=16, n_layer=1, n_head=2, n_embd=16)
     ).eval()
     a = gpt.sample(grid=(4, 4), generator=torch.Generator().manual_seed(0))
     b = gpt.sample(
-        grid=(4, 4), sampler=SamplerConfig(steps=3), generator=torch.Generator().manual_seed(0)
+        grid=(4, 4),
+        sampler=SamplerConfig(steps=3, refine_steps=2),
+        generator=torch.Generator().manual_seed(0),
     )
     assert torch.equal(a, b)
 

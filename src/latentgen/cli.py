@@ -161,6 +161,14 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
     help="Decoding passes T of a masked prior (default: its config's steps, usually 12); "
     "fewer is faster, more is closer to one code per pass. Autoregressive priors ignore it.",
 )
+@click.option(
+    "--refine",
+    default=None,
+    type=click.IntRange(0),
+    help="Refinement passes of a masked prior after its T passes: each re-masks the codes the "
+    "prior finds least likely given the rest and draws them again (3 passes each). "
+    "Autoregressive priors ignore it.",
+)
 @click.option("--nrow", default=None, type=click.IntRange(1), help="Images per grid row.")
 @click.option(
     "--reject",
@@ -191,6 +199,7 @@ def sample(
     window_band: str | None,
     tile_mode: str,
     steps: int | None,
+    refine: int | None,
     nrow: int | None,
     reject_dir: Path | None,
     acceptance: float | None,
@@ -231,6 +240,7 @@ def sample(
         "window": window,
         "window_band": window_band,
         "steps": steps,
+        "refine_steps": refine,
     }
     sampler = SamplerConfig(
         **{**pipe.sampler.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}

@@ -136,6 +136,13 @@ class Evaluation(BaseModel):
         "Empty: the sampler's steps only. Autoregressive priors get one row.",
     )
 
+    refine_steps: list[int] = Field(
+        default_factory=list,
+        description="Refinement passes K (SamplerConfig.refine_steps) to measure one by one for "
+        "a prior that decodes in passes: one row per T and K, with a refine_steps column. "
+        "Empty: the sampler's refine_steps only.",
+    )
+
     @field_validator("classifier", mode="before")
     @classmethod
     def _shipped(cls, value: Any) -> Any:
@@ -151,6 +158,17 @@ class Evaluation(BaseModel):
             raise ValueError(
                 f"steps {bad}: a sampling pass count is at least 1; list values such as "
                 "[8, 12, 16]."
+            )
+        return value
+
+    @field_validator("refine_steps")
+    @classmethod
+    def _not_negative(cls, value: list[int]) -> list[int]:
+        bad = [k for k in value if k < 0]
+        if bad:
+            raise ValueError(
+                f"refine_steps {bad}: a count of refinement passes is at least 0 (0: none); "
+                "list values such as [0, 2]."
             )
         return value
 
@@ -381,8 +399,8 @@ class _Runner:
         return out
 
     def measure(self, pipe: Any) -> list[dict[str, Any]]:
-        """Held-out NLL, then sampling figures: one row, or one per T of ``evaluation.steps``
-        for a prior that decodes in passes."""
+        """Held-out NLL, then sampling figures: one row, or for a prior that decodes in passes
+        one per T of ``evaluation.steps`` and K of ``evaluation.refine_steps``."""
         from latentgen.evaluation import evaluate_prior
 
         cfg, ev = self.cfg, self.cfg.evaluation
@@ -393,13 +411,16 @@ class _Runner:
         row: dict[str, Any] = {"held_out_bits_per_code": nll.bits_per_code}
         # A masked prior's figure is its ELBO: an upper bound on the NLL, not the exact NLL.
         row["nll_is_upper_bound"] = nll.nll_is_upper_bound
-        if not (ev.steps and pipe.prior.decodes_in_passes):
-            steps = cfg.sampler.steps if pipe.prior.decodes_in_passes else None
-            return [row | {"sample_steps": steps} | self.measure_samples(pipe, cfg.sampler, held)]
+        if not pipe.prior.decodes_in_passes:
+            mode: dict[str, int | None] = {"sample_steps": None, "refine_steps": None}
+            return [row | mode | self.measure_samples(pipe, cfg.sampler, held)]
         rows = []
-        for t in ev.steps:
-            sampler = cfg.sampler.model_copy(update={"steps": t})
-            rows.append(row | {"sample_steps": t} | self.measure_samples(pipe, sampler, held))
+        steps: list[int | None] = list(ev.steps) or [cfg.sampler.steps]
+        for t in steps:
+            for k in ev.refine_steps or [cfg.sampler.refine_steps]:
+                sampler = cfg.sampler.model_copy(update={"steps": t, "refine_steps": k})
+                mode = {"sample_steps": t, "refine_steps": k}
+                rows.append(row | mode | self.measure_samples(pipe, sampler, held))
         return rows
 
     def measure_samples(self, pipe: Any, sampler: Any, held: Any) -> dict[str, Any]:

@@ -109,6 +109,19 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     metavar="NAME=KEY",
     help="Dataset key of a conditioner's data (default: its name).",
 )
+@click.option(
+    "--steps",
+    default=None,
+    type=click.IntRange(1),
+    help="Decoding passes T of a masked prior (default: the pipeline's sampler's).",
+)
+@click.option(
+    "--refine",
+    default=None,
+    type=click.IntRange(0),
+    help="Refinement passes of a masked prior after its T passes (default: the pipeline's "
+    "sampler's; see `latentgen sample --refine`).",
+)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
@@ -135,6 +148,8 @@ def eval_samples(
     kid_subsets: int,
     inception: Path | None,
     keys: tuple[str, ...],
+    steps: int | None,
+    refine: int | None,
     batch_size: int,
     seed: int,
     device: str,
@@ -155,6 +170,8 @@ def eval_samples(
         )
     pipe = Pipeline.from_pretrained(pipeline_dir).to(_device(device))
     mapping = condition_key_map(pipe.conditioners, keys)
+    given = {"steps": steps, "refine_steps": refine}
+    sampler = pipe.sampler.model_copy(update={k: v for k, v in given.items() if v is not None})
     rows = evaluate_samples(
         pipe,
         classifier_dir,
@@ -168,6 +185,7 @@ def eval_samples(
         kid_subsets=kid_subsets,
         inception=inception,
         batch_size=batch_size,
+        sampler=sampler,
         condition_keys=mapping,
         seed=seed,
     )

@@ -94,6 +94,21 @@ class SamplerConfig(BaseModel):
         "codes. None: the prior's own default. Autoregressive priors draw one code per pass "
         "and do not read it.",
     )
+    refine_steps: int = Field(
+        0,
+        ge=0,
+        description="Refinement passes after the T passes of a masked prior: each re-masks the "
+        "drawn codes the prior itself finds least likely given the rest of the grid and draws "
+        "them again (a token critic played by the prior; arXiv 2209.04439). Each costs three "
+        "passes. 0: none. Autoregressive priors do not read it.",
+    )
+    refine_fraction: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Share of a grid's drawn codes re-masked by the first refinement pass, in "
+        "(0, 1]; pass j of K re-masks fraction * (1 - j / K) of them.",
+    )
     window: Literal["exact", "cached"] = Field(
         "cached",
         description="Sliding window for grids larger than the prior's trained window: 'exact' "

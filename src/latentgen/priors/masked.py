@@ -18,6 +18,11 @@ GPT prior's own (``_Block`` with ``causal=False``), not a copy.
   ``gamma((t + 1) / T)`` of the free codes stays masked; the confidence is the drawn code's
   log-probability plus Gumbel noise annealed to zero over the passes (MaskGIT's choice
   temperature).
+- **Refinement** (``SamplerConfig.refine_steps`` = K, 0 by default): after the T passes, K
+  passes that score every drawn code by the prior's own probability of it given the rest,
+  re-mask the least likely and draw them again (Token-Critic's re-masking, arXiv 2209.04439,
+  with the prior as the critic). Two of them lift the class accuracy of shapes samples from
+  64% to 75% (docs/priors.md).
 - **Local convolution** (``local_conv``, off by default): a depthwise k x k convolution of the
   code grid added before every block, so a masked code reads its neighbours without having to
   learn where they are (the positional convolution of CPVT, arXiv 2102.10882). With the label
@@ -479,9 +484,11 @@ class MaskedPrior(Prior):
         free = (codes < 0).sum(-1)  # [B] codes each grid draws
         gen = request.generator
         schedule = self.config.mask_schedule
+        k = request.sampler.refine_steps
+        refine = f" + {k} refinement{'s' if k > 1 else ''}" if k else ""
         bar = tqdm(
-            total=steps,
-            desc=f"sampling (masked, {steps} steps)",
+            total=steps + k,
+            desc=f"sampling (masked, {steps} steps{refine})",
             unit="step",
             disable=not request.progress,
         )
@@ -493,21 +500,9 @@ class MaskedPrior(Prior):
                 masked = codes < 0  # [B, N]
                 if not bool(masked.any()):
                     break  # a prefix left fewer free codes than passes
-                tokens = codes.masked_fill(masked, self.mask_id)
-                # The head and the draw see only the M masked positions; with guidance the
-                # conditional rows' M come first, then the null rows' same M.
-                logits = self._logits(
-                    request.expand(tokens),
-                    request.conds,
-                    request.expand(masked),
-                    grid=request.grid,
-                    sc=prev,
-                )
+                raw, logits = self._pass_logits(codes, masked, request, sc=prev)
                 if self.sc_proj is not None:
-                    prev = self._probs_at(logits, request.expand(masked))
-                if request.guided:
-                    m = logits.shape[0] // 2
-                    logits = guide(logits[:m], logits[m:], request.sampler.guidance_scale)
+                    prev = self._probs_at(raw, request.expand(masked))
                 logits = filter_logits(logits, request.sampler)  # [M, K], -inf removed
                 logp = logits.log_softmax(-1)
                 picked = torch.multinomial(logp.exp(), 1, generator=gen)  # [M, 1]
@@ -538,7 +533,59 @@ class MaskedPrior(Prior):
                 bar.update(1)
                 if request.on_code is not None:
                     request.on_code(int(fill.sum()))
+            given = codes.new_zeros(codes.shape, dtype=torch.bool)
+            if request.prefix is not None:
+                given = request.prefix.reshape(b, n) >= 0
+            for j in range(k if bool((~given).any()) else 0):
+                codes = self._refine(codes, ~given, j, request)
+                bar.update(1)
+                if request.on_code is not None:
+                    request.on_code(0)  # no new codes; lets a caller cancel between passes
         return codes.view(b, gh, gw)
+
+    def _pass_logits(
+        self, codes: Tensor, masked: Tensor, request: SampleRequest, sc: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One sampling pass with the True entries of ``masked [B, N]`` masked (``codes`` may
+        hold anything there) and the rest of ``codes`` visible: the logits of every row
+        ``[rows * M, K]`` (with guidance the conditional rows' M first, then the null rows'
+        same M) and the guided logits ``[B * M, K]`` at the masked codes, in row-major order.
+        Only the masked positions go through the head."""
+        tokens = codes.masked_fill(masked, self.mask_id)
+        raw = self._logits(
+            request.expand(tokens), request.conds, request.expand(masked), grid=request.grid, sc=sc
+        )
+        if not request.guided:
+            return raw, raw
+        m = raw.shape[0] // 2
+        return raw, guide(raw[:m], raw[m:], request.sampler.guidance_scale)
+
+    def _refine(self, codes: Tensor, free: Tensor, j: int, request: SampleRequest) -> Tensor:
+        """Refinement pass j of ``SamplerConfig.refine_steps`` on a full grid ``codes [B, N]``:
+        score each ``free`` code by the prior's log-probability of it given the rest, with a
+        random half of the grid (the code's own half) masked; re-mask the least likely and
+        draw them again.
+
+        This is Token-Critic's re-masking (Lezama et al., arXiv 2209.04439) with the prior as
+        its own critic: MaskGIT never revisits a code, and the ones kept in the first passes
+        were chosen with most of the grid unknown. The two halves cost two passes, the redraw
+        a third; re-masking at random instead (a Gibbs step) made samples worse on shapes.
+        """
+        gen = request.generator
+        b, n = codes.shape
+        half = torch.rand(b, n, generator=gen, device=codes.device) < 0.5  # [B, N]
+        score = torch.full((b, n), float("inf"), device=codes.device)  # given codes rank last
+        for part in (half & free, ~half & free):
+            if bool(part.any()):
+                logp = self._pass_logits(codes, part, request)[1].float().log_softmax(-1)
+                score = score.masked_scatter(part, logp.gather(-1, codes[part][:, None])[:, 0])
+        steps = request.sampler.refine_steps
+        fraction = request.sampler.refine_fraction * (1 - j / steps)  # fewer codes each pass
+        count = (fraction * free.sum(-1)).ceil().clamp(min=1)  # [B]
+        remask = free & (score.argsort(-1).argsort(-1) < count[:, None])  # the lowest-scored
+        logits = filter_logits(self._pass_logits(codes, remask, request)[1], request.sampler)
+        picked = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+        return codes.masked_scatter(remask, picked)
 
 
 def _gumbel(
