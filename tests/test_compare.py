@@ -129,6 +129,10 @@ def test_compare_cli(tokenizer_dir, tmp_path):
             "latentgen:shapes-classifier",
         ),
         ({"evaluation": {"steps": [8, 0]}}, "steps \\[0\\]: a sampling pass count is at least 1"),
+        (
+            {"evaluation": {"refine_steps": [0, -1]}},
+            "refine_steps \\[-1\\]: a count of refinement passes is at least 0",
+        ),
     ],
 )
 def test_bad_configs(tokenizer_dir, tmp_path, changes, message):

@@ -32,6 +32,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -150,25 +151,18 @@ class Evaluation(BaseModel):
             return shipped_weights(value[len(SHIPPED) :])
         return value
 
-    @field_validator("steps")
+    @field_validator("steps", "refine_steps")
     @classmethod
-    def _positive(cls, value: list[int]) -> list[int]:
-        bad = [t for t in value if t < 1]
+    def _counts(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        passes = info.field_name == "steps"
+        bad = [t for t in value if t < (1 if passes else 0)]
         if bad:
             raise ValueError(
                 f"steps {bad}: a sampling pass count is at least 1; list values such as "
                 "[8, 12, 16]."
-            )
-        return value
-
-    @field_validator("refine_steps")
-    @classmethod
-    def _not_negative(cls, value: list[int]) -> list[int]:
-        bad = [k for k in value if k < 0]
-        if bad:
-            raise ValueError(
-                f"refine_steps {bad}: a count of refinement passes is at least 0 (0: none); "
-                "list values such as [0, 2]."
+                if passes
+                else f"refine_steps {bad}: a count of refinement passes is at least 0 (0: "
+                "none); list values such as [0, 2]."
             )
         return value
 
