@@ -304,6 +304,29 @@ def test_refinement_repairs_what_one_pass_cannot_keep_consistent():
     assert one_pass < 0.6 and refined > 0.9
 
 
+def test_refinement_passes_report_no_new_codes_and_can_be_cancelled():
+    """``latentgen serve`` hears from each refinement pass (no new codes) and can stop it."""
+    prior = _prior()
+    sampler = SamplerConfig(steps=4, refine_steps=2)
+    seen = []
+    prior.sample(grid=(4, 4), sampler=sampler, on_code=lambda d, t: seen.append((d, t)))
+    assert len(seen) == 1 + 4 + 2 and seen[-3:] == [(16, 16)] * 3  # last pass, 2 refinements
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def stop(done, total):
+        calls.append(done)
+        if len(calls) == 6:  # the first refinement pass
+            raise Stop
+
+    with pytest.raises(Stop):
+        prior.sample(grid=(4, 4), sampler=sampler, on_code=stop)
+    assert len(calls) == 6
+
+
 def test_refinement_shows_on_the_progress_bar(capsys):
     _prior().sample(grid=(4, 4), sampler=SamplerConfig(steps=5, refine_steps=2), progress=True)
     err = capsys.readouterr().err

@@ -163,7 +163,8 @@ class SampleRequest:
             (``latentgen.priors.window``), the conditions then being the whole-grid ones; None
             when ``generate`` draws the grid directly.
         on_code: called by ``pick`` with the number of codes it just drew (B), or by a prior
-            that draws many codes per pass with the number it filled, for progress and
+            that draws many codes per pass with the number it filled (0 for a pass that
+            only redraws codes, like the masked prior's refinement passes), for progress and
             cancelling (it may raise to stop the draw); None: nothing is called.
         progress: whether ``sample`` was asked for a progress bar (a prior that decodes in
             steps, like the masked prior, shows one over its steps).
