@@ -19,6 +19,12 @@ mean difference between the tiled (both modes) and the whole decode of random co
 decoder, and, with ``--vqgan DIR`` (a trained tokenizer component, e.g. the demo's
 ``out/demo/runs/shapes-vqgan/final``), a 64x64 grid in 16-code tiles of that tokenizer.
 
+A prior without a KV cache (``--cacheless``): an untrained PixelSNAIL of the size of
+``compare-shapes-table1.yaml``'s (vocab 32, an 8x8 window, guidance 3, so each window has a
+null row too) draws a ``--cacheless-grid`` grid in ``cached`` mode, its wavefront's windows run
+one forward each (``FullForwardDecoder.max_windows = 1``, as before they were batched) and
+stacked into one forward per wave (the default).
+
 NLL: the same window modes score held-out large grids made from images: rendered ``shapes``
 scenes (``--held-out`` of them) and real photos (``photos``: four of scikit-image's sample
 photos, the prior trained on sixteen others), each at 256x256 pixels, tokenized by the
@@ -34,6 +40,7 @@ top-left 16x16 crops, for reference).
     python benchmarks/sliding_window.py --skip-speed --skip-nll --whole-decode --exact-decode
     python benchmarks/sliding_window.py --skip-speed --skip-nll --skip-generate \
         --vqgan out/demo/runs/shapes-vqgan/final
+    python benchmarks/sliding_window.py --skip-speed --skip-nll --skip-generate --cacheless
 """
 
 from __future__ import annotations
@@ -105,6 +112,33 @@ def run_speed(args: argparse.Namespace, name: str, mode: str) -> dict[str, float
         "tok_cpu_s": n / cpu,
         "peak_mib": peak,
     }
+
+
+def run_cacheless(args: argparse.Namespace, max_windows: int) -> dict[str, float]:
+    """Time one cached-mode draw of a cache-less prior, ``max_windows`` windows a forward."""
+    import torch
+
+    from latentgen.conditioners.base import Conditioning
+    from latentgen.priors.pixelsnail import PixelSNAILConfig, PixelSNAILPrior
+    from latentgen.priors.window import FullForwardDecoder
+    from latentgen.specs import SamplerConfig
+
+    torch.manual_seed(0)
+    config = PixelSNAILConfig(
+        vocab_size=32, channel=64, n_block=2, n_res_block=2, res_channel=64, n_head=4,
+        key_channel=32, value_channel=64, max_height=8, max_width=8,
+        conditions={"label": {"vocab_size": 6}}, cond_dropout=0.1,
+    )  # fmt: skip
+    model = PixelSNAILPrior(config).to(args.device).eval()
+    FullForwardDecoder.max_windows = max_windows
+    sampler = SamplerConfig(window="cached", guidance_scale=3.0)
+    label = {"label": Conditioning(torch.tensor([[1]], device=args.device), vocab_size=6)}
+    grid = (args.cacheless_grid, args.cacheless_grid)
+    t0, c0 = time.perf_counter(), time.process_time()
+    model.sample(label, grid=grid, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    n = grid[0] * grid[1]
+    return {"codes": n, "seconds": seconds, "tok_s": n / seconds, "tok_cpu_s": n / cpu}
 
 
 # The decoder of taming's f=16 ImageNet VQGAN (ch 128, ch_mult 1,1,2,2,4, 2 ResNet blocks,
@@ -304,6 +338,8 @@ def main() -> None:
     p.add_argument("--held-out", type=int, default=8)
     p.add_argument("--train-steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--cacheless", action="store_true", help="also time a prior without a KV cache")
+    p.add_argument("--cacheless-grid", type=int, default=32, help="its code grid side")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "config,mode"
     args = p.parse_args()
 
@@ -313,6 +349,8 @@ def main() -> None:
             print(json.dumps(run_generate(args, mode)))
         elif name == "difference":
             print(json.dumps(run_tile_difference(args, mode)))
+        elif name == "cacheless":
+            print(json.dumps(run_cacheless(args, int(mode))))
         else:
             print(json.dumps(run_speed(args, name, mode)))
         return
@@ -349,6 +387,29 @@ def main() -> None:
             print(
                 f"(exact timed on every {args.exact_every}th code of the grid; its tok/s is "
                 "that subset's rate, standing for the whole grid)"
+            )
+    if args.cacheless:
+        side = args.cacheless_grid
+        print(
+            f"a prior without a KV cache (PixelSNAIL, 8x8 window, vocab 32, guidance 3), "
+            f"cached mode, {side}x{side} codes, batch 1"
+        )
+        print(
+            f"{'windows/forward':>15} {'seconds':>8} {'tok/s':>8} {'tok/cpu-s':>9} {'speed-up':>8}"
+        )
+        first = None
+        for windows in (1, 64):
+            r = run_child(
+                __file__, "--one", f"cacheless,{windows}", args, ("device", "cacheless_grid")
+            )
+            if isinstance(r, str):
+                print(f"{windows:>15}  failed: {r}")
+                continue
+            first = first or r["tok_cpu_s"]
+            print(
+                f"{windows:>15} {r['seconds']:>8.2f} {r['tok_s']:>8.1f} {r['tok_cpu_s']:>9.1f} "
+                f"{r['tok_cpu_s'] / first:>7.1f}x",
+                flush=True,
             )
     if not args.skip_generate:
         print(

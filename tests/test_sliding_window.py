@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from examples import full_forward_windows
-from latentgen.conditioners.base import Conditioning
+from latentgen.conditioners.base import Conditioning, concat_conditionings
 from latentgen.errors import InputError
 from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
 from latentgen.priors.window import (
+    FullForwardDecoder,
     crop_conditions,
     generation_order,
     plan_wavefront,
@@ -374,6 +375,46 @@ def test_sampling_crops_the_spatial_condition_to_each_window(mode, monkeypatch):
         want = full[:, top : top + 4, left : left + 4].reshape(2, 16)
         assert torch.equal(tokens, want)
 
+
+
+@pytest.mark.parametrize("max_windows", [1, 3, 64])
+def test_full_forward_windows_in_batches_draw_what_one_window_at_a_time_draws(
+    max_windows, monkeypatch
+):
+    # The cache-less decoder stacks the windows a wave asks for (their codes and their cropped
+    # conditions) into forwards of at most max_windows; the draw is that of the cached decoder
+    # whatever the batch, with a map cropped per window and guidance's null rows.
+    prior = _prior(seg={"vocab_size": 5, "num_tokens": 16}, label={"vocab_size": 3})
+    conds = {"seg": _map(9, 13, b=2), **_label()}
+    sampler = SamplerConfig(window="cached", guidance_scale=1.5, window_stride=(2, 2))
+    cached = prior.sample(conds, grid=(9, 13), sampler=sampler, generator=_gen(6))
+    full_forward_windows(prior, monkeypatch)
+    monkeypatch.setattr(FullForwardDecoder, "max_windows", max_windows)
+    batches: list[int] = []
+    forward = prior.code_logits
+
+    def counted(codes, conds=None):
+        batches.append(int(codes.shape[0]))
+        return forward(codes, conds)
+
+    monkeypatch.setattr(prior, "code_logits", counted)
+    got = prior.sample(conds, grid=(9, 13), sampler=sampler, generator=_gen(6))
+    assert torch.equal(got, cached)
+    rows = 4  # 2 grids, each with its null row
+    assert max(batches) <= rows * max_windows
+    if max_windows > 1:
+        assert max(batches) > rows  # waves asked for several windows, run in one forward
+
+
+def test_concat_conditionings_stacks_rows_and_refuses_unlike_items():
+    a = Conditioning(torch.tensor([[1, 2]]), vocab_size=5, grid=(1, 2))
+    b = Conditioning(torch.tensor([[3, 4]]), vocab_size=5, grid=(1, 2), drop=torch.tensor([True]))
+    both = concat_conditionings([a, b])
+    assert torch.equal(both.tokens, torch.tensor([[1, 2], [3, 4]]))
+    assert both.grid == (1, 2) and torch.equal(both.drop, torch.tensor([False, True]))
+    assert concat_conditionings([a, a]).drop is None
+    with pytest.raises(ValueError, match="vocab_size or grid"):
+        concat_conditionings([a, Conditioning(torch.tensor([[1, 2]]), vocab_size=6, grid=(1, 2))])
 
 # -- scoring ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["exact", "cached"])

@@ -11,7 +11,14 @@ from torch import Tensor, nn
 
 from latentgen.components import Component
 
-__all__ = ["INPUT_KINDS", "Conditioner", "Conditioning", "InputKind", "RawInput"]
+__all__ = [
+    "INPUT_KINDS",
+    "Conditioner",
+    "Conditioning",
+    "InputKind",
+    "RawInput",
+    "concat_conditionings",
+]
 
 # What a raw condition is, for front ends (``latentgen serve``) that must offer a control for it:
 # "class" a class label, "label_map" a map of class ids, "image" a picture or greyscale map,
@@ -92,6 +99,23 @@ class RawInput:
         if self.kind not in INPUT_KINDS:
             raise ValueError(f"RawInput.kind must be one of {INPUT_KINDS}, got {self.kind!r}")
 
+
+
+def concat_conditionings(items: list[Conditioning]) -> Conditioning:
+    """The rows of ``items`` (one condition, alike in vocabulary and grid) in one batch."""
+    first = items[0]
+    if any(c.vocab_size != first.vocab_size or c.grid != first.grid for c in items):
+        raise ValueError("concat_conditionings: the items differ in vocab_size or grid")
+    drop = None
+    if any(c.drop is not None for c in items):
+        drop = torch.cat(
+            [
+                c.drop if c.drop is not None else c.tokens.new_zeros(c.batch_size, dtype=torch.bool)
+                for c in items
+            ]
+        )
+    tokens = torch.cat([c.tokens for c in items])
+    return Conditioning(tokens=tokens, vocab_size=first.vocab_size, grid=first.grid, drop=drop)
 
 class Conditioner(Component, nn.Module, ABC):
     """Turns one kind of raw condition into tokens in the conditioner's own vocabulary."""

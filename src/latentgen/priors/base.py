@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from latentgen.components import Component
-from latentgen.conditioners.base import Conditioning
+from latentgen.conditioners.base import Conditioning, concat_conditionings
 from latentgen.errors import InputError, SpecError
 from latentgen.priors.sampling import draw_fast, guide
 from latentgen.priors.window import (
@@ -359,8 +359,9 @@ class Prior(Component, nn.Module, ABC):
 
     def window_decoder(self, rows: int, size: tuple[int, int], slots: int = 1) -> WindowDecoder:
         """The logits of ``slots`` windows of ``size`` at once for ``rows`` rows each; the
-        default runs one ``code_logits`` forward per window and code, a prior with a KV cache
-        returns a cached decoder that steps every asked window in one batch."""
+        default runs ``code_logits`` over every window asked for a code, the windows of one
+        wave stacked into one batch; a prior with a KV cache returns a cached decoder that
+        steps every asked window by one code in one batch."""
         return FullForwardDecoder(self, rows, size, slots)
 
     def resolve_window(
@@ -766,10 +767,4 @@ class Prior(Component, nn.Module, ABC):
 
 def _with_null_rows(c: Conditioning) -> Conditioning:
     """``[c; null(c)]``: the conditional rows, then the same rows dropped (for guidance)."""
-    keep = c.drop if c.drop is not None else torch.zeros_like(c.tokens[:, 0], dtype=torch.bool)
-    return Conditioning(
-        tokens=torch.cat((c.tokens, c.tokens)),
-        vocab_size=c.vocab_size,
-        grid=c.grid,
-        drop=torch.cat((keep, torch.ones_like(keep))),
-    )
+    return concat_conditionings([c, c.null()])

@@ -323,7 +323,8 @@ class PixelSNAILPrior(Prior):
     @property
     def window_size(self) -> tuple[int, int]:
         """The largest grid the prior models directly: the sliding window for larger ones (no
-        KV cache here, so both window modes run one forward per code)."""
+        KV cache here, so both window modes run a forward of the window per code; the cached
+        mode's wavefront runs the windows of a wave in one batch)."""
         return (self.config.max_height, self.config.max_width)
 
     def _logits(self, codes: Tensor, cond: Tensor | None) -> Tensor:
