@@ -5,6 +5,7 @@ One step is forward + backward + AdamW on random codes ``[batch, grid, grid]``. 
 transformer: KV cache; the masked prior: its config's passes). ``masked-local`` is the masked
 prior with ``local_conv: 3``, ``masked-sc`` with ``self_condition: true`` as well (a self-
 conditioned step runs an extra forward pass half the time: read its mean, over many steps).
+``transformer-nb`` is the transformer with ``neighbours: [2, 5]``.
 
     OMP_NUM_THREADS=1 python benchmarks/prior_step.py --priors masked,masked-local,masked-sc \
         --sizes small --grid 8 --vocab 32 --batch 32 --steps 60
@@ -58,12 +59,12 @@ def build_pixelsnail(size: str, vocab: int, grid: int) -> Prior:
     return PixelSNAILPrior(cfg)
 
 
-def build_transformer(size: str, vocab: int, grid: int) -> Prior:
-    """A transformer prior of the named size (raises ImportError while it is not written)."""
+def build_transformer(size: str, vocab: int, grid: int, **options: Any) -> Prior:
+    """A transformer prior of the named size, with ``options`` of its config."""
     from latentgen.priors.transformer import TransformerPrior, TransformerPriorConfig
 
     cfg = TransformerPriorConfig(
-        vocab_size=vocab, block_size=grid * grid, **SIZES["transformer"][size]
+        vocab_size=vocab, block_size=grid * grid, **SIZES["transformer"][size], **options
     )
     return TransformerPrior(cfg)
 
@@ -85,6 +86,7 @@ def build_masked(size: str, vocab: int, grid: int, **options: Any) -> Prior:
 BUILDERS: dict[str, Callable[[str, int, int], Prior]] = {
     "pixelsnail": build_pixelsnail,
     "transformer": build_transformer,
+    "transformer-nb": lambda s, v, g: build_transformer(s, v, g, neighbours=(2, 5)),
     "masked": build_masked,
     "masked-local": lambda s, v, g: build_masked(s, v, g, local_conv=3),
     "masked-sc": lambda s, v, g: build_masked(s, v, g, local_conv=3, self_condition=True),
@@ -161,7 +163,7 @@ def main() -> None:
         f"grid={args.grid}x{args.grid} vocab={args.vocab} batch={args.batch} "
         f"steps={args.steps} (median and mean; tokens/s from the mean)"
     )
-    head = f"{'prior':<12} {'size':<7} {'params':>8} {'step ms':>9} {'mean ms':>9} {'tokens/s':>10}"
+    head = f"{'prior':<14} {'size':<7} {'params':>8} {'step ms':>9} {'mean ms':>9} {'tokens/s':>10}"
     if args.sample:
         head += f" {'sample s':>9}"
     print(head)
@@ -171,13 +173,13 @@ def main() -> None:
             try:
                 model = BUILDERS[name](size, args.vocab, args.grid).to(device)
             except ImportError as e:  # the other prior may not exist yet
-                print(f"{name:<12} {size:<7} (not available: {e})")
+                print(f"{name:<14} {size:<7} (not available: {e})")
                 continue
             params = sum(t.numel() for t in model.parameters()) / 1e6
             codes = torch.randint(0, args.vocab, (args.batch, args.grid, args.grid), device=device)
             sec, mean = time_steps(model, codes, args.steps, args.warmup, autocast)
             row = (
-                f"{name:<12} {size:<7} {params:>7.2f}M {sec * 1e3:>9.1f} {mean * 1e3:>9.1f} "
+                f"{name:<14} {size:<7} {params:>7.2f}M {sec * 1e3:>9.1f} {mean * 1e3:>9.1f} "
                 f"{tokens / mean:>10.0f}"
             )
             if args.sample:

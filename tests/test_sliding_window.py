@@ -24,9 +24,12 @@ from latentgen.specs import SamplerConfig
 K = 16
 
 
-def _prior(positions: str = "learned", layout: str = "prefix", **conditions) -> TransformerPrior:
+def _prior(
+    positions: str = "learned", layout: str = "prefix", neighbours=(0, 0), **conditions
+) -> TransformerPrior:
     torch.manual_seed(0)
     cfg = TransformerPriorConfig(
+        neighbours=neighbours,
         vocab_size=K,
         block_size=16,  # a 4x4 window
         n_layer=2,
@@ -255,6 +258,8 @@ def test_window_margin_moves_the_window_left_of_each_tile():
         ((2, 3), "rope", "prefix", "middle", None),
         ((2, 1), "learned", "prefix", "middle", 2),  # 2 columns left of a tile, 1 right
         ((2, 2), "rope", "prefix", "bottom", 0),
+        ((2, 3), "learned", "prefix+neighbours", "middle", None),
+        (None, "rope", "prefix+neighbours", "bottom", 1),
     ],
 )
 def test_cached_draws_what_teacher_forced_windows_draw(
@@ -262,7 +267,9 @@ def test_cached_draws_what_teacher_forced_windows_draw(
 ):
     # The tiles' KV cache slots, stepped together with a position per row as neighbours draw,
     # give the logits that one full forward of each window gives: the same codes, same seed.
-    prior = _prior(positions, layout, label={"vocab_size": 3})
+    # "+neighbours": the codes above each code added to its input, read from the window
+    nb = (2, 3) if layout.endswith("+neighbours") else (0, 0)
+    prior = _prior(positions, layout.removesuffix("+neighbours"), nb, label={"vocab_size": 3})
     sampler = SamplerConfig(
         window="cached",
         window_stride=stride,
@@ -376,7 +383,6 @@ def test_sampling_crops_the_spatial_condition_to_each_window(mode, monkeypatch):
         assert torch.equal(tokens, want)
 
 
-
 @pytest.mark.parametrize("max_windows", [1, 3, 64])
 def test_full_forward_windows_in_batches_draw_what_one_window_at_a_time_draws(
     max_windows, monkeypatch
@@ -415,6 +421,7 @@ def test_concat_conditionings_stacks_rows_and_refuses_unlike_items():
     assert concat_conditionings([a, a]).drop is None
     with pytest.raises(ValueError, match="vocab_size or grid"):
         concat_conditionings([a, Conditioning(torch.tensor([[1, 2]]), vocab_size=6, grid=(1, 2))])
+
 
 # -- scoring ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["exact", "cached"])

@@ -22,6 +22,9 @@ GRID = (3, 4)
 
 
 def make(positions="learned", conditional=True, layout="prefix", **kw):
+    if positions.endswith("+neighbours"):  # the codes above each code added to its input
+        positions = positions.removesuffix("+neighbours")
+        kw.setdefault("neighbours", (2, 3))
     conditions = (
         {"label": ConditionSlot(vocab_size=5), "seg": ConditionSlot(vocab_size=7, num_tokens=4)}
         if conditional
@@ -58,7 +61,12 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-VARIANTS = [("learned", "prefix"), ("rope", "prefix"), ("learned", "taming")]
+VARIANTS = [
+    ("learned", "prefix"),
+    ("rope", "prefix"),
+    ("learned", "taming"),
+    ("learned+neighbours", "prefix"),
+]
 
 
 # -- KV cache ---------------------------------------------------------------------------------
@@ -129,11 +137,50 @@ def test_cached_step_logits_equal_uncached(positions, layout, copies, packed):
         return pick
 
     with torch.inference_mode():
-        model._decode_cached(x0, 12, recorder("cached"), copies, packed)
-        model._decode_uncached(x0, 12, recorder("uncached"), copies)
+        model._decode_cached(x0, GRID, recorder("cached"), copies, packed)
+        model._decode_uncached(x0, GRID, recorder("uncached"), copies)
     torch.testing.assert_close(
         torch.stack(seen["cached"]), torch.stack(seen["uncached"]), atol=1e-5, rtol=1e-5
     )
+
+
+def test_neighbours_start_at_zero_and_reach_the_rows_below_them_only():
+    """A new prior with neighbours computes what the same weights without them compute; once
+    trained (here: perturbed) they change the logits of every code with a row above it, and
+    the logits of a code never depend on the code itself or any later one."""
+    plain = make(neighbours=(0, 0))
+    torch.manual_seed(0)
+    fresh = TransformerPrior(plain.config.model_copy(update={"neighbours": (2, 3)})).eval()
+    state = plain.state_dict()
+    fresh.load_state_dict({**state, "neighbour_emb": fresh.neighbour_emb.detach()})
+    codes = torch.randint(0, K, (3, *GRID), generator=gen(2))
+    torch.testing.assert_close(
+        fresh.code_logits(codes, conds_for()), plain.code_logits(codes, conds_for())
+    )
+    with torch.no_grad():
+        fresh.neighbour_emb.normal_(0, 1.0, generator=gen(3))
+    moved = (fresh.code_logits(codes, conds_for()) - plain.code_logits(codes, conds_for())).abs()
+    moved = moved.amax(-1).amax(0).view(GRID)  # [h, w]
+    assert float(moved[0].max()) < 1e-6 and bool((moved[1:] > 1e-3).all())
+    base = fresh.code_logits(codes, conds_for())
+    for j in range(GRID[0] * GRID[1]):
+        changed = codes.clone().view(3, -1)
+        changed[:, j] = (changed[:, j] + 1) % K
+        diff = (fresh.code_logits(changed.view(3, *GRID), conds_for()) - base).abs()
+        assert float(diff[:, : j + 1].max()) < 1e-5, j
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"neighbours": (2, 4)}, "odd width"),
+        ({"neighbours": (0, 3)}, "rows >= 1"),
+        ({"neighbours": (1, 3), "layout": "taming"}, "layout='prefix'"),
+    ],
+)
+def test_bad_neighbours(kw, match):
+    with pytest.raises(ValidationError, match=match):
+        TransformerPriorConfig(vocab_size=K, block_size=12, n_layer=1, n_head=2, n_embd=16, **kw)
 
 
 def test_cfg_changes_the_samples():
@@ -203,8 +250,9 @@ def test_log_prob_is_sum_of_stepwise_log_softmax(positions, layout, conditional)
     ref = torch.zeros(3)
     with torch.no_grad():
         x0 = model._prefix(model.check_conds(conds), 3)
+        near = model._with_neighbours(None, codes)  # the codes above each code, if it has them
         for i in range(flat.shape[1]):  # uncached: the whole sequence up to code i
-            x = torch.cat((x0, model._embed_codes(flat[:, :i], 0)), dim=1) if i else x0
+            x = torch.cat((x0, model._embed_codes(flat[:, :i], 0, near)), dim=1) if i else x0
             logits = model._head(model._run(x)[:, -1])  # [B, K]
             ref += logits.log_softmax(-1).gather(-1, flat[:, i : i + 1]).squeeze(-1)
     torch.testing.assert_close(lp, ref, atol=1e-4, rtol=1e-5)

@@ -121,6 +121,15 @@ class TransformerPriorConfig(PriorConfig):
         "of the shared code table (default 0, as in Taming Transformers).",
     )
 
+    neighbours: tuple[int, int] = Field(
+        (0, 0),
+        description="(rows, width): the codes of the `rows` rows above each code, within "
+        "`width` columns centred on it (odd), are added to the input that predicts it, each "
+        "offset through its own embedding table that starts at zero. In raster order the code "
+        "above is otherwise reachable only through attention; (2, 5) hands each code its ten "
+        "nearest drawn neighbours above. (0, 0): off. docs/priors.md measures it.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> TransformerPriorConfig:
         if self.n_embd % self.n_head:
@@ -162,6 +171,17 @@ class TransformerPriorConfig(PriorConfig):
             raise ValueError(
                 "cond_offsets only applies to layout='taming' (the prefix layout gives each "
                 "condition its own table); remove it or set layout='taming'."
+            )
+        rows, width = self.neighbours
+        if (rows, width) != (0, 0) and (rows < 1 or width < 1 or width % 2 == 0):
+            raise ValueError(
+                f"neighbours {list(self.neighbours)} must be [rows, width] with rows >= 1 and an "
+                "odd width (centred on the code), e.g. [2, 5]; [0, 0] turns it off."
+            )
+        if rows and self.layout == "taming":
+            raise ValueError(
+                "neighbours need layout='prefix' (the taming layout is the reference model's, "
+                "without them); set neighbours: [0, 0] or layout: prefix."
             )
         if self.window is not None:
             wh, ww = self.window
@@ -470,6 +490,10 @@ class TransformerPrior(Prior):
         # A tied head reads tok_emb.weight directly, so no two state-dict keys share storage
         # (safetensors refuses shared tensors).
         self.head = None if cfg.tie_embeddings else nn.Linear(c, cfg.vocab_size, bias=False)
+        # One table per neighbour offset (row above, then column), zero at first: a new model
+        # computes what the same model without them computes.
+        n_nb = cfg.neighbours[0] * cfg.neighbours[1]
+        self.neighbour_emb = nn.Parameter(torch.zeros(n_nb, cfg.vocab_size, c)) if n_nb else None
         # One backend per (device, dtype): "auto" may pick another kernel on another device.
         self._backends: dict[tuple[torch.device, torch.dtype], AttentionBackend] = {}
         # torch.compile'd static decode steps, per (device, dtype); built on first use.
@@ -585,6 +609,67 @@ class TransformerPrior(Prior):
             x = x + aligned[:, first + 1 : first + 1 + codes.shape[1]]
         return x
 
+    def _neighbours(self, grid: Tensor) -> Tensor:
+        """``[B, h*w, C]``: at each code of ``grid [B, h, w]``, the embeddings of its neighbours
+        above (``config.neighbours``) summed; zero where they fall off the grid."""
+        emb = self.neighbour_emb
+        assert emb is not None
+        rows, width = self.config.neighbours
+        half = width // 2
+        b, h, w = grid.shape
+        grid = grid.to(emb.device, torch.long)
+        padded = F.pad(grid, (half, half, rows, 0), value=-1)  # [B, rows + h, w + 2 half]
+        out = emb.new_zeros(b, h, w, emb.shape[-1])
+        for up in range(1, rows + 1):
+            above = padded[:, rows - up : rows - up + h]  # the row `up` rows above each code
+            for o in range(width):
+                near = above[:, :, o : o + w]  # column c - half + o
+                e = F.embedding(near.clamp(min=0), emb[(up - 1) * width + o])  # [B, h, w, C]
+                out = out + e * (near >= 0).unsqueeze(-1).to(e.dtype)
+        return out.flatten(1, 2)
+
+    def _neighbours_at(self, flat: Tensor, code: int, grid_width: int) -> Tensor | None:
+        """``[B, C]``: the neighbours term of code ``code`` of a grid ``grid_width`` wide whose
+        codes before ``code`` are in ``flat [B, >= code]`` (raster order); None in the first row
+        (no neighbours above)."""
+        emb = self.neighbour_emb
+        assert emb is not None
+        rows, width = self.config.neighbours
+        r, c = divmod(code, grid_width)
+        out: Tensor | None = None
+        for up in range(1, min(rows, r) + 1):
+            for o in range(width):
+                col = c - width // 2 + o
+                if 0 <= col < grid_width:
+                    e = F.embedding(flat[:, (r - up) * grid_width + col], emb[(up - 1) * width + o])
+                    out = e if out is None else out + e
+        return out
+
+    def _with_neighbours(self, aligned: Tensor | None, grid: Tensor) -> Tensor | None:
+        """``aligned`` (``[B, h*w, C]`` or None) plus the neighbours term of ``grid [B, h, w]``
+        when the prior has one (``grid``'s rows are repeated to ``aligned``'s)."""
+        if self.neighbour_emb is None:
+            return aligned
+        nb = self._neighbours(grid)  # [B, n, C]
+        if aligned is None:
+            return nb
+        return aligned + nb.repeat(aligned.shape[0] // nb.shape[0], 1, 1)
+
+    def _step_add(
+        self, aligned: Tensor | None, out: Tensor, code: int, grid_width: int, copies: int
+    ) -> Tensor | None:
+        """What the decode step adds to the input that predicts code ``code``: its aligned
+        conditions and its neighbours above, read from ``out [B, >= code]`` (the codes drawn so
+        far, in raster order), each repeated for the ``copies`` of the batch."""
+        add = None if aligned is None else aligned[:, code]  # [rows, C]
+        if self.neighbour_emb is None:
+            return add
+        nb = self._neighbours_at(out, code, grid_width)
+        if nb is None:
+            return add
+        nb = nb.repeat(copies, 1)
+        return nb if add is None else add + nb
+
     def _aligned(self, conds: dict[str, Conditioning], grid: tuple[int, int]) -> Tensor | None:
         """``[B, h*w, C]``: the aligned conditions at each code of the grid (None if none)."""
         if self.config.layout == "taming":
@@ -628,7 +713,7 @@ class TransformerPrior(Prior):
         b, gh, gw = codes.shape
         train = self.training
         flat = codes.reshape(b, gh * gw).to(self.tok_emb.weight.device, torch.long)  # [B, n]
-        aligned = self._aligned(got, (gh, gw))  # [B, n, C] or None
+        aligned = self._with_neighbours(self._aligned(got, (gh, gw)), codes)  # [B, n, C] or None
         x = torch.cat(
             (self._prefix(got, b, aligned), self._embed_codes(flat[:, :-1], 0, aligned)), dim=1
         )
@@ -692,24 +777,24 @@ class TransformerPrior(Prior):
         packed = use_prepack(opts.get("prepack", "auto"), x0.device, x0.dtype)
         with decode_threads(opts.get("threads", "auto"), step_flop, x0.device):
             if not use_cache:
-                out = self._decode_uncached(x0, gh * gw, request.pick, copies, aligned)
+                out = self._decode_uncached(x0, (gh, gw), request.pick, copies, aligned)
             elif static:
-                out = self._decode_static(x0, gh * gw, request.pick, copies, compiled, aligned)
+                out = self._decode_static(x0, (gh, gw), request.pick, copies, compiled, aligned)
             else:
-                out = self._decode_cached(x0, gh * gw, request.pick, copies, packed, aligned)
+                out = self._decode_cached(x0, (gh, gw), request.pick, copies, packed, aligned)
         return out.view(request.batch, gh, gw)
 
     # -- sampling internals -----------------------------------------------------------------
     def _decode_cached(
         self,
         x0: Tensor,
-        n: int,
+        grid: tuple[int, int],
         pick: Callable[[Tensor, int], Tensor],
         copies: int,
         packed: bool = False,
         aligned: Tensor | None = None,
     ) -> Tensor:
-        """Prefix once into a static KV cache, then one code per step -> codes ``[B, n]``.
+        """Prefix once into a static KV cache, then one code per step -> codes ``[B, h*w]``.
 
         ``x0`` holds ``copies`` stacked batches (2 with guidance: conditional, then null rows);
         each drawn code is fed to every copy. ``packed``: the steps' linear layers and the head
@@ -718,6 +803,7 @@ class TransformerPrior(Prior):
         """
         cfg = self.config
         rows, n_ctx, c = x0.shape
+        n = grid[0] * grid[1]
         t_max = n_ctx + n - 1  # the last code is never fed back
         cache = x0.new_empty(cfg.n_layer, 2, rows, cfg.n_head, t_max, c // cfg.n_head)
         kv = list(cache.unbind(0))  # per-layer views [2, rows, H, T_max, Dh], made once
@@ -734,7 +820,7 @@ class TransformerPrior(Prior):
             out[i] = code
             if i == n - 1:
                 break
-            add = None if aligned is None else aligned[:, i + 1]  # [rows, C]
+            add = self._step_add(aligned, out.t(), i + 1, grid[1], copies)  # [rows, C] or None
             h = step(code if copies == 1 else code.repeat(copies), i, n_ctx + i, kv, add)
         return out.t()
 
@@ -840,7 +926,7 @@ class TransformerPrior(Prior):
     def _decode_static(
         self,
         x0: Tensor,
-        n: int,
+        grid: tuple[int, int],
         pick: Callable[[Tensor, int], Tensor],
         copies: int,
         compiled: bool,
@@ -850,6 +936,7 @@ class TransformerPrior(Prior):
         same buffers (cache, position tensor), so it compiles once and replays as a graph."""
         cfg = self.config
         rows, n_ctx, c = x0.shape
+        n = grid[0] * grid[1]
         t_max = n_ctx + n - 1
         # Zeroed: the masked, not yet written entries must be finite (0 * NaN is NaN).
         cache = x0.new_zeros(cfg.n_layer, 2, rows, cfg.n_head, t_max, c // cfg.n_head)
@@ -860,13 +947,16 @@ class TransformerPrior(Prior):
             # CUDA graphs replay fixed addresses: the cache is mutated in place, never moved.
             torch._dynamo.mark_static_address(cache)
         pos = torch.zeros(1, dtype=torch.long, device=x0.device)
+        zero = x0.new_zeros(rows, c)
         for i in range(n):
             code = pick(self._head(h), i)  # [B]
             out[i] = code
             if i == n - 1:
                 break
             pos.fill_(n_ctx + i)
-            add = None if aligned is None else aligned[:, i + 1]  # [rows, C]
+            add = self._step_add(aligned, out.t(), i + 1, grid[1], copies)  # [rows, C] or None
+            if add is None and self.neighbour_emb is not None:
+                add = zero  # one graph for every step: the first row's add is zeros too
             h = step(code if copies == 1 else code.repeat(copies), pos, cache, add)  # [rows, C]
             if compiled and x0.device.type == "cuda":
                 h = h.clone()  # a CUDA-graph output is overwritten by the next replay
@@ -914,19 +1004,22 @@ class TransformerPrior(Prior):
     def _decode_uncached(
         self,
         x0: Tensor,
-        n: int,
+        grid: tuple[int, int],
         pick: Callable[[Tensor, int], Tensor],
         copies: int,
         aligned: Tensor | None = None,
     ) -> Tensor:
         """Reference decoding: the whole sequence is run again for every code."""
         rows = x0.shape[0]
-        out = torch.empty(rows // copies, n, dtype=torch.long, device=x0.device)
+        n = grid[0] * grid[1]
+        out = torch.zeros(rows // copies, n, dtype=torch.long, device=x0.device)
         for i in range(n):
             x = x0
             if i:
                 codes_in = out[:, :i].repeat(copies, 1)  # [rows, i]
-                x = torch.cat((x0, self._embed_codes(codes_in, 0, aligned)), dim=1)
+                # codes from i on are not drawn yet: no code before them reads them
+                near = self._with_neighbours(aligned, out.repeat(copies, 1).view(-1, *grid))
+                x = torch.cat((x0, self._embed_codes(codes_in, 0, near)), dim=1)
             h = self._run(x)[:, -1]  # [rows, C]
             out[:, i] = pick(self._head(h), i)
         return out
@@ -994,6 +1087,8 @@ class _CachedWindowDecoder(WindowDecoder):
         prior, fed = self.prior, self.fed[slot]
         kv = [k.narrow(1, slot * self.rows, self.rows) for k in self.kv]
         win, aligned = self._window(slot, codes), self.aligned[slot]
+        # the neighbours of the codes before `position`, all drawn
+        aligned = prior._with_neighbours(aligned, win.view(-1, *self.size))
         if fed is None:
             x = prior._prefix(self.windows[slot][0], self.rows, aligned)  # [rows, n_ctx, C]
             if position:
@@ -1040,13 +1135,15 @@ class _CachedWindowDecoder(WindowDecoder):
         seq[at] = prior.n_ctx + fed
         kv = [k.narrow(1, lo * rows, span * rows) for k in self.kv]
         add = None
-        if self.aligned[slots[0]] is not None:
-            # The input of window code fed predicts code fed + 1: its aligned conditions.
+        if self.aligned[slots[0]] is not None or prior.neighbour_emb is not None:
+            # The input of window code fed predicts code fed + 1: its aligned conditions and
+            # its neighbours above.
             add = self.kv[0].new_zeros(span, rows, prior.config.n_embd)
             for s in slots:
-                table = self.aligned[s]
-                assert table is not None
-                add[s - lo] = table[:, cast(int, self.fed[s]) + 1]
+                win = self._window(s, codes) if prior.neighbour_emb is not None else codes
+                term = prior._step_add(self.aligned[s], win, cast(int, self.fed[s]) + 1, ww, 1)
+                if term is not None:
+                    add[s - lo] = term
             add = add.view(span * rows, -1)
         h = self.step(
             tokens.view(-1), index.repeat_interleave(rows), seq.repeat_interleave(rows), kv, add
