@@ -645,6 +645,30 @@ class TransformerPrior(Prior):
                     out = e if out is None else out + e
         return out
 
+    def _neighbours_in_windows(
+        self, codes: Tensor, corner: Tensor, code: Tensor, size: tuple[int, int]
+    ) -> Tensor:
+        """``[n, B, C]``: the neighbours term of window code ``code[i]`` (raster index in a
+        ``size`` window) of the window at ``corner[i]`` (top, left) of ``codes [B, H, W]``, for
+        ``n`` windows in one gather (a wave of the cached sliding window)."""
+        emb = self.neighbour_emb
+        assert emb is not None
+        rows, width = self.config.neighbours
+        k, c = emb.shape[1], emb.shape[2]
+        device = codes.device
+        r, col = code // size[1], code % size[1]  # [n] each
+        up = torch.arange(1, rows + 1, device=device)[None, :, None]  # [1, R, 1]
+        side = torch.arange(width, device=device)[None, None, :] - width // 2  # [1, 1, W]
+        rr, cc = r[:, None, None] - up, col[:, None, None] + side  # [n, R, 1], [n, 1, W]
+        inside = (rr >= 0) & (cc >= 0) & (cc < size[1])  # [n, R, W]
+        gr = (corner[:, 0, None, None] + rr).clamp(min=0).expand_as(inside)
+        gc = (corner[:, 1, None, None] + cc).clamp(0, codes.shape[2] - 1).expand_as(inside)
+        near = codes[:, gr, gc]  # [B, n, R, W]
+        table = torch.arange(rows * width, device=device).view(rows, width) * k  # offset rows
+        e = F.embedding(table + near, emb.reshape(-1, c))  # [B, n, R, W, C]
+        e = e * inside.unsqueeze(-1).to(e.dtype)
+        return e.sum((2, 3)).transpose(0, 1)  # [n, B, C]
+
     def _with_neighbours(self, aligned: Tensor | None, grid: Tensor) -> Tensor | None:
         """``aligned`` (``[B, h*w, C]`` or None) plus the neighbours term of ``grid [B, h, w]``
         when the prior has one (``grid``'s rows are repeated to ``aligned``'s)."""
@@ -1139,11 +1163,14 @@ class _CachedWindowDecoder(WindowDecoder):
             # The input of window code fed predicts code fed + 1: its aligned conditions and
             # its neighbours above.
             add = self.kv[0].new_zeros(span, rows, prior.config.n_embd)
-            for s in slots:
-                win = self._window(s, codes) if prior.neighbour_emb is not None else codes
-                term = prior._step_add(self.aligned[s], win, cast(int, self.fed[s]) + 1, ww, 1)
-                if term is not None:
-                    add[s - lo] = term
+            if self.aligned[slots[0]] is not None:
+                for s in slots:
+                    table = self.aligned[s]
+                    assert table is not None
+                    add[s - lo] = table[:, cast(int, self.fed[s]) + 1]
+            if prior.neighbour_emb is not None:
+                near = prior._neighbours_in_windows(codes, corner, fed + 1, self.size)  # [n, B, C]
+                add[at] += near.repeat(1, rows // codes.shape[0], 1)
             add = add.view(span * rows, -1)
         h = self.step(
             tokens.view(-1), index.repeat_interleave(rows), seq.repeat_interleave(rows), kv, add
