@@ -609,53 +609,26 @@ class TransformerPrior(Prior):
             x = x + aligned[:, first + 1 : first + 1 + codes.shape[1]]
         return x
 
-    def _neighbours(self, grid: Tensor) -> Tensor:
-        """``[B, h*w, C]``: at each code of ``grid [B, h, w]``, the embeddings of its neighbours
-        above (``config.neighbours``) summed; zero where they fall off the grid."""
-        emb = self.neighbour_emb
-        assert emb is not None
-        rows, width = self.config.neighbours
-        half = width // 2
-        b, h, w = grid.shape
-        grid = grid.to(emb.device, torch.long)
-        padded = F.pad(grid, (half, half, rows, 0), value=-1)  # [B, rows + h, w + 2 half]
-        out = emb.new_zeros(b, h, w, emb.shape[-1])
-        for up in range(1, rows + 1):
-            above = padded[:, rows - up : rows - up + h]  # the row `up` rows above each code
-            for o in range(width):
-                near = above[:, :, o : o + w]  # column c - half + o
-                e = F.embedding(near.clamp(min=0), emb[(up - 1) * width + o])  # [B, h, w, C]
-                out = out + e * (near >= 0).unsqueeze(-1).to(e.dtype)
-        return out.flatten(1, 2)
-
-    def _neighbours_at(self, flat: Tensor, code: int, grid_width: int) -> Tensor | None:
-        """``[B, C]``: the neighbours term of code ``code`` of a grid ``grid_width`` wide whose
-        codes before ``code`` are in ``flat [B, >= code]`` (raster order); None in the first row
-        (no neighbours above)."""
-        emb = self.neighbour_emb
-        assert emb is not None
-        rows, width = self.config.neighbours
-        r, c = divmod(code, grid_width)
-        out: Tensor | None = None
-        for up in range(1, min(rows, r) + 1):
-            for o in range(width):
-                col = c - width // 2 + o
-                if 0 <= col < grid_width:
-                    e = F.embedding(flat[:, (r - up) * grid_width + col], emb[(up - 1) * width + o])
-                    out = e if out is None else out + e
-        return out
-
-    def _neighbours_in_windows(
-        self, codes: Tensor, corner: Tensor, code: Tensor, size: tuple[int, int]
+    def _neighbours(
+        self,
+        codes: Tensor,
+        code: Tensor,
+        size: tuple[int, int],
+        corner: Tensor | None = None,
     ) -> Tensor:
-        """``[n, B, C]``: the neighbours term of window code ``code[i]`` (raster index in a
-        ``size`` window) of the window at ``corner[i]`` (top, left) of ``codes [B, H, W]``, for
-        ``n`` windows in one gather (a wave of the cached sliding window)."""
+        """``[n, B, C]``: for each of ``n`` codes, its neighbours above (``config.neighbours``)
+        looked up in ``codes [B, H, W]`` and summed: code ``code[i]`` (a raster index) of the
+        ``size`` window whose top-left corner is ``corner[i]`` (default: the grid's own corner).
+        Neighbours outside the window count zero. One gather for every code of a grid, for the
+        code a decode step feeds, or for the codes of a whole wave of sliding windows."""
         emb = self.neighbour_emb
         assert emb is not None
         rows, width = self.config.neighbours
         k, c = emb.shape[1], emb.shape[2]
-        device = codes.device
+        device = emb.device
+        codes, code = codes.to(device, torch.long), code.to(device)
+        if corner is None:
+            corner = torch.zeros(code.shape[0], 2, dtype=torch.long, device=device)
         r, col = code // size[1], code % size[1]  # [n] each
         up = torch.arange(1, rows + 1, device=device)[None, :, None]  # [1, R, 1]
         side = torch.arange(width, device=device)[None, None, :] - width // 2  # [1, 1, W]
@@ -663,35 +636,43 @@ class TransformerPrior(Prior):
         inside = (rr >= 0) & (cc >= 0) & (cc < size[1])  # [n, R, W]
         gr = (corner[:, 0, None, None] + rr).clamp(min=0).expand_as(inside)
         gc = (corner[:, 1, None, None] + cc).clamp(0, codes.shape[2] - 1).expand_as(inside)
-        near = codes[:, gr, gc]  # [B, n, R, W]
-        table = torch.arange(rows * width, device=device).view(rows, width) * k  # offset rows
+        # [B, n, R, W]; clamped: a place outside the window may hold a code not drawn yet
+        near = codes[:, gr, gc].clamp(0, k - 1)
+        table = torch.arange(rows * width, device=device).view(rows, width) * k  # each offset's
         e = F.embedding(table + near, emb.reshape(-1, c))  # [B, n, R, W, C]
         e = e * inside.unsqueeze(-1).to(e.dtype)
         return e.sum((2, 3)).transpose(0, 1)  # [n, B, C]
 
     def _with_neighbours(self, aligned: Tensor | None, grid: Tensor) -> Tensor | None:
-        """``aligned`` (``[B, h*w, C]`` or None) plus the neighbours term of ``grid [B, h, w]``
-        when the prior has one (``grid``'s rows are repeated to ``aligned``'s)."""
+        """``aligned`` (``[rows, h*w, C]`` or None) plus the neighbours term of every code of
+        ``grid [B, h, w]`` when the prior has one (repeated to ``aligned``'s rows)."""
         if self.neighbour_emb is None:
             return aligned
-        nb = self._neighbours(grid)  # [B, n, C]
+        h, w = grid.shape[1:]
+        every = torch.arange(h * w, device=grid.device)
+        nb = self._neighbours(grid, every, (h, w)).transpose(0, 1)  # [B, h*w, C]
         if aligned is None:
             return nb
         return aligned + nb.repeat(aligned.shape[0] // nb.shape[0], 1, 1)
 
     def _step_add(
-        self, aligned: Tensor | None, out: Tensor, code: int, grid_width: int, copies: int
+        self,
+        aligned: Tensor | None,
+        drawn: Tensor,
+        code: int,
+        grid: tuple[int, int],
+        copies: int,
     ) -> Tensor | None:
-        """What the decode step adds to the input that predicts code ``code``: its aligned
-        conditions and its neighbours above, read from ``out [B, >= code]`` (the codes drawn so
-        far, in raster order), each repeated for the ``copies`` of the batch."""
+        """What the decode step adds to the input that predicts code ``code`` of ``grid``: its
+        aligned conditions and its neighbours above, read from ``drawn [h*w, B]`` (the decode
+        loop's step-major codes; those from ``code`` on are not read), each repeated for the
+        ``copies`` of the batch."""
         add = None if aligned is None else aligned[:, code]  # [rows, C]
         if self.neighbour_emb is None:
             return add
-        nb = self._neighbours_at(out, code, grid_width)
-        if nb is None:
-            return add
-        nb = nb.repeat(copies, 1)
+        at = torch.tensor([code], device=drawn.device)
+        nb = self._neighbours(drawn.t().reshape(-1, *grid), at, grid)[0]  # [B, C]
+        nb = nb.repeat(copies, 1)  # [rows, C]
         return nb if add is None else add + nb
 
     def _aligned(self, conds: dict[str, Conditioning], grid: tuple[int, int]) -> Tensor | None:
@@ -844,7 +825,7 @@ class TransformerPrior(Prior):
             out[i] = code
             if i == n - 1:
                 break
-            add = self._step_add(aligned, out.t(), i + 1, grid[1], copies)  # [rows, C] or None
+            add = self._step_add(aligned, out, i + 1, grid, copies)  # [rows, C] or None
             h = step(code if copies == 1 else code.repeat(copies), i, n_ctx + i, kv, add)
         return out.t()
 
@@ -971,16 +952,13 @@ class TransformerPrior(Prior):
             # CUDA graphs replay fixed addresses: the cache is mutated in place, never moved.
             torch._dynamo.mark_static_address(cache)
         pos = torch.zeros(1, dtype=torch.long, device=x0.device)
-        zero = x0.new_zeros(rows, c)
         for i in range(n):
             code = pick(self._head(h), i)  # [B]
             out[i] = code
             if i == n - 1:
                 break
             pos.fill_(n_ctx + i)
-            add = self._step_add(aligned, out.t(), i + 1, grid[1], copies)  # [rows, C] or None
-            if add is None and self.neighbour_emb is not None:
-                add = zero  # one graph for every step: the first row's add is zeros too
+            add = self._step_add(aligned, out, i + 1, grid, copies)  # [rows, C] or None
             h = step(code if copies == 1 else code.repeat(copies), pos, cache, add)  # [rows, C]
             if compiled and x0.device.type == "cuda":
                 h = h.clone()  # a CUDA-graph output is overwritten by the next replay
@@ -1169,7 +1147,7 @@ class _CachedWindowDecoder(WindowDecoder):
                     assert table is not None
                     add[s - lo] = table[:, cast(int, self.fed[s]) + 1]
             if prior.neighbour_emb is not None:
-                near = prior._neighbours_in_windows(codes, corner, fed + 1, self.size)  # [n, B, C]
+                near = prior._neighbours(codes, fed + 1, self.size, corner)  # [n, B, C]
                 add[at] += near.repeat(1, rows // codes.shape[0], 1)
             add = add.view(span * rows, -1)
         h = self.step(
