@@ -100,7 +100,6 @@ class RawInput:
             raise ValueError(f"RawInput.kind must be one of {INPUT_KINDS}, got {self.kind!r}")
 
 
-
 def concat_conditionings(items: list[Conditioning]) -> Conditioning:
     """The rows of ``items`` (one condition, alike in vocabulary and grid) in one batch."""
     first = items[0]
@@ -116,6 +115,7 @@ def concat_conditionings(items: list[Conditioning]) -> Conditioning:
         )
     tokens = torch.cat([c.tokens for c in items])
     return Conditioning(tokens=tokens, vocab_size=first.vocab_size, grid=first.grid, drop=drop)
+
 
 class Conditioner(Component, nn.Module, ABC):
     """Turns one kind of raw condition into tokens in the conditioner's own vocabulary."""

@@ -1019,8 +1019,10 @@ class TransformerPrior(Prior):
             x = x0
             if i:
                 codes_in = out[:, :i].repeat(copies, 1)  # [rows, i]
-                # codes from i on are not drawn yet: no code before them reads them
-                near = self._with_neighbours(aligned, out.repeat(copies, 1).view(-1, *grid))
+                near = aligned
+                if self.neighbour_emb is not None:
+                    # codes from i on are not drawn yet: no code before them reads them
+                    near = self._with_neighbours(aligned, out.repeat(copies, 1).view(-1, *grid))
                 x = torch.cat((x0, self._embed_codes(codes_in, 0, near)), dim=1)
             h = self._run(x)[:, -1]  # [rows, C]
             out[:, i] = pick(self._head(h), i)
