@@ -827,6 +827,108 @@ def test_cli_names_what_an_untrainable_tokenizer_lacks(tmp_path: Path, latentgen
     assert not (tmp_path / "t" / "checkpoints").exists()
 
 
+# -- subnormal floats ------------------------------------------------------------------------------
+def _flushes_here() -> bool:
+    """Whether this thread's arithmetic treats a subnormal float as zero."""
+    return float(torch.tensor([1e-39]) * 1.0) == 0.0
+
+
+def test_trainer_applies_flush_denormal(tmp_path: Path) -> None:
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    try:
+        Trainer(tokenizer_task(), ImageData(), trainer_config(tmp_path, flush_denormal=True))
+        assert _flushes_here()
+        Trainer(tokenizer_task(), ImageData(), trainer_config(tmp_path, flush_denormal=False))
+        assert not _flushes_here()
+    finally:
+        torch.set_flush_denormal(False)
+
+
+_FLUSH_SCRIPT = """
+import sys, numpy as np, torch
+torch.set_num_threads(2)
+# subnormals made by numpy before torch computes anything (made later by torch, with the flag
+# on, they would be zeros already)
+x = np.full((1 << 22,), 1e-39, dtype=np.float32)
+from latentgen.cli import main
+main.main(["train", "prior", "--config", sys.argv[1]], standalone_mode=False)
+y = torch.from_numpy(x) * 1.0  # one multiply, split over both threads
+print("nonzero", int((y != 0).sum()))
+"""
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_train_cli_flushes_denormals_on_every_thread(tmp_path: Path, flush: bool) -> None:
+    # torch sets the flag per thread, and its worker threads inherit it only when they start.
+    # `latentgen train prior` encodes its data (threads start there) before it builds its
+    # trainer, so it must set the flag first, or the worker thread's half of this multiply
+    # still produces subnormals.
+    import subprocess
+    import sys
+
+    import yaml
+    from click.testing import CliRunner
+
+    from latentgen.cli import main
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    tokenizer = {
+        "type": "vqvae",
+        "resolution": 16,
+        "ch": 8,
+        "ch_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "z_channels": 8,
+        "norm_groups": 4,
+        "quantizer": {"type": "vq", "codebook_size": 16, "dim": 8},
+    }
+    data = {"type": "shapes", "size": 64, "image_size": 16}
+    trainer = {
+        "runs_dir": str(tmp_path),
+        "max_steps": 1,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "grid_every": None,
+        "progress": "off",
+        "device": "cpu",
+    }
+    tok = {"tokenizer": tokenizer, "data": data, "trainer": {**trainer, "run_name": "tok"}}
+    (tmp_path / "tok.yaml").write_text(yaml.safe_dump(tok))
+    res = CliRunner().invoke(main, ["train", "tokenizer", "--config", str(tmp_path / "tok.yaml")])
+    assert res.exit_code == 0, res.output
+    spec = {
+        "tokenizer": tokenizer,
+        "prior": {
+            "type": "transformer",
+            "vocab_size": 16,
+            "block_size": 64,
+            "n_layer": 1,
+            "n_head": 2,
+            "n_embd": 16,
+        },
+    }
+    prior_trainer = {**trainer, "run_name": "prior", "flush_denormal": flush}
+    prior = {
+        "spec": spec,
+        "tokenizer_path": str(tmp_path / "tok"),
+        "data": data,
+        "trainer": prior_trainer,
+    }
+    (tmp_path / "prior.yaml").write_text(yaml.safe_dump(prior))
+    res2 = subprocess.run(
+        [sys.executable, "-c", _FLUSH_SCRIPT, str(tmp_path / "prior.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res2.returncode == 0, res2.stderr[-2000:]
+    assert (tmp_path / "prior" / "final").exists()
+    assert int(res2.stdout.split("nonzero")[-1]) == (0 if flush else 1 << 22)
+
+
 # -- the command line, end to end with the built-in components ------------------------------------
 def test_cli_trains_both_stages_and_evaluates(tmp_path: Path) -> None:
     import yaml

@@ -77,14 +77,21 @@ def _dataset_from_file(path: Path) -> Any:
     return dataset
 
 
-def _trainer_config(cfg: Any, run_dir: Path | None) -> Any:
-    from latentgen.training.config import TrainerConfig
+def _prepare_trainer(cfg: Any, run_dir: Path | None) -> Any:
+    """The run's trainer options (``--run-dir`` applied), with the process-wide ones applied.
 
-    if run_dir is None:
-        return cfg
-    data = cfg.model_dump()
-    data.update(runs_dir=run_dir.parent, run_name=run_dir.name)
-    return TrainerConfig.model_validate(data)
+    Call it before building anything: ``flush_denormal`` reaches torch's CPU worker threads
+    only if it is set before they start.
+    """
+    from latentgen.training.config import TrainerConfig
+    from latentgen.training.loop import flush_denormals
+
+    if run_dir is not None:
+        data = cfg.model_dump()
+        data.update(runs_dir=run_dir.parent, run_name=run_dir.name)
+        cfg = TrainerConfig.model_validate(data)
+    flush_denormals(cfg.flush_denormal)
+    return cfg
 
 
 def condition_key_map(conditioners: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, str]:
@@ -199,7 +206,7 @@ def train_tokenizer(
     from latentgen.training.tasks import TokenizerTask
 
     cfg = load_train_config(config_path, TokenizerTrainConfig)
-    tcfg = _trainer_config(cfg.trainer, run_dir)
+    tcfg = _prepare_trainer(cfg.trainer, run_dir)
     info = init_distributed(tcfg.device)
     try:
         _seed(tcfg.seed)
@@ -253,7 +260,7 @@ def train_prior(
     from latentgen.training.tasks import PriorTask
 
     cfg = _prior_train_config(config_path)
-    tcfg = _trainer_config(cfg.trainer, run_dir)
+    tcfg = _prepare_trainer(cfg.trainer, run_dir)
     info = init_distributed(tcfg.device)
     try:
         tokenizer = load_component(cfg.tokenizer_path, "tokenizer")
@@ -348,7 +355,7 @@ def train_classifier_command(
     from latentgen.training.config import load_train_config
 
     cfg = load_train_config(config_path, ClassifierTrainConfig)
-    tcfg = _trainer_config(cfg.trainer, run_dir)
+    tcfg = _prepare_trainer(cfg.trainer, run_dir)
     command = _command("classifier", config_path, run_dir)
     result, _ = train_classifier(
         cfg, tcfg, resume=resume, allow_change=_allowed(allow_change), command=command

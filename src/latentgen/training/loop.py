@@ -237,6 +237,17 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def flush_denormals(on: bool = True) -> bool:
+    """Make CPU arithmetic treat subnormal floats as zero (``on``), or not; False if unsupported.
+
+    torch sets the flag on the calling thread. Threads inherit it when they start, so it
+    reaches torch's CPU worker threads only if set before the process's first parallel
+    operation: call it before building models or data. torch offers no way to set it on
+    threads that already run.
+    """
+    return bool(torch.set_flush_denormal(on))
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -319,6 +330,7 @@ class Trainer:
         self.config = config
         self.dist = dist if dist is not None else init_distributed(config.device)
         self.collate_fn = collate_fn or default_collate
+        flush_denormals(config.flush_denormal)
         dev = self.dist.device
         bf16_ok = dev.type != "cuda" or torch.cuda.is_bf16_supported()
         self.amp = config.amp == "bf16" or (config.amp == "auto" and dev.type == "cuda" and bf16_ok)
