@@ -46,3 +46,12 @@ def _fresh_torch_seed():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _subnormals_kept():
+    """After a test that trained (the trainer flushes subnormal floats), the flag is off again."""
+    import torch
+
+    yield
+    torch.set_flush_denormal(False)

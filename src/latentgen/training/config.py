@@ -150,8 +150,8 @@ class TrainerConfig(BaseModel):
         True,
         description="Treat subnormal floats (below 1.2e-38) as zero in CPU arithmetic "
         "(torch.set_flush_denormal). On x86 an operation on them costs tens of times a normal "
-        "one, and training can drift into them: a PixelSNAIL at lr 3e-3 slowed to half its "
-        "speed within 550 steps without this. It holds for the whole process, and for CPU "
+        "one, and training can drift into them: a PixelSNAIL at lr 3e-3 lost a third of "
+        "its speed within 550 steps without this. It holds for the whole process, and for CPU "
         "threads only once set before their first parallel operation, so the CLI sets it first.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
