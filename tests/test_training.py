@@ -827,6 +827,20 @@ def test_cli_names_what_an_untrainable_tokenizer_lacks(tmp_path: Path, latentgen
     assert not (tmp_path / "t" / "checkpoints").exists()
 
 
+# A VQ-VAE of 16x16 images to 8x8 codes of 16, for the command-line tests below.
+_TINY_VQVAE: dict[str, Any] = {
+    "type": "vqvae",
+    "resolution": 16,
+    "ch": 8,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "z_channels": 8,
+    "norm_groups": 4,
+    "quantizer": {"type": "vq", "codebook_size": 16, "dim": 8},
+}
+
+
 # -- subnormal floats ------------------------------------------------------------------------------
 def _flushes_here() -> bool:
     """Whether this thread's arithmetic treats a subnormal float as zero."""
@@ -874,17 +888,7 @@ def test_train_cli_flushes_denormals_on_every_thread(tmp_path: Path, flush: bool
 
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormal floats")
-    tokenizer = {
-        "type": "vqvae",
-        "resolution": 16,
-        "ch": 8,
-        "ch_mult": [1, 2],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "z_channels": 8,
-        "norm_groups": 4,
-        "quantizer": {"type": "vq", "codebook_size": 16, "dim": 8},
-    }
+    tokenizer = dict(_TINY_VQVAE)
     data = {"type": "shapes", "size": 64, "image_size": 16}
     trainer = {
         "runs_dir": str(tmp_path),
@@ -936,17 +940,7 @@ def test_cli_trains_both_stages_and_evaluates(tmp_path: Path) -> None:
 
     from latentgen.cli import main
 
-    tokenizer = {
-        "type": "vqvae",
-        "resolution": 16,
-        "ch": 8,
-        "ch_mult": [1, 2],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "z_channels": 8,
-        "norm_groups": 4,
-        "quantizer": {"type": "vq", "codebook_size": 16, "dim": 8},
-    }
+    tokenizer = dict(_TINY_VQVAE)
     data = {"type": "shapes", "size": 16, "image_size": 16}
     trainer = {
         "runs_dir": str(tmp_path / "runs"),
