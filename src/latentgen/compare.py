@@ -481,11 +481,11 @@ def run_compare(
     from latentgen.data.code_cache import open_or_build_code_cache
     from latentgen.pipeline import Pipeline
     from latentgen.plot import Panel, save_line_chart
-    from latentgen.training.loop import flush_denormals
+    from latentgen.training.loop import FLUSH_DENORMAL_DEFAULT, flush_denormals
 
     cfg = config if isinstance(config, CompareConfig) else load_compare_config(config)
     # before any model or data is built, as `latentgen train` does (TrainerConfig.flush_denormal)
-    flush_denormals(bool(cfg.trainer.get("flush_denormal", True)))
+    flush_denormals(bool(cfg.trainer.get("flush_denormal", FLUSH_DENORMAL_DEFAULT)))
     dev = torch.device(device)
     root = cfg.out_dir / cfg.name
     kind = "tokenizer" if cfg.tokenizers else "prior"

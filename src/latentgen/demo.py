@@ -111,11 +111,11 @@ def run_demo(
     from latentgen.files import atomic_write_json
     from latentgen.rejection import RejectionConfig
     from latentgen.training.cli import train_prior, train_tokenizer
-    from latentgen.training.loop import flush_denormals
+    from latentgen.training.loop import FLUSH_DENORMAL_DEFAULT, flush_denormals
 
-    # The demo's trainer configs keep flush_denormal on; loading the classifiers below starts
-    # torch's CPU threads, which take the flag only if it is set before they start.
-    flush_denormals(True)
+    # The demo's trainer configs keep flush_denormal's default; loading the classifiers below
+    # starts torch's CPU threads, which take the flag only if it is set before they start.
+    flush_denormals(FLUSH_DENORMAL_DEFAULT)
     # Checked before minutes of training: a bad rate or ranker fails now.
     rejection = None
     if acceptance_rate != 1:

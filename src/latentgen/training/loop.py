@@ -237,6 +237,10 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+#: TrainerConfig.flush_denormal's default, for the commands that set the flag before they read one.
+FLUSH_DENORMAL_DEFAULT: bool = TrainerConfig.model_fields["flush_denormal"].default
+
+
 def flush_denormals(on: bool = True) -> bool:
     """Make CPU arithmetic treat subnormal floats as zero (``on``), or not; False if unsupported.
 
