@@ -9,8 +9,11 @@ type is added here.
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import tomllib
@@ -198,3 +201,16 @@ def full_forward_windows(prior: Any, monkeypatch: Any) -> None:
         "window_decoder",
         lambda rows, size, slots=1: FullForwardDecoder(prior, rows, size, slots),
     )
+
+
+def load_benchmark(name: str, monkeypatch: Any) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` as module ``name`` (its helpers in benchmarks/ too), so
+    the smoke tests call the script's own functions."""
+    folder = _REPO / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))  # its helpers, e.g. benchmarks/_photos.py
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module

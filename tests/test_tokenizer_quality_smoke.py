@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from examples import load_benchmark
 from latentgen.metrics.lpips import lpips_available
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "tokenizer_quality.py"
-
-
-def _load_script(monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # its helpers (benchmarks/_photos.py)
-    spec = importlib.util.spec_from_file_location("tokenizer_quality", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_main_runs_end_to_end_at_a_tiny_budget(capsys, monkeypatch):
     pytest.importorskip("skimage")
-    tq = _load_script(monkeypatch)
+    tq = load_benchmark("tokenizer_quality", monkeypatch)
     eval_images, k = 8, 1024
     argv = [
         "--steps", "2", "--batch-size", "4", "--ch", "8", "--threads", "1",
@@ -63,7 +49,7 @@ def test_main_runs_end_to_end_at_a_tiny_budget(capsys, monkeypatch):
 
 
 def test_default_restart_window_covers_about_three_k_codes(monkeypatch):
-    tq = _load_script(monkeypatch)
+    tq = load_benchmark("tokenizer_quality", monkeypatch)
     for k, batch in [(1024, 64), (16384, 64), (16384, 32)]:
         w = tq.default_dead_code_steps(k, batch, 64)
         assert w >= 2
